@@ -1,0 +1,77 @@
+using System.Security.Cryptography;
+
+namespace PeftServe.Core.Generation;
+
+/// <summary>
+/// Per-request decoding parameters (OpenAI-style). Immutable; build variants with <c>with { ... }</c>.
+/// </summary>
+public sealed record SamplingParams
+{
+    /// <summary>Softmax temperature. 0 means greedy (argmax); must be finite and &gt;= 0.</summary>
+    public float Temperature { get; init; } = 1.0f;
+
+    /// <summary>Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches TopP. In (0, 1]; 1 = off.</summary>
+    public float TopP { get; init; } = 1.0f;
+
+    /// <summary>Keep only the K most likely tokens. 0 = off; values &gt;= the vocabulary size are also "off".</summary>
+    public int TopK { get; init; }
+
+    /// <summary>
+    /// Seed of this request's random stream. Null means "pick one at request creation":
+    /// call <see cref="WithResolvedSeed"/> once and keep the result so the request can be replayed.
+    /// </summary>
+    public ulong? Seed { get; init; }
+
+    /// <summary>Maximum number of tokens to generate (&gt;= 1).</summary>
+    public int MaxTokens { get; init; } = 16;
+
+    /// <summary>Token ids that end generation.</summary>
+    public IReadOnlyList<int> StopTokenIds { get; init; } = [];
+
+    /// <summary>OpenAI presence penalty in [-2, 2]: logits[id] -= PresencePenalty if id already occurred.</summary>
+    public float PresencePenalty { get; init; }
+
+    /// <summary>OpenAI frequency penalty in [-2, 2]: logits[id] -= FrequencyPenalty * count(id).</summary>
+    public float FrequencyPenalty { get; init; }
+
+    /// <summary>True when this request decodes greedily (temperature 0).</summary>
+    public bool IsGreedy => Temperature == 0f;
+
+    /// <summary>Greedy decoding (temperature 0) of at most <paramref name="maxTokens"/> tokens.</summary>
+    public static SamplingParams Greedy(int maxTokens) => new() { Temperature = 0f, MaxTokens = maxTokens };
+
+    /// <summary>A fresh random seed (cryptographic RNG, so concurrent requests never share one by accident).</summary>
+    public static ulong NewSeed()
+    {
+        Span<byte> bytes = stackalloc byte[8];
+        RandomNumberGenerator.Fill(bytes);
+        return BitConverter.ToUInt64(bytes);
+    }
+
+    /// <summary>This request with <see cref="Seed"/> set: itself if it already has one, else a copy with a new random seed.</summary>
+    public SamplingParams WithResolvedSeed() => Seed.HasValue ? this : this with { Seed = NewSeed() };
+
+    /// <summary>Throws <see cref="ArgumentException"/> describing the first invalid field.</summary>
+    public void Validate()
+    {
+        if (float.IsNaN(Temperature) || Temperature < 0f || float.IsInfinity(Temperature))
+            throw new ArgumentException($"temperature must be a finite number >= 0 (0 = greedy); got {Temperature}.", nameof(Temperature));
+        if (!(TopP > 0f && TopP <= 1f))
+            throw new ArgumentException($"top_p must be in (0, 1]; got {TopP}.", nameof(TopP));
+        if (TopK < 0)
+            throw new ArgumentException($"top_k must be >= 0 (0 = disabled); got {TopK}.", nameof(TopK));
+        if (MaxTokens < 1)
+            throw new ArgumentException($"max_tokens must be >= 1; got {MaxTokens}.", nameof(MaxTokens));
+        if (!(PresencePenalty >= -2f && PresencePenalty <= 2f))
+            throw new ArgumentException($"presence_penalty must be in [-2, 2]; got {PresencePenalty}.", nameof(PresencePenalty));
+        if (!(FrequencyPenalty >= -2f && FrequencyPenalty <= 2f))
+            throw new ArgumentException($"frequency_penalty must be in [-2, 2]; got {FrequencyPenalty}.", nameof(FrequencyPenalty));
+        if (StopTokenIds is null)
+            throw new ArgumentException("stop token ids must not be null (use an empty list).", nameof(StopTokenIds));
+        foreach (var id in StopTokenIds)
+        {
+            if (id < 0)
+                throw new ArgumentException($"stop token ids must be >= 0; got {id}.", nameof(StopTokenIds));
+        }
+    }
+}
