@@ -168,13 +168,12 @@ public sealed class LlamaModel : IDisposable
             int hd = c.HeadDim, nq = c.NumHeads, nkv = c.NumKvHeads;
 
             var x = RmsNorm(h, InputNorm, c.RmsNormEps);
-            var qkv = Qkv.Forward(x);                                                     // [B,T,(nq+2nkv)*hd]
-            var parts = qkv.split([nq * hd, nkv * hd, nkv * hd], -1);
-            var q = parts[0].view(b, t, nq, hd).transpose(1, 2);                          // [B,nq,T,hd]
-            var k = parts[1].view(b, t, nkv, hd).transpose(1, 2);                         // [B,nkv,T,hd]
-            var v = parts[2].view(b, t, nkv, hd).transpose(1, 2);
-            q = RotaryEmbedding.Apply(q, cos, sin);
-            k = RotaryEmbedding.Apply(k, cos, sin);
+            var qkv = Qkv.Forward(x).view(b, t, nq + 2 * nkv, hd);                       // [B,T,heads,hd]
+            // Queries and keys are rotated together in one pass; values are a view of the projection.
+            var qk = RotaryEmbedding.Apply(qkv[.., .., ..(nq + nkv)], cos, sin);
+            var q = qk[.., .., ..nq].transpose(1, 2);                                      // [B,nq,T,hd]
+            var k = qk[.., .., nq..].transpose(1, 2);                                      // [B,nkv,T,hd]
+            var v = qkv[.., .., (nq + nkv)..].transpose(1, 2);
             var (keys, values) = cache.Write(index, k, v);                                 // [B,nkv,S,hd]
 
             var qGrouped = q.reshape(b, nkv, (nq / nkv) * t, hd);

@@ -45,17 +45,17 @@ public sealed class RotaryEmbedding : IDisposable
         return (1 - smooth) * invFreq / r.Factor + smooth * invFreq;
     }
 
-    /// <summary>cos and sin tables for the given positions [B,T]: each [B,1,T,headDim] in
-    /// <paramref name="dtype"/>, ready to broadcast over heads. Computed in float32 as the reference
-    /// does, then cast.</summary>
+    /// <summary>cos and sin tables for the given positions [B,T]: each [B,T,1,headDim] in
+    /// <paramref name="dtype"/>, ready to broadcast over the heads of a [B,T,H,D] tensor. Computed in
+    /// float32 as the reference does, then cast.</summary>
     public (Tensor Cos, Tensor Sin) Tables(Tensor positions, ScalarType dtype)
     {
         var angles = positions.to(ScalarType.Float32).unsqueeze(-1) * _invFreq; // [B,T,D/2]
-        var emb = torch.cat([angles, angles], -1).unsqueeze(1);                 // [B,1,T,D]
+        var emb = torch.cat([angles, angles], -1).unsqueeze(2);                 // [B,T,1,D]
         return (emb.cos().to(dtype), emb.sin().to(dtype));
     }
 
-    /// <summary>x * cos + rotate_half(x) * sin, for x [B,H,T,D].</summary>
+    /// <summary>x * cos + rotate_half(x) * sin, for x [B,T,H,D].</summary>
     public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
         var half = x.shape[^1] / 2;
