@@ -9,12 +9,18 @@ namespace PeftServe.Core.SafeTensors;
 /// flushed, then moved over it.</summary>
 public static class SafeTensorsWriter
 {
-    private const int CopyChunkBytes = 1 << 30;
+    internal const int DefaultCopyChunkBytes = 1 << 30;
 
     /// <summary>Writes <paramref name="tensors"/> (any device; dtypes F32, F16, BF16, I64, I32, U8, I8,
     /// BOOL, F64, I16; any layout) and optional string metadata to <paramref name="path"/>.</summary>
     public static void Write(string path, IEnumerable<KeyValuePair<string, torch.Tensor>> tensors,
-        IReadOnlyDictionary<string, string>? metadata = null)
+        IReadOnlyDictionary<string, string>? metadata = null) =>
+        Write(path, tensors, metadata, DefaultCopyChunkBytes);
+
+    /// <summary><see cref="Write(string, IEnumerable{KeyValuePair{string, torch.Tensor}}, IReadOnlyDictionary{string, string}?)"/>
+    /// with each tensor's data written in slices of at most <paramref name="chunkBytes"/> (for tests).</summary>
+    internal static void Write(string path, IEnumerable<KeyValuePair<string, torch.Tensor>> tensors,
+        IReadOnlyDictionary<string, string>? metadata, int chunkBytes)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         ArgumentNullException.ThrowIfNull(tensors);
@@ -54,7 +60,7 @@ public static class SafeTensorsWriter
                 System.Buffers.Binary.BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);
                 stream.Write(prefix);
                 stream.Write(header);
-                foreach (var e in entries) WriteData(stream, e.Tensor, e.End - e.Begin);
+                foreach (var e in entries) WriteData(stream, e.Tensor, e.End - e.Begin, chunkBytes);
                 stream.Flush(flushToDisk: true);
             }
             File.Move(temp, path, overwrite: true);
@@ -178,7 +184,7 @@ public static class SafeTensorsWriter
         return buffer.ToArray();
     }
 
-    private static void WriteData(Stream stream, torch.Tensor tensor, long byteLength)
+    private static void WriteData(Stream stream, torch.Tensor tensor, long byteLength, int chunkBytes)
     {
         if (byteLength == 0) return;
         var cpu = tensor.cpu();
@@ -186,7 +192,7 @@ public static class SafeTensorsWriter
         try
         {
             contiguous = cpu.contiguous();
-            if (byteLength <= CopyChunkBytes)
+            if (byteLength <= chunkBytes)
             {
                 stream.Write(contiguous.bytes);
                 return;
@@ -194,7 +200,7 @@ public static class SafeTensorsWriter
             using var flat = contiguous.view(-1);
             var elementSize = (int)contiguous.element_size();
             var count = contiguous.numel();
-            var chunkElements = CopyChunkBytes / elementSize;
+            var chunkElements = Math.Max(1, chunkBytes / elementSize);
             for (long start = 0; start < count; start += chunkElements)
             {
                 using var slice = flat.narrow(0, start, Math.Min(chunkElements, count - start));
