@@ -1,3 +1,4 @@
+using System.Text.Encodings.Web;
 using System.Text.Json;
 using TorchSharp;
 
@@ -72,11 +73,6 @@ public static class SafeTensorsWriter
         }
     }
 
-    /// <summary>Convenience overload for a dictionary of tensors.</summary>
-    public static void Write(string path, IReadOnlyDictionary<string, torch.Tensor> tensors,
-        IReadOnlyDictionary<string, string>? metadata = null) =>
-        Write(path, (IEnumerable<KeyValuePair<string, torch.Tensor>>)tensors, metadata);
-
     /// <summary>Writes a sharded checkpoint into <paramref name="directory"/>: tensors, in the order given,
     /// fill shards named <c>{baseName}-00001-of-0000N.safetensors</c> until the next one would take a shard
     /// past <paramref name="maxShardBytes"/> of data (a larger tensor gets a shard of its own), then
@@ -123,7 +119,7 @@ public static class SafeTensorsWriter
         try
         {
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write))
-            using (var json = new Utf8JsonWriter(stream, new JsonWriterOptions { Indented = true }))
+            using (var json = new Utf8JsonWriter(stream, new JsonWriterOptions { Indented = true, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
             {
                 json.WriteStartObject();
                 json.WriteStartObject("metadata");
@@ -149,7 +145,7 @@ public static class SafeTensorsWriter
         IReadOnlyDictionary<string, string>? metadata)
     {
         using var buffer = new MemoryStream();
-        using (var json = new Utf8JsonWriter(buffer, new JsonWriterOptions { Indented = false }))
+        using (var json = new Utf8JsonWriter(buffer, new JsonWriterOptions { Indented = false, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
         {
             json.WriteStartObject();
             if (metadata is { Count: > 0 })

@@ -139,6 +139,21 @@ public class SafeTensorsRoundTripTests
     }
 
     [Fact]
+    public void NonAsciiNamesAreWrittenAsPlainUtf8AndReadBack()
+    {
+        using var dir = new TempDir();
+        using var t = torch.ones(1, dtype: torch.ScalarType.Int8);
+        const string name = "couche.é+<poids>/🙂";
+        var path = dir.File("utf8.safetensors");
+        SafeTensorsWriter.Write(path, [new(name, t)]);
+        using var file = SafeTensorsFile.Open(path);
+        Assert.Equal(name, Assert.Single(file.Tensors).Name);
+        var header = System.Text.Encoding.UTF8.GetString(File.ReadAllBytes(path), 8, (int)file.HeaderLength);
+        // BMP characters are written as they are (System.Text.Json still escapes astral ones like the emoji, which is valid JSON).
+        Assert.Contains("couche.é+<poids>/", header);
+    }
+
+    [Fact]
     public void NonContiguousScalarAndEmptyTensorsRoundTrip()
     {
         using var dir = new TempDir();
