@@ -18,7 +18,7 @@ public sealed unsafe class SafeTensorsFile : IDisposable
     private const string MetadataKey = "__metadata__";
 
     /// <summary>Largest single copy; tensors beyond it are copied in slices so no span exceeds int range.</summary>
-    private const int CopyChunkBytes = 1 << 30;
+    internal const int DefaultCopyChunkBytes = 1 << 30;
 
     private static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
 
@@ -79,25 +79,26 @@ public sealed unsafe class SafeTensorsFile : IDisposable
 
     /// <summary>Copies the tensor once into a new CPU tensor of the file's dtype, then converts it with
     /// .to(dtype) / .to(device) only where those differ from what was loaded. The caller owns the result.</summary>
-    public torch.Tensor ToTensor(string name, torch.Device? device = null, torch.ScalarType? dtype = null)
+    public torch.Tensor ToTensor(string name, torch.Device? device = null, torch.ScalarType? dtype = null) =>
+        ToTensor(name, device, dtype, DefaultCopyChunkBytes);
+
+    /// <summary><see cref="ToTensor(string, torch.Device?, torch.ScalarType?)"/> with the copy split into
+    /// slices of at most <paramref name="chunkBytes"/> (tests use small ones to exercise the slicing).</summary>
+    internal torch.Tensor ToTensor(string name, torch.Device? device, torch.ScalarType? dtype, int chunkBytes)
     {
         ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
         var info = Info(name);
         var tensor = torch.empty(info.Shape, dtype: info.DType.ToScalarType(), device: torch.CPU);
         try
         {
-            CopyInto(info, tensor);
-            if (dtype is { } wanted && wanted != tensor.dtype)
+            CopyInto(info, tensor, chunkBytes);
+            var convert = dtype is { } wanted && wanted != tensor.dtype;
+            var move = device is not null && device.type != DeviceType.CPU;
+            if (convert || move)
             {
-                var converted = tensor.to(wanted);
+                var converted = tensor.to(dtype ?? tensor.dtype, device ?? torch.CPU);
                 tensor.Dispose();
                 tensor = converted;
-            }
-            if (device is not null && device.type != DeviceType.CPU)
-            {
-                var moved = tensor.to(device);
-                tensor.Dispose();
-                tensor = moved;
             }
             return tensor;
         }
@@ -108,7 +109,7 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         }
     }
 
-    private void CopyInto(SafeTensorInfo info, torch.Tensor tensor)
+    private void CopyInto(SafeTensorInfo info, torch.Tensor tensor, int chunkBytes)
     {
         var total = info.ByteLength;
         if (total == 0) return;
@@ -119,13 +120,13 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         {
             handle.DangerousAddRef(ref added);
             var src = _data + info.Begin;
-            if (total <= CopyChunkBytes)
+            if (total <= chunkBytes)
             {
                 new ReadOnlySpan<byte>(src, (int)total).CopyTo(tensor.bytes);
                 return;
             }
             var elementSize = info.DType.ElementSize();
-            var chunkElements = CopyChunkBytes / elementSize;
+            var chunkElements = Math.Max(1, chunkBytes / elementSize);
             var count = info.ElementCount;
             using var flat = tensor.view(-1);
             for (long start = 0; start < count; start += chunkElements)
@@ -160,6 +161,8 @@ public sealed unsafe class SafeTensorsFile : IDisposable
     public static SafeTensorsFile Open(string path)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
+        if (!BitConverter.IsLittleEndian)
+            throw new PlatformNotSupportedException("safetensors data is little-endian; this machine is not");
         path = System.IO.Path.GetFullPath(path);
         // FileShare.Delete lets a writer replace the file (temp + move) while it is mapped here.
         var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read | FileShare.Delete);

@@ -1,3 +1,4 @@
+using System.Text.Encodings.Web;
 using System.Text.Json;
 using TorchSharp;
 
@@ -9,12 +10,18 @@ namespace PeftServe.Core.SafeTensors;
 /// flushed, then moved over it.</summary>
 public static class SafeTensorsWriter
 {
-    private const int CopyChunkBytes = 1 << 30;
+    internal const int DefaultCopyChunkBytes = 1 << 30;
 
     /// <summary>Writes <paramref name="tensors"/> (any device; dtypes F32, F16, BF16, I64, I32, U8, I8,
     /// BOOL, F64, I16; any layout) and optional string metadata to <paramref name="path"/>.</summary>
     public static void Write(string path, IEnumerable<KeyValuePair<string, torch.Tensor>> tensors,
-        IReadOnlyDictionary<string, string>? metadata = null)
+        IReadOnlyDictionary<string, string>? metadata = null) =>
+        Write(path, tensors, metadata, DefaultCopyChunkBytes);
+
+    /// <summary><see cref="Write(string, IEnumerable{KeyValuePair{string, torch.Tensor}}, IReadOnlyDictionary{string, string}?)"/>
+    /// with each tensor's data written in slices of at most <paramref name="chunkBytes"/> (for tests).</summary>
+    internal static void Write(string path, IEnumerable<KeyValuePair<string, torch.Tensor>> tensors,
+        IReadOnlyDictionary<string, string>? metadata, int chunkBytes)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         ArgumentNullException.ThrowIfNull(tensors);
@@ -54,7 +61,7 @@ public static class SafeTensorsWriter
                 System.Buffers.Binary.BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);
                 stream.Write(prefix);
                 stream.Write(header);
-                foreach (var e in entries) WriteData(stream, e.Tensor, e.End - e.Begin);
+                foreach (var e in entries) WriteData(stream, e.Tensor, e.End - e.Begin, chunkBytes);
                 stream.Flush(flushToDisk: true);
             }
             File.Move(temp, path, overwrite: true);
@@ -65,11 +72,6 @@ public static class SafeTensorsWriter
             throw;
         }
     }
-
-    /// <summary>Convenience overload for a dictionary of tensors.</summary>
-    public static void Write(string path, IReadOnlyDictionary<string, torch.Tensor> tensors,
-        IReadOnlyDictionary<string, string>? metadata = null) =>
-        Write(path, (IEnumerable<KeyValuePair<string, torch.Tensor>>)tensors, metadata);
 
     /// <summary>Writes a sharded checkpoint into <paramref name="directory"/>: tensors, in the order given,
     /// fill shards named <c>{baseName}-00001-of-0000N.safetensors</c> until the next one would take a shard
@@ -117,7 +119,7 @@ public static class SafeTensorsWriter
         try
         {
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write))
-            using (var json = new Utf8JsonWriter(stream, new JsonWriterOptions { Indented = true }))
+            using (var json = new Utf8JsonWriter(stream, new JsonWriterOptions { Indented = true, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
             {
                 json.WriteStartObject();
                 json.WriteStartObject("metadata");
@@ -143,7 +145,7 @@ public static class SafeTensorsWriter
         IReadOnlyDictionary<string, string>? metadata)
     {
         using var buffer = new MemoryStream();
-        using (var json = new Utf8JsonWriter(buffer, new JsonWriterOptions { Indented = false }))
+        using (var json = new Utf8JsonWriter(buffer, new JsonWriterOptions { Indented = false, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
         {
             json.WriteStartObject();
             if (metadata is { Count: > 0 })
@@ -178,7 +180,7 @@ public static class SafeTensorsWriter
         return buffer.ToArray();
     }
 
-    private static void WriteData(Stream stream, torch.Tensor tensor, long byteLength)
+    private static void WriteData(Stream stream, torch.Tensor tensor, long byteLength, int chunkBytes)
     {
         if (byteLength == 0) return;
         var cpu = tensor.cpu();
@@ -186,7 +188,7 @@ public static class SafeTensorsWriter
         try
         {
             contiguous = cpu.contiguous();
-            if (byteLength <= CopyChunkBytes)
+            if (byteLength <= chunkBytes)
             {
                 stream.Write(contiguous.bytes);
                 return;
@@ -194,7 +196,7 @@ public static class SafeTensorsWriter
             using var flat = contiguous.view(-1);
             var elementSize = (int)contiguous.element_size();
             var count = contiguous.numel();
-            var chunkElements = CopyChunkBytes / elementSize;
+            var chunkElements = Math.Max(1, chunkBytes / elementSize);
             for (long start = 0; start < count; start += chunkElements)
             {
                 using var slice = flat.narrow(0, start, Math.Min(chunkElements, count - start));

@@ -61,6 +61,35 @@ public class SafeTensorsRoundTripTests
         Assert.True(readB.bytes.SequenceEqual(b.bytes));
     }
 
+    [Theory]
+    [InlineData(10, 7)]
+    [InlineData(1, 3)]
+    [InlineData(64, 1000)]
+    public void SlicedCopiesForLargeTensorsAreExact(int writeChunk, int readChunk)
+    {
+        // Tensors past 1 GiB are copied in slices; small slice sizes exercise that path here, with
+        // slice sizes that are not multiples of the element size and a non-contiguous source.
+        using var dir = new TempDir();
+        using var f64 = RandomBits(torch.ScalarType.Float64, [5, 9], 4);
+        using var bf16 = RandomBits(torch.ScalarType.BFloat16, [7, 3], 5);
+        using var transposed = bf16.t();
+        using var u8 = RandomBits(torch.ScalarType.Byte, [33], 6);
+        var path = dir.File("sliced.safetensors");
+        SafeTensorsWriter.Write(path, [new("f64", f64), new("bf16t", transposed), new("u8", u8)], null, writeChunk);
+
+        using var file = SafeTensorsFile.Open(path);
+        using var expectedT = transposed.contiguous();
+        Assert.True(file.GetBytes("f64").SequenceEqual(f64.bytes));
+        Assert.True(file.GetBytes("bf16t").SequenceEqual(expectedT.bytes));
+        Assert.True(file.GetBytes("u8").SequenceEqual(u8.bytes));
+        foreach (var (name, expected) in new[] { ("f64", f64), ("bf16t", expectedT), ("u8", u8) })
+        {
+            using var read = file.ToTensor(name, null, null, readChunk);
+            Assert.Equal(expected.shape, read.shape);
+            Assert.True(read.bytes.SequenceEqual(expected.bytes), name);
+        }
+    }
+
     [Fact]
     public void HalfAndBFloat16AreStoredInTheirStandardEncodings()
     {
@@ -107,6 +136,21 @@ public class SafeTensorsRoundTripTests
         SafeTensorsWriter.Write(dir.File("none.safetensors"), [new("t", t)]);
         using var none = SafeTensorsFile.Open(dir.File("none.safetensors"));
         Assert.Empty(none.Metadata);
+    }
+
+    [Fact]
+    public void NonAsciiNamesAreWrittenAsPlainUtf8AndReadBack()
+    {
+        using var dir = new TempDir();
+        using var t = torch.ones(1, dtype: torch.ScalarType.Int8);
+        const string name = "couche.é+<poids>/🙂";
+        var path = dir.File("utf8.safetensors");
+        SafeTensorsWriter.Write(path, [new(name, t)]);
+        using var file = SafeTensorsFile.Open(path);
+        Assert.Equal(name, Assert.Single(file.Tensors).Name);
+        var header = System.Text.Encoding.UTF8.GetString(File.ReadAllBytes(path), 8, (int)file.HeaderLength);
+        // BMP characters are written as they are (System.Text.Json still escapes astral ones like the emoji, which is valid JSON).
+        Assert.Contains("couche.é+<poids>/", header);
     }
 
     [Fact]
