@@ -55,11 +55,11 @@ public sealed class LlamaModel : IDisposable
                 Qkv = Fuse(
                     [Required(p + "self_attn.q_proj.weight", q, hidden), Required(p + "self_attn.k_proj.weight", kv, hidden), Required(p + "self_attn.v_proj.weight", kv, hidden)],
                     config.QkvBias ? [Bias("self_attn.q_proj.bias", q, true)!, Bias("self_attn.k_proj.bias", kv, true)!, Bias("self_attn.v_proj.bias", kv, true)!] : null),
-                O = new DenseLinear(Required(p + "self_attn.o_proj.weight", hidden, q), Bias("self_attn.o_proj.bias", hidden, config.OutputBias)),
+                O = MakeLinear(Required(p + "self_attn.o_proj.weight", hidden, q), Bias("self_attn.o_proj.bias", hidden, config.OutputBias)),
                 GateUp = Fuse(
                     [Required(p + "mlp.gate_proj.weight", config.IntermediateSize, hidden), Required(p + "mlp.up_proj.weight", config.IntermediateSize, hidden)],
                     config.MlpBias ? [Bias("mlp.gate_proj.bias", config.IntermediateSize, true)!, Bias("mlp.up_proj.bias", config.IntermediateSize, true)!] : null),
-                Down = new DenseLinear(Required(p + "mlp.down_proj.weight", hidden, config.IntermediateSize), Bias("mlp.down_proj.bias", hidden, config.MlpBias)),
+                Down = MakeLinear(Required(p + "mlp.down_proj.weight", hidden, config.IntermediateSize), Bias("mlp.down_proj.bias", hidden, config.MlpBias)),
             };
         }
         _finalNorm = Required("model.norm.weight", hidden);
@@ -70,14 +70,18 @@ public sealed class LlamaModel : IDisposable
         _rope = new RotaryEmbedding(config.Rope, config.HeadDim, options.Device);
     }
 
-    private static DenseLinear Fuse(Tensor[] weights, Tensor[]? biases)
+    private IFrozenLinear Fuse(Tensor[] weights, Tensor[]? biases)
     {
         var w = torch.cat(weights, 0);
         var b = biases is null ? null : torch.cat(biases, 0);
         foreach (var t in weights) t.Dispose();
         if (biases is not null) foreach (var t in biases) t.Dispose();
-        return new DenseLinear(w, b);
+        return MakeLinear(w, b);
     }
+
+    /// <summary>The one place a decoder linear layer is made from its weight [out,in] (on the device,
+    /// in the compute dtype) and optional bias.</summary>
+    private IFrozenLinear MakeLinear(Tensor weight, Tensor? bias) => new DenseLinear(weight, bias);
 
     /// <summary>Loads a Hugging Face model folder (config.json + model.safetensors or sharded
     /// model.safetensors.index.json). Every tensor is checked against the shape config.json implies.</summary>
