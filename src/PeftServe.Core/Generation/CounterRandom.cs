@@ -12,7 +12,8 @@ namespace PeftServe.Core.Generation;
 /// <c>rowKey = mix(mix(seed + G) + (step + 1)·G)</c> — the step-th output of a SplitMix64 stream seeded from the
 /// request seed — then <c>bits = mix(rowKey + (index + 1)·G)</c>, i.e. the index-th output of a stream keyed by the row.
 /// The top 23 bits <c>k</c> become <c>u = (2k + 1) / 2^24</c>: exactly representable in float32 and strictly inside (0, 1)
-/// (smallest 2^-24, largest 1 - 2^-24).
+/// (smallest 2^-24, largest 1 - 2^-24). The resulting Gumbel noise is therefore bounded to about [-2.8, 16.6], so a token
+/// less likely than ~e^-19 times the most likely kept token can never be drawn; every other probability is reproduced.
 /// </para>
 /// <para>
 /// The tensor version runs the same integer arithmetic in int64 on the device: multiplications wrap modulo 2^64 exactly
@@ -64,11 +65,14 @@ public static class CounterRandom
         var device = seeds.device;
         var ops = new Int64Ops(device);
 
-        var rowKey = ops.Mix(ops.Mix(seeds + ops.Gamma) + (steps + 1L) * ops.Gamma); // [B]
-        var counters = arange(1L, count + 1L, dtype: ScalarType.Int64, device: device) * ops.Gamma; // [V]
-        var bits = ops.Mix(rowKey.unsqueeze(1) + counters.unsqueeze(0)); // [B, V]
-        var k = ops.ShiftRightLogical(bits, 64 - UniformBits); // 23 bits, < 2^23
-        var u = (k * 2L + 1L).to_type(ScalarType.Float32) * (1.0f / (1 << (UniformBits + 1)));
+        // Every tensor mixed below is freshly allocated here, so the mixing runs in place.
+        var rowKey = ops.Mix_(ops.Mix_(seeds + ops.Gamma).add_((steps + 1L).mul_(ops.Gamma))); // [B]
+        var counters = arange(1L, count + 1L, dtype: ScalarType.Int64, device: device).mul_(ops.Gamma); // [V]
+        var bits = ops.Mix_(rowKey.unsqueeze(1) + counters.unsqueeze(0)); // [B, V]
+        var k = ops.ShiftRightLogical(bits, 64 - UniformBits); // top 23 bits: k < 2^23
+        // (k + 0.5) / 2^23 = (2k + 1) / 2^24: k and k + 0.5 are exact in float32 (24 significant bits) and the
+        // scaling is by a power of two, so u is exact and lies in [2^-24, 1 - 2^-24].
+        var u = k.to_type(ScalarType.Float32).add_(0.5f).mul_(1.0f / (1 << UniformBits));
         return u.MoveToOuterDisposeScope();
     }
 
@@ -105,14 +109,15 @@ public static class CounterRandom
         public Tensor ShiftRightLogical(Tensor x, int n)
         {
             var (shift, mask) = ShiftConstants(n);
-            return x.bitwise_right_shift(shift).bitwise_and(mask);
+            return x.bitwise_right_shift(shift).bitwise_and_(mask);
         }
 
-        public Tensor Mix(Tensor z)
+        /// <summary>SplitMix64 finalizer, in place on <paramref name="z"/> (which must be a temporary); returns it.</summary>
+        public Tensor Mix_(Tensor z)
         {
-            z = z.bitwise_xor(ShiftRightLogical(z, 30)) * _m1;
-            z = z.bitwise_xor(ShiftRightLogical(z, 27)) * _m2;
-            return z.bitwise_xor(ShiftRightLogical(z, 31));
+            z.bitwise_xor_(ShiftRightLogical(z, 30)).mul_(_m1);
+            z.bitwise_xor_(ShiftRightLogical(z, 27)).mul_(_m2);
+            return z.bitwise_xor_(ShiftRightLogical(z, 31));
         }
     }
 }

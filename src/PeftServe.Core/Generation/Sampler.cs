@@ -54,14 +54,11 @@ public static class Sampler
             throw new ArgumentException($"tokenCounts must be [{batch}, {vocab}]; got [{string.Join(", ", tokenCounts.shape)}].", nameof(tokenCounts));
 
         // ---- Host side: validate and pack per-row parameters (no tensor ops here). ----
-        var temperature = new float[batch];
-        var topP = new float[batch];
-        var topK = new long[batch];
-        var presence = new float[batch];
-        var frequency = new float[batch];
-        var greedy = new bool[batch];
-        var seedBits = new long[batch];
-        var stepArr = new long[batch];
+        // Two arrays, so that moving them to the device costs two small copies per step.
+        // floats: [0] temperature (0 = greedy), [1] top_p, [2] presence penalty, [3] frequency penalty
+        // longs:  [0] top_k in [1, V] (V = off), [1] seed (bits of the ulong), [2] step
+        var floats = new float[4 * batch];
+        var longs = new long[3 * batch];
         bool anySampled = false, anyTopK = false, anyTopP = false, anyPenalty = false;
         long maxTopK = 0;
         for (int b = 0; b < batch; b++)
@@ -70,45 +67,41 @@ public static class Sampler
             p.Validate();
             if (steps[b] < 0)
                 throw new ArgumentException($"steps[{b}] must be >= 0; got {steps[b]}.", nameof(steps));
-            greedy[b] = p.IsGreedy;
-            presence[b] = p.PresencePenalty;
-            frequency[b] = p.FrequencyPenalty;
+            floats[b] = p.Temperature;
+            floats[2 * batch + b] = p.PresencePenalty;
+            floats[3 * batch + b] = p.FrequencyPenalty;
             anyPenalty |= p.PresencePenalty != 0f || p.FrequencyPenalty != 0f;
-            seedBits[b] = unchecked((long)seeds[b]);
-            stepArr[b] = steps[b];
-            if (greedy[b])
-            {
-                // Neutral values: greedy rows go through the sampled path too (batched) but their result is discarded.
-                temperature[b] = 1f;
-                topP[b] = 1f;
-                topK[b] = vocab;
-                continue;
-            }
-            anySampled = true;
-            temperature[b] = p.Temperature;
-            topP[b] = p.TopP;
-            topK[b] = p.TopK > 0 && p.TopK < vocab ? p.TopK : vocab; // k >= V keeps everything
-            if (topK[b] < vocab) { anyTopK = true; maxTopK = Math.Max(maxTopK, topK[b]); }
-            if (p.TopP < 1f) anyTopP = true;
+            longs[batch + b] = unchecked((long)seeds[b]);
+            longs[2 * batch + b] = steps[b];
+            // Greedy rows run through the batched sampling path too (their result is discarded): give them
+            // neutral filters so that they never force a sort.
+            long k = p.IsGreedy || p.TopK == 0 || p.TopK >= vocab ? vocab : p.TopK; // k >= V keeps everything
+            float topP = p.IsGreedy ? 1f : p.TopP;
+            floats[batch + b] = topP;
+            longs[b] = k;
+            anySampled |= !p.IsGreedy;
+            if (k < vocab) { anyTopK = true; maxTopK = Math.Max(maxTopK, k); }
+            anyTopP |= topP < 1f;
         }
 
         // ---- Device side: batched. ----
         using var scope = NewDisposeScope();
         var device = logits.device;
+        var floatParams = tensor(floats, [4, batch], device: device);
+        var longParams = tensor(longs, [3, batch], device: device);
         var x = logits.to_type(ScalarType.Float32); // all math in float32, even for bf16/fp16 logits
 
         if (tokenCounts is not null && anyPenalty)
-        {
-            x = ApplyPenalties(x, tokenCounts.to(device),
-                tensor(presence, device: device).unsqueeze(1), tensor(frequency, device: device).unsqueeze(1));
-        }
+            x = ApplyPenalties(x, tokenCounts.to(device), floatParams[2].unsqueeze(1), floatParams[3].unsqueeze(1));
 
         var greedyIds = x.argmax(1);
         if (!anySampled)
             return greedyIds.MoveToOuterDisposeScope();
 
-        var scaled = x / tensor(temperature, device: device).unsqueeze(1); // [B, V]
-        var kTensor = tensor(topK, device: device); // [B], in [1, V]
+        var temperature = floatParams[0];
+        var isGreedy = temperature.eq(0f);
+        var scaled = x / where(isGreedy, ones_like(temperature), temperature).unsqueeze(1); // [B, V]
+        var kTensor = longParams[0]; // [B], in [1, V]
 
         Tensor? cutoff = null; // [B, 1]: keep tokens with scaled >= cutoff
         if (anyTopP)
@@ -117,12 +110,12 @@ public static class Sampler
             var positions = arange(vocab, dtype: ScalarType.Int64, device: device).unsqueeze(0);
             var sortedTopK = sorted.masked_fill(positions >= kTensor.unsqueeze(1), float.NegativeInfinity);
             var cumulative = sortedTopK.softmax(1).cumsum(1);
-            var pTensor = tensor(topP, device: device).unsqueeze(1);
+            var topP = floatParams[1];
             // Smallest prefix whose mass reaches top_p: every position whose cumulative mass is still < top_p,
             // plus the one that reaches it (so the first token is always kept). top_p = 1 keeps everything, which
             // also protects against the cumulative sum ending a rounding error below 1.
-            var prefix = (cumulative < pTensor).sum(1, type: ScalarType.Int64) + 1L;
-            prefix = where(pTensor.squeeze(1) >= 1f, full_like(prefix, vocab), prefix);
+            var prefix = (cumulative < topP.unsqueeze(1)).sum(1, type: ScalarType.Int64) + 1L;
+            prefix = where(topP >= 1f, full_like(prefix, vocab), prefix);
             var keep = minimum(prefix, kTensor); // top-k applies too (the probabilities above were top-k renormalised)
             cutoff = sorted.gather(1, (keep - 1L).unsqueeze(1));
         }
@@ -136,9 +129,9 @@ public static class Sampler
         }
 
         var masked = cutoff is null ? scaled : scaled.masked_fill(scaled < cutoff, float.NegativeInfinity);
-        var noise = CounterRandom.Gumbel(tensor(seedBits, device: device), tensor(stepArr, device: device), vocab);
-        var sampledIds = (masked + noise).argmax(1);
-        var result = where(tensor(greedy, device: device), greedyIds, sampledIds);
+        var noise = CounterRandom.Gumbel(longParams[1], longParams[2], vocab);
+        var sampledIds = noise.add_(masked).argmax(1);
+        var result = where(isGreedy, greedyIds, sampledIds);
         return result.MoveToOuterDisposeScope();
     }
 

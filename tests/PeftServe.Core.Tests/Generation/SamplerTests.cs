@@ -349,6 +349,18 @@ public class SamplerTests
         Assert.Equal(off, bigger);
     }
 
+    [Fact]
+    public void TokensTiedWithTheCutoffAreAllKept()
+    {
+        // Filtering is by value (as in Hugging Face's top-k warper), so the result never depends on how a sort
+        // orders equal logits: with three tokens tied for first, top_k = 1 keeps all three.
+        float[] logits = [1f, 0f, 1f, 1f, -1f];
+        var counts = Counts(logits, new SamplingParams { TopK = 1 }, 6000);
+        AssertMatches(counts, [1.0 / 3, 0, 1.0 / 3, 1.0 / 3, 0]);
+        var countsP = Counts(logits, new SamplingParams { TopP = 0.1f }, 6000);
+        AssertMatches(countsP, [1.0 / 3, 0, 1.0 / 3, 1.0 / 3, 0]);
+    }
+
     // ---------- dtypes, devices, inputs ----------
 
     [Theory]
