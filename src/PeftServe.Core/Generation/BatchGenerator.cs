@@ -1,3 +1,4 @@
+using PeftServe.Core.Adapters;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -16,8 +17,10 @@ public readonly record struct GeneratedToken(int Row, int TokenId, int Index, Fi
 /// adds continuous batching on top of the same model forward.)</summary>
 public sealed class BatchGenerator(LlamaModel model)
 {
+    /// <summary>Generates for every prompt; <paramref name="adapters"/> (optional) names each row's
+    /// resident adapter or null.</summary>
     public IEnumerable<GeneratedToken> Generate(IReadOnlyList<int[]> prompts, IReadOnlyList<SamplingParams> parameters,
-        CancellationToken cancellation = default)
+        CancellationToken cancellation = default, IReadOnlyList<ResidentAdapter?>? adapters = null)
     {
         if (prompts.Count == 0) yield break;
         if (parameters.Count != prompts.Count) throw new ArgumentException("one SamplingParams per prompt is required");
@@ -27,13 +30,19 @@ public sealed class BatchGenerator(LlamaModel model)
         foreach (var id in prompts.SelectMany(p => p))
             if (id < 0 || id >= vocab) throw new ArgumentException($"token id {id} is outside the vocabulary (0..{vocab - 1})");
 
-        int batch = prompts.Count, promptLen = prompts.Max(p => p.Length), maxNew = parameters.Max(p => p.MaxTokens);
+        adapters ??= new ResidentAdapter?[prompts.Count];
+        if (adapters.Count != prompts.Count) throw new ArgumentException("one adapter entry (or null) per prompt is required");
+        var layout = SequenceLayout.Build(prompts, adapters.Select(a => a?.VirtualTokens ?? 0).ToArray());
+        int batch = prompts.Count, promptLen = layout.Length, maxNew = parameters.Max(p => p.MaxTokens);
         var seeds = parameters.Select(p => p.WithResolvedSeed().Seed!.Value).ToArray();
         var steps = new long[batch];
         var done = new bool[batch];
 
         using var cache = new KvCache(model.Config, batch, promptLen + maxNew, model.DType, model.Device);
-        var (ids, positions) = LeftPad(prompts, promptLen, model.Device);
+        var (ids, positions) = layout.ToTensors(model.Device);
+        // Prefill carries the virtual columns; decode steps have none.
+        using var prefillAdapters = AdapterBatch.Create(adapters, layout.VirtualStart, model.Device);
+        using var decodeAdapters = AdapterBatch.Create(adapters, Enumerable.Repeat(-1, batch).ToArray(), model.Device);
         try
         {
             for (int step = 0; step < maxNew; step++)
@@ -42,7 +51,7 @@ public sealed class BatchGenerator(LlamaModel model)
                 Tensor nextIds, nextPositions;
                 using (var scope = torch.NewDisposeScope())
                 {
-                    var logits = model.Forward(ids, positions, cache, lastTokenOnly: true)[.., 0, ..];
+                    var logits = model.Forward(ids, positions, cache, lastTokenOnly: true, step == 0 ? prefillAdapters : decodeAdapters)[.., 0, ..];
                     var next = Sampler.Sample(logits, parameters, seeds, steps);
                     sampled = next.cpu().data<long>().ToArray();        // the one host sync per step
                     nextIds = next.view(batch, 1).MoveToOuterDisposeScope();
@@ -76,21 +85,34 @@ public sealed class BatchGenerator(LlamaModel model)
         }
     }
 
-    /// <summary>Prompts right-aligned in a [B,T] block; padding columns get position -1.</summary>
-    internal static (Tensor Ids, Tensor Positions) LeftPad(IReadOnlyList<int[]> prompts, int length, Device device)
+}
+
+/// <summary>Rows of a batch right-aligned in one [B,T] block: each row is its adapter's virtual
+/// columns (if any) followed by its tokens, preceded by padding. Virtual columns take positions
+/// 0..n-1 and the tokens n.., as Hugging Face PEFT numbers them; padding gets position -1, which the
+/// KV cache never lets anything attend to.</summary>
+public sealed record SequenceLayout(long[] Ids, long[] Positions, int Rows, int Length, int[] VirtualStart)
+{
+    public static SequenceLayout Build(IReadOnlyList<int[]> prompts, IReadOnlyList<int> virtualTokens)
     {
-        var ids = new long[prompts.Count * length];
-        var pos = new long[prompts.Count * length];
-        for (int r = 0; r < prompts.Count; r++)
+        int rows = prompts.Count, length = prompts.Select((p, r) => p.Length + virtualTokens[r]).Max();
+        var ids = new long[rows * length];
+        var pos = new long[rows * length];
+        var virtualStart = new int[rows];
+        for (int r = 0; r < rows; r++)
         {
-            int pad = length - prompts[r].Length;
+            int n = virtualTokens[r], pad = length - n - prompts[r].Length;
+            virtualStart[r] = n > 0 ? pad : -1;
             for (int t = 0; t < length; t++)
             {
-                ids[r * length + t] = t < pad ? 0 : prompts[r][t - pad];
-                pos[r * length + t] = t < pad ? -1 : t - pad;
+                int i = r * length + t;
+                ids[i] = t < pad + n ? 0 : prompts[r][t - pad - n];
+                pos[i] = t < pad ? -1 : t - pad;
             }
         }
-        return (torch.tensor(ids, [prompts.Count, length], device: device),
-                torch.tensor(pos, [prompts.Count, length], device: device));
+        return new SequenceLayout(ids, pos, rows, length, virtualStart);
     }
+
+    public (Tensor Ids, Tensor Positions) ToTensors(Device device) =>
+        (torch.tensor(Ids, [Rows, Length], device: device), torch.tensor(Positions, [Rows, Length], device: device));
 }

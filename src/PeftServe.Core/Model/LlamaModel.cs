@@ -113,13 +113,15 @@ public sealed class LlamaModel : IDisposable
 
     /// <summary>Runs the decoder over <paramref name="inputIds"/> [B,T] at <paramref name="positions"/>
     /// [B,T] (negative = padding), appending to <paramref name="cache"/>. Returns logits [B,T,V] in the
-    /// compute dtype, or [B,1,V] for the last column only when <paramref name="lastTokenOnly"/>.</summary>
-    public Tensor Forward(Tensor inputIds, Tensor positions, KvCache cache, bool lastTokenOnly = false)
+    /// compute dtype, or [B,1,V] for the last column only when <paramref name="lastTokenOnly"/>.
+    /// <paramref name="adapters"/> applies each row's adapter, if any.</summary>
+    public Tensor Forward(Tensor inputIds, Tensor positions, KvCache cache, bool lastTokenOnly = false, IAdapterHooks? adapters = null)
     {
         using var scope = torch.NewDisposeScope();
         using var _ = torch.no_grad();
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var h = _embedTokens.index_select(0, inputIds.reshape(-1)).view(b, t, -1);
+        if (adapters is not null) h = adapters.Embeddings(h);
         var mask = cache.Reserve(positions, DType);                 // [B,1,T,S]
         // Grouped-query attention runs with the G query heads of each KV head folded into the
         // sequence axis, so keys and values are never copied G times: fold the mask the same way.
@@ -129,7 +131,7 @@ public sealed class LlamaModel : IDisposable
         var (cos, sin) = _rope.Tables(positions.clamp_min(0), DType);
 
         for (int i = 0; i < _layers.Length; i++)
-            h = _layers[i].Forward(h, i, cache, mask, cos, sin, Config);
+            h = _layers[i].Forward(h, i, cache, mask, cos, sin, Config, adapters);
 
         if (lastTokenOnly) h = h[.., ^1.., ..];
         h = RmsNorm(h, _finalNorm, Config.RmsNormEps);
@@ -166,28 +168,40 @@ public sealed class LlamaModel : IDisposable
         public required Tensor InputNorm, PostAttentionNorm;
         public required IFrozenLinear Qkv, O, GateUp, Down;
 
-        public Tensor Forward(Tensor h, int index, KvCache cache, Tensor mask, Tensor cos, Tensor sin, ModelConfig c)
+        public Tensor Forward(Tensor h, int index, KvCache cache, Tensor mask, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
         {
             long b = h.shape[0], t = h.shape[1];
             int hd = c.HeadDim, nq = c.NumHeads, nkv = c.NumKvHeads;
 
             var x = RmsNorm(h, InputNorm, c.RmsNormEps);
-            var qkv = Qkv.Forward(x).view(b, t, nq + 2 * nkv, hd);                       // [B,T,heads,hd]
+            var qkv = Qkv.Forward(x);
+            if (adapters is not null) qkv = adapters.Qkv(index, x, qkv);
+            qkv = qkv.view(b, t, nq + 2 * nkv, hd);                                        // [B,T,heads,hd]
             // Queries and keys are rotated together in one pass; values are a view of the projection.
             var qk = RotaryEmbedding.Apply(qkv[.., .., ..(nq + nkv)], cos, sin);
+            var k = qk[.., .., nq..];                                                      // [B,T,nkv,hd]
+            var v = qkv[.., .., (nq + nkv)..];
+            if (adapters is not null) (k, v) = adapters.KeysValues(index, k, v);
             var q = qk[.., .., ..nq].transpose(1, 2);                                      // [B,nq,T,hd]
-            var k = qk[.., .., nq..].transpose(1, 2);                                      // [B,nkv,T,hd]
-            var v = qkv[.., .., (nq + nkv)..].transpose(1, 2);
-            var (keys, values) = cache.Write(index, k, v);                                 // [B,nkv,S,hd]
+            var (keys, values) = cache.Write(index, k.transpose(1, 2), v.transpose(1, 2)); // [B,nkv,S,hd]
 
             var qGrouped = q.reshape(b, nkv, (nq / nkv) * t, hd);
             var attn = nn.functional.scaled_dot_product_attention(qGrouped, keys, values, mask);
             attn = attn.view(b, nq, t, hd).transpose(1, 2).reshape(b, t, nq * hd);
-            h = h + O.Forward(attn);
+            if (adapters?.ExtraAttention(index, q) is { } extra) attn = attn + extra;
+            var o = O.Forward(attn);
+            if (adapters is not null) o = adapters.AttentionOutput(index, attn, o);
+            h = h + o;
 
             x = RmsNorm(h, PostAttentionNorm, c.RmsNormEps);
-            var gateUp = GateUp.Forward(x).chunk(2, -1);
-            return h + Down.Forward(nn.functional.silu(gateUp[0]) * gateUp[1]);
+            var gateUp = GateUp.Forward(x);
+            if (adapters is not null) gateUp = adapters.GateUp(index, x, gateUp);
+            var halves = gateUp.chunk(2, -1);
+            var act = nn.functional.silu(halves[0]) * halves[1];
+            if (adapters is not null) act = adapters.DownInput(index, act);
+            var down = Down.Forward(act);
+            if (adapters is not null) down = adapters.MlpOutput(index, act, down);
+            return h + down;
         }
 
         public void Dispose()

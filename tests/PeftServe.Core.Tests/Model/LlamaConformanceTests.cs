@@ -57,7 +57,7 @@ public sealed class LlamaConformanceTests : IClassFixture<TinyLlamaFixture>
         var model = _f.Model;
         var shortRow = _f.InputIds[0, ..7].data<long>().Select(x => (int)x).ToArray();
         var longRow = _f.InputIds[1].data<long>().Select(x => (int)x).ToArray();
-        var (ids, positions) = BatchGenerator.LeftPad([shortRow, longRow], longRow.Length, model.Device);
+        var (ids, positions) = SequenceLayout.Build([shortRow, longRow], [0, 0]).ToTensors(model.Device);
         using var cache = new KvCache(model.Config, 2, longRow.Length, model.DType, model.Device);
         using var logits = model.Forward(ids, positions, cache);
         using var expectedLong = _f.Expected["logits_base"][1];

@@ -1,0 +1,91 @@
+using PeftServe.Core.Model;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Adapters;
+
+/// <summary>A resident adapter: which pool and slot hold it on the device.</summary>
+public sealed record ResidentAdapter(Adapter Adapter, AdapterSlotPool Pool, int Slot)
+{
+    public string Name => Adapter.Name;
+    public int VirtualTokens => Adapter.VirtualTokens;
+}
+
+/// <summary>The adapter work of one forward pass over a batch whose rows each use their own adapter
+/// or none: rows are grouped by method and each group is served by one batched op. Rows without an
+/// adapter are in no group and cost nothing.</summary>
+public sealed class AdapterBatch : IAdapterHooks, IDisposable
+{
+    private readonly AdapterBatchOp[] _ops;
+
+    private AdapterBatch(AdapterBatchOp[] ops) => _ops = ops;
+
+    /// <summary>Null when no row has an adapter. <paramref name="virtualStart"/> gives, per row, the
+    /// chunk column where its virtual tokens start (-1 when this chunk holds none, as in decode steps).</summary>
+    public static AdapterBatch? Create(IReadOnlyList<ResidentAdapter?> rows, IReadOnlyList<int> virtualStart, Device device)
+    {
+        var ops = rows.Select((a, row) => (a, row)).Where(x => x.a is not null)
+            .GroupBy(x => x.a!.Pool)
+            .Select(g => g.Key.CreateBatchOp(new MethodRows(
+                g.Select(x => x.row).ToArray(),
+                g.Select(x => x.a!.Slot).ToArray(),
+                g.Select(x => virtualStart[x.row]).ToArray(),
+                device)))
+            .ToArray();
+        return ops.Length == 0 ? null : new AdapterBatch(ops);
+    }
+
+    public Tensor Embeddings(Tensor embeddings)
+    {
+        foreach (var op in _ops) embeddings = op.Embeddings(embeddings);
+        return embeddings;
+    }
+
+    public Tensor Qkv(int layer, Tensor x, Tensor qkv)
+    {
+        foreach (var op in _ops) qkv = op.Qkv(layer, x, qkv);
+        return qkv;
+    }
+
+    public (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values)
+    {
+        foreach (var op in _ops) (keys, values) = op.KeysValues(layer, keys, values);
+        return (keys, values);
+    }
+
+    public Tensor? ExtraAttention(int layer, Tensor queries)
+    {
+        Tensor? sum = null;
+        foreach (var op in _ops)
+            if (op.ExtraAttention(layer, queries) is { } extra) sum = sum is null ? extra : sum + extra;
+        return sum;
+    }
+
+    public Tensor AttentionOutput(int layer, Tensor x, Tensor output)
+    {
+        foreach (var op in _ops) output = op.AttentionOutput(layer, x, output);
+        return output;
+    }
+
+    public Tensor GateUp(int layer, Tensor x, Tensor gateUp)
+    {
+        foreach (var op in _ops) gateUp = op.GateUp(layer, x, gateUp);
+        return gateUp;
+    }
+
+    public Tensor DownInput(int layer, Tensor x)
+    {
+        foreach (var op in _ops) x = op.DownInput(layer, x);
+        return x;
+    }
+
+    public Tensor MlpOutput(int layer, Tensor x, Tensor output)
+    {
+        foreach (var op in _ops) output = op.MlpOutput(layer, x, output);
+        return output;
+    }
+
+    public void Dispose()
+    {
+        foreach (var op in _ops) op.Dispose();
+    }
+}

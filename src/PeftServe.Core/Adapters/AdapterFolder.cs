@@ -1,0 +1,125 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
+using PeftServe.Core.SafeTensors;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Adapters;
+
+/// <summary>An adapter folder as PEFT's save_pretrained writes it: adapter_config.json and
+/// adapter_model.safetensors. Tensor names lose PEFT's "base_model.model." wrapper prefix.</summary>
+public sealed partial class AdapterFolder : IDisposable
+{
+    public const string ConfigFile = "adapter_config.json";
+    public const string WeightsFile = "adapter_model.safetensors";
+
+    private readonly SafeTensorsFile _weights;
+    private readonly Dictionary<string, string> _names; // short name -> name in the file
+
+    public string Path { get; }
+    public JsonObject Config { get; }
+    public string PeftType { get; }
+    /// <summary>Tensor names without the "base_model.model." prefix.</summary>
+    public IReadOnlyCollection<string> TensorNames => _names.Keys;
+
+    private AdapterFolder(string path, JsonObject config, string peftType, SafeTensorsFile weights)
+    {
+        Path = path;
+        Config = config;
+        PeftType = peftType;
+        _weights = weights;
+        _names = weights.Tensors.ToDictionary(t => t.Name.StartsWith("base_model.model.", StringComparison.Ordinal)
+            ? t.Name["base_model.model.".Length..] : t.Name, t => t.Name);
+    }
+
+    public static AdapterFolder Open(string path)
+    {
+        var configPath = System.IO.Path.Combine(path, ConfigFile);
+        var weightsPath = System.IO.Path.Combine(path, WeightsFile);
+        if (!Directory.Exists(path)) throw new AdapterException($"adapter folder {path} does not exist");
+        if (!File.Exists(configPath)) throw new AdapterException($"{configPath}: not found");
+        if (!File.Exists(weightsPath))
+            throw new AdapterException(File.Exists(System.IO.Path.Combine(path, "adapter_model.bin"))
+                ? $"{path}: adapter_model.bin (pickle) is not read for safety; save the adapter with safe_serialization (adapter_model.safetensors)"
+                : $"{weightsPath}: not found");
+        JsonObject config;
+        try { config = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject ?? throw new JsonException("not a JSON object"); }
+        catch (JsonException e) { throw new AdapterException($"{configPath}: invalid JSON: {e.Message}"); }
+        var peftType = config["peft_type"] is JsonValue v && v.TryGetValue<string>(out var s) ? s
+            : throw new AdapterException($"{configPath}: missing string key 'peft_type'");
+        SafeTensorsFile weights;
+        try { weights = SafeTensorsFile.Open(weightsPath); }
+        catch (SafeTensorsFormatException e) { throw new AdapterException(e.Message, e); }
+        return new AdapterFolder(path, config, peftType, weights);
+    }
+
+    public bool Contains(string name) => _names.ContainsKey(name);
+
+    public SafeTensorInfo Info(string name) => _weights.Info(_names[name]);
+
+    /// <summary>A tensor as float32 on the CPU (adapters are validated and prepared on the host).</summary>
+    public Tensor Float(string name) => _weights.ToTensor(_names[name], dtype: ScalarType.Float32);
+
+    /// <summary>The tensor, which must exist and have this shape (else an error naming it).</summary>
+    public Tensor Float(string name, params long[] shape)
+    {
+        if (!Contains(name)) throw new AdapterException($"{Path}: missing tensor '{name}'");
+        var info = Info(name);
+        if (!info.Shape.SequenceEqual(shape))
+            throw new AdapterException($"{Path}: tensor '{name}' has shape [{string.Join(",", info.Shape)}], the base model needs [{string.Join(",", shape)}]");
+        if (info.DType is not (SafeTensorDType.F32 or SafeTensorDType.F16 or SafeTensorDType.BF16))
+            throw new AdapterException($"{Path}: tensor '{name}' has dtype {info.DType}; adapters hold F32, F16 or BF16");
+        return Float(name);
+    }
+
+    // ---- config helpers: every bad value names the file and key ----
+
+    public int Int(string key, int? fallback = null) => Config[key] switch
+    {
+        JsonValue v when v.TryGetValue<int>(out var i) => i,
+        JsonValue v when v.TryGetValue<double>(out var d) && d == Math.Floor(d) => (int)d,
+        null when fallback.HasValue => fallback.Value,
+        null => throw new AdapterException($"{Path}/{ConfigFile}: missing integer key '{key}'"),
+        _ => throw new AdapterException($"{Path}/{ConfigFile}: '{key}' must be an integer"),
+    };
+
+    public double Double(string key, double fallback) => Config[key] switch
+    {
+        JsonValue v when v.TryGetValue<double>(out var d) => d,
+        null => fallback,
+        _ => throw new AdapterException($"{Path}/{ConfigFile}: '{key}' must be a number"),
+    };
+
+    public bool Bool(string key, bool fallback = false) => Config[key] switch
+    {
+        JsonValue v when v.TryGetValue<bool>(out var b) => b,
+        null => fallback,
+        _ => throw new AdapterException($"{Path}/{ConfigFile}: '{key}' must be true or false"),
+    };
+
+    public string? String(string key) => Config[key] switch
+    {
+        JsonValue v when v.TryGetValue<string>(out var s) => s,
+        null => null,
+        _ => throw new AdapterException($"{Path}/{ConfigFile}: '{key}' must be a string"),
+    };
+
+    /// <summary>Splits "model.layers.7.self_attn.q_proj.lora_A.weight" into (7, "q_proj", "lora_A.weight").</summary>
+    public static bool TryParseLayerTensor(string name, out int layer, out string module, out string rest)
+    {
+        var m = LayerTensor().Match(name);
+        layer = m.Success ? int.Parse(m.Groups[1].Value) : -1;
+        module = m.Success ? m.Groups[2].Value : "";
+        rest = m.Success ? m.Groups[3].Value : "";
+        return m.Success;
+    }
+
+    [GeneratedRegex(@"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+?)\.(.+)$")]
+    private static partial Regex LayerTensor();
+
+    public void Dispose() => _weights.Dispose();
+}
+
+/// <summary>An adapter that cannot be served: the message names the file, tensor or key at fault.</summary>
+public sealed class AdapterException(string message, Exception? inner = null) : Exception(message, inner);

@@ -1,0 +1,25 @@
+using PeftServe.Core.Adapters.Lora;
+
+namespace PeftServe.Core.Adapters;
+
+/// <summary>The registry of adapter methods: adding a method is its folder plus one line here.</summary>
+public static class AdapterMethods
+{
+    public static IReadOnlyList<AdapterMethod> All { get; } =
+    [
+        new LoraMethod(),
+    ];
+
+    /// <summary>The method that reads this peft_type, or an error listing the supported ones.</summary>
+    public static AdapterMethod ForPeftType(string peftType, string source) =>
+        All.FirstOrDefault(m => m.PeftTypes.Contains(peftType, StringComparer.OrdinalIgnoreCase))
+        ?? throw new AdapterException($"{source}: peft_type '{peftType}' is not supported (supported: {string.Join(", ", All.SelectMany(m => m.PeftTypes))})");
+
+    /// <summary>Reads and validates the adapter in <paramref name="path"/> against the base model.</summary>
+    public static Adapter Load(string path, string name, Model.ModelConfig model, AdapterLimits limits)
+    {
+        using var folder = AdapterFolder.Open(path);
+        var method = ForPeftType(folder.PeftType, Path.Combine(path, AdapterFolder.ConfigFile));
+        return method.Load(folder, name, model, limits);
+    }
+}

@@ -1,0 +1,116 @@
+using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
+using PeftServe.Core.Model;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Adapters.Lora;
+
+/// <summary>The seven linear layers of a decoder block LoRA may target, in the order the model fuses
+/// them (q|k|v, o, gate|up, down).</summary>
+public enum LoraTarget { Q, K, V, O, Gate, Up, Down }
+
+/// <summary>A LoRA adapter in host memory: per layer and target, A [r,in] and B [out,r] with the
+/// scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) already folded into B, so serving computes
+/// x A^T B^T and nothing else.</summary>
+public sealed class LoraAdapter : Adapter
+{
+    public override AdapterMethod Method { get; }
+    /// <summary>[layer, target] -> (A, scaled B), null where the adapter does not touch that layer.</summary>
+    public (Tensor A, Tensor B)?[,] Weights { get; }
+    public int MaxRank { get; }
+    public override long ByteSize { get; }
+
+    internal LoraAdapter(AdapterMethod method, (Tensor, Tensor)?[,] weights)
+    {
+        Method = method;
+        Weights = weights;
+        MaxRank = weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).Select(w => (int)w!.Value.A.shape[0]).DefaultIfEmpty(0).Max();
+        ByteSize = Bytes(weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).SelectMany(w => new[] { w!.Value.A, w.Value.B }));
+    }
+
+    public static string ModuleName(LoraTarget t) => t switch
+    {
+        LoraTarget.Q => "q_proj", LoraTarget.K => "k_proj", LoraTarget.V => "v_proj", LoraTarget.O => "o_proj",
+        LoraTarget.Gate => "gate_proj", LoraTarget.Up => "up_proj", _ => "down_proj",
+    };
+
+    public static (long In, long Out) Shape(LoraTarget t, ModelConfig c) => t switch
+    {
+        LoraTarget.Q => (c.HiddenSize, (long)c.NumHeads * c.HeadDim),
+        LoraTarget.K or LoraTarget.V => (c.HiddenSize, (long)c.NumKvHeads * c.HeadDim),
+        LoraTarget.O => ((long)c.NumHeads * c.HeadDim, c.HiddenSize),
+        LoraTarget.Gate or LoraTarget.Up => (c.HiddenSize, c.IntermediateSize),
+        _ => (c.IntermediateSize, c.HiddenSize),
+    };
+
+    internal static LoraAdapter Read(AdapterMethod method, AdapterFolder f, string name, ModelConfig c, AdapterLimits limits)
+    {
+        var where = Path.Combine(f.Path, AdapterFolder.ConfigFile);
+        if (f.Bool("use_dora")) throw new AdapterException($"{where}: use_dora (DoRA) is not supported");
+        if (f.String("bias") is { } bias && bias != "none") throw new AdapterException($"{where}: bias '{bias}' is not supported (only \"none\")");
+        if (f.Config["modules_to_save"] is JsonArray { Count: > 0 })
+            throw new AdapterException($"{where}: modules_to_save (fully trained extra modules) is not supported");
+        double alpha = f.Double("lora_alpha", f.Int("r", 8));
+        bool rslora = f.Bool("use_rslora");
+        var alphaPattern = (f.Config["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => p.Value!.GetValue<double>()) ?? [];
+
+        var targets = Enum.GetValues<LoraTarget>().ToDictionary(ModuleName);
+        var found = new Dictionary<(int, LoraTarget), (Tensor? A, Tensor? B)>();
+        foreach (var tensor in f.TensorNames.Order())
+        {
+            if (!AdapterFolder.TryParseLayerTensor(tensor, out var layer, out var module, out var rest) || !targets.TryGetValue(module, out var target))
+                throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a LoRA weight of a decoder linear layer (q,k,v,o,gate,up,down_proj)");
+            if (rest is not ("lora_A.weight" or "lora_B.weight"))
+                throw new AdapterException($"{f.Path}: tensor '{tensor}' is not supported (expected lora_A.weight / lora_B.weight)");
+            if (layer >= c.NumLayers) throw new AdapterException($"{f.Path}: tensor '{tensor}' names layer {layer}, the base model has {c.NumLayers}");
+            found.TryGetValue((layer, target), out var pair);
+            found[(layer, target)] = rest == "lora_A.weight" ? (Load(f, tensor), pair.B) : (pair.A, Load(f, tensor));
+        }
+        if (found.Count == 0) throw new AdapterException($"{f.Path}: no LoRA weights found");
+
+        var weights = new (Tensor, Tensor)?[c.NumLayers, 7];
+        foreach (var ((layer, target), (a, b)) in found)
+        {
+            var module = $"model.layers.{layer}.{(target <= LoraTarget.O ? "self_attn" : "mlp")}.{ModuleName(target)}";
+            if (a is null || b is null) throw new AdapterException($"{f.Path}: {module} has lora_{(a is null ? "A" : "B")}.weight missing");
+            var (inF, outF) = Shape(target, c);
+            long r = a.shape[0];
+            if (a.dim() != 2 || a.shape[1] != inF) throw new AdapterException($"{f.Path}: {module}.lora_A.weight has shape [{string.Join(",", a.shape)}], the base model needs [r,{inF}]");
+            if (b.dim() != 2 || b.shape[0] != outF || b.shape[1] != r) throw new AdapterException($"{f.Path}: {module}.lora_B.weight has shape [{string.Join(",", b.shape)}], needs [{outF},{r}]");
+            if (r < 1 || r > limits.MaxRank) throw new AdapterException($"{f.Path}: {module} has rank {r}, above the configured maximum of {limits.MaxRank}");
+            double moduleAlpha = alphaPattern.FirstOrDefault(p => Regex.IsMatch(module, $"(^|\\.)({p.Key})$")).Value is var pa && pa != 0 ? pa : alpha;
+            double scale = rslora ? moduleAlpha / Math.Sqrt(r) : moduleAlpha / r;
+            weights[layer, (int)target] = (a, b.mul_(scale));
+        }
+        return new LoraAdapter(method, weights) { Name = name, SourcePath = f.Path };
+    }
+
+    private static Tensor Load(AdapterFolder f, string tensor)
+    {
+        var info = f.Info(tensor);
+        if (info.DType is not (SafeTensors.SafeTensorDType.F32 or SafeTensors.SafeTensorDType.F16 or SafeTensors.SafeTensorDType.BF16))
+            throw new AdapterException($"{f.Path}: tensor '{tensor}' has dtype {info.DType}; LoRA weights are F32, F16 or BF16");
+        var t = f.Float(tensor);
+        if (!torch.isfinite(t).all().item<bool>()) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
+        return t;
+    }
+
+    public override void Dispose()
+    {
+        foreach (var w in Weights)
+            if (w is { } pair) { pair.A.Dispose(); pair.B.Dispose(); }
+    }
+}
+
+/// <summary>LoRA (Hu et al., 2021): y = W x + B A x * alpha/r on any subset of the decoder's linear layers.</summary>
+public sealed class LoraMethod : AdapterMethod
+{
+    public override string Name => "lora";
+    public override IReadOnlyList<string> PeftTypes { get; } = ["LORA"];
+
+    public override Adapter Load(AdapterFolder folder, string name, ModelConfig model, AdapterLimits limits) =>
+        LoraAdapter.Read(this, folder, name, model, limits);
+
+    public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new LoraSlotPool(this, model, limits);
+}

@@ -1,0 +1,36 @@
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Model;
+
+/// <summary>The points in a forward pass where parameter-efficient adapters act. The model calls them
+/// for the whole batch at once; an implementation applies, row by row, whatever each row's adapter
+/// asks for (and leaves other rows alone) in batched tensor operations. The model itself knows nothing
+/// about adapter methods or files. Every method returns its input unchanged when it has nothing to do.</summary>
+public interface IAdapterHooks
+{
+    /// <summary>Token embeddings [B,T,hidden] of this chunk: virtual-token adapters replace their columns.</summary>
+    Tensor Embeddings(Tensor embeddings);
+
+    /// <summary>The fused q|k|v projection output [B,T,(nq+2nkv)*hd] of input <paramref name="x"/>.</summary>
+    Tensor Qkv(int layer, Tensor x, Tensor qkv);
+
+    /// <summary>Rotated keys and values [B,T,nkv,hd] before they enter the KV cache (prefix tuning
+    /// writes its per-layer keys and values into its virtual columns here).</summary>
+    (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values);
+
+    /// <summary>Extra attention output [B,T,nq*hd] to add before the output projection, from rotated
+    /// queries [B,nq,T,hd] (LLaMA-Adapter's gated adaption prompts), or null.</summary>
+    Tensor? ExtraAttention(int layer, Tensor queries);
+
+    /// <summary>The output projection's result [B,T,hidden] for its input <paramref name="x"/>, before the residual add.</summary>
+    Tensor AttentionOutput(int layer, Tensor x, Tensor output);
+
+    /// <summary>The fused gate|up projection output [B,T,2*inter] of input <paramref name="x"/>.</summary>
+    Tensor GateUp(int layer, Tensor x, Tensor gateUp);
+
+    /// <summary>The down projection's input [B,T,inter] (IA3 scales it).</summary>
+    Tensor DownInput(int layer, Tensor x);
+
+    /// <summary>The down projection's result [B,T,hidden] for input <paramref name="x"/>, before the residual add.</summary>
+    Tensor MlpOutput(int layer, Tensor x, Tensor output);
+}

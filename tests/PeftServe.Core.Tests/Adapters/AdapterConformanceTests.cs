@@ -1,0 +1,77 @@
+using PeftServe.Core.Adapters;
+using PeftServe.Core.Generation;
+using PeftServe.Core.Tests.Model;
+using PeftServe.Tests;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Tests.Adapters;
+
+/// <summary>Every fixture adapter against Hugging Face PEFT's own logits and greedy tokens, alone, all
+/// together in one mixed batch, and through prefill plus KV-cache decode.</summary>
+public sealed class AdapterConformanceTests : IClassFixture<TinyLlamaFixture>, IDisposable
+{
+    /// <summary>Fixture adapter folder -> the tag of its expectations.</summary>
+    public static readonly string[] FixtureAdapters = ["lora-r8-all", "lora-r4-qv"];
+
+    private readonly TinyLlamaFixture _f;
+    private readonly AdapterSet _set;
+
+    public AdapterConformanceTests(TinyLlamaFixture fixture)
+    {
+        _f = fixture;
+        _set = new AdapterSet(fixture.Model, new AdapterLimits(), Path.Combine(TestData.FixturesDir, "tiny-llama-adapters"));
+    }
+
+    public void Dispose() => _set.Dispose();
+
+    public static TheoryData<string> Adapters() => new(FixtureAdapters);
+
+    [Theory]
+    [MemberData(nameof(Adapters))]
+    public void AdapterAloneMatchesPeftLogits(string name)
+    {
+        var adapter = _set.Get(name);
+        using var logits = FullLogits.Compute(_f.Model, _f.InputIds, [adapter, adapter]);
+        LlamaConformanceTests.AssertClose(_f.Expected["logits_" + name], logits);
+    }
+
+    [Theory]
+    [MemberData(nameof(Adapters))]
+    public void AdapterGreedyMatchesPeftTokens(string name)
+    {
+        var tokens = new BatchGenerator(_f.Model).Generate([Prompt], [SamplingParams.Greedy(16)], adapters: [_set.Get(name)])
+            .Select(t => t.TokenId).ToArray();
+        Assert.Equal(Expected("greedy_" + name), tokens);
+    }
+
+    [Fact]
+    public void OneBatchWithEveryAdapterAndABaseRowMatchesRowByRow()
+    {
+        // Rows alternate the two fixture input rows, so equal inputs meet different adapters.
+        var names = FixtureAdapters.Append(null).ToArray();
+        var rowAdapters = names.Select(n => n is null ? null : _set.Get(n)).ToArray();
+        using var ids = torch.stack(names.Select((_, i) => _f.InputIds[i % 2]).ToArray());
+        using var logits = FullLogits.Compute(_f.Model, ids, rowAdapters);
+        for (int i = 0; i < names.Length; i++)
+        {
+            using var expected = _f.Expected["logits_" + (names[i] ?? "base")][i % 2];
+            LlamaConformanceTests.AssertClose(expected, logits[i]);
+        }
+    }
+
+    [Fact]
+    public void MixedBatchGreedyThroughKvCacheMatchesEachAdapter()
+    {
+        var names = FixtureAdapters.Append(null).ToArray();
+        var rows = new BatchGenerator(_f.Model).Generate(
+            names.Select(_ => Prompt).ToArray(),
+            names.Select(_ => SamplingParams.Greedy(16)).ToArray(),
+            adapters: names.Select(n => n is null ? null : _set.Get(n)).ToArray()).ToList();
+        for (int i = 0; i < names.Length; i++)
+            Assert.Equal(Expected("greedy_" + (names[i] ?? "base")), rows.Where(t => t.Row == i).Select(t => t.TokenId).ToArray());
+    }
+
+    private int[] Prompt => _f.Expected["prompt_ids"][0].data<long>().Select(x => (int)x).ToArray();
+    private int[] Expected(string key) => _f.Expected[key][0].data<long>().Select(x => (int)x).ToArray();
+}
