@@ -1,4 +1,6 @@
 using PeftServe.Core.Adapters.Lora;
+using PeftServe.Core.Adapters.Prefix;
+using PeftServe.Core.Adapters.Prompt;
 
 namespace PeftServe.Core.Adapters;
 
@@ -8,6 +10,8 @@ public static class AdapterMethods
     public static IReadOnlyList<AdapterMethod> All { get; } =
     [
         new LoraMethod(),
+        new PrefixTuningMethod(),
+        new PromptTuningMethod(),
     ];
 
     /// <summary>The method that reads this peft_type, or an error listing the supported ones.</summary>
