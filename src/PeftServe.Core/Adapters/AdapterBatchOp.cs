@@ -59,13 +59,19 @@ public abstract class AdapterBatchOp(MethodRows rows) : IAdapterHooks, IDisposab
     /// <summary>Adds <paramref name="delta"/> (one row per entry of Rows) into <paramref name="target"/>'s rows, in place.</summary>
     protected Tensor AddToRows(Tensor target, Tensor delta)
     {
-        if (Rows.Rows.Length == target.shape[0] && IsIdentity(Rows.Rows)) return target.add_(delta);
+        if (ServesEveryRow(target)) return target.add_(delta);
         return target.index_add_(0, Rows.RowIndex, delta, 1);
     }
 
     /// <summary>The rows of <paramref name="x"/> this op serves.</summary>
-    protected Tensor SelectRows(Tensor x) =>
-        Rows.Rows.Length == x.shape[0] && IsIdentity(Rows.Rows) ? x : x.index_select(0, Rows.RowIndex);
+    protected Tensor SelectRows(Tensor x) => ServesEveryRow(x) ? x : x.index_select(0, Rows.RowIndex);
+
+    /// <summary><paramref name="target"/> with this op's rows replaced by <paramref name="values"/> (one per served row).</summary>
+    protected Tensor ReplaceRows(Tensor target, Tensor values) =>
+        ServesEveryRow(target) ? values : target.index_copy(0, Rows.RowIndex, values);
+
+    /// <summary>Whether this op serves rows 0..B-1 of <paramref name="x"/>, all of them, in order.</summary>
+    protected bool ServesEveryRow(Tensor x) => Rows.Rows.Length == x.shape[0] && IsIdentity(Rows.Rows);
 
     private static bool IsIdentity(int[] rows)
     {

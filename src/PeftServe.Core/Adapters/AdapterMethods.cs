@@ -1,3 +1,5 @@
+using PeftServe.Core.Adapters.IA3;
+using PeftServe.Core.Adapters.LlamaAdapter;
 using PeftServe.Core.Adapters.Lora;
 using PeftServe.Core.Adapters.Prefix;
 using PeftServe.Core.Adapters.Prompt;
@@ -12,6 +14,8 @@ public static class AdapterMethods
         new LoraMethod(),
         new PrefixTuningMethod(),
         new PromptTuningMethod(),
+        new IA3Method(),
+        new LlamaAdapterMethod(),
     ];
 
     /// <summary>The method that reads this peft_type, or an error listing the supported ones.</summary>

@@ -139,6 +139,20 @@ public sealed class LlamaModel : IDisposable
         return logits.MoveToOuterDisposeScope();
     }
 
+    /// <summary>Keys and values [n,kvHeads,headDim] that layer <paramref name="layer"/>'s own k and v
+    /// projections give for hidden states [n,hidden], without rotary positions (LLaMA-Adapter's
+    /// adaption prompts are keyed this way).</summary>
+    public (Tensor Keys, Tensor Values) ProjectKeysValues(int layer, Tensor hidden)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var _ = torch.no_grad();
+        var c = Config;
+        var qkv = _layers[layer].Qkv.Forward(hidden.to(DType, Device)).view(-1, c.NumHeads + 2 * c.NumKvHeads, c.HeadDim);
+        var k = qkv[.., c.NumHeads..(c.NumHeads + c.NumKvHeads)].contiguous();
+        var v = qkv[.., (c.NumHeads + c.NumKvHeads)..].contiguous();
+        return (k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
+    }
+
     /// <summary>RMSNorm computed in float32 whatever the compute dtype, as the reference does.</summary>
     internal static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
     {

@@ -12,7 +12,7 @@ namespace PeftServe.Core.Tests.Adapters;
 public sealed class AdapterConformanceTests : IClassFixture<TinyLlamaFixture>, IDisposable
 {
     /// <summary>Fixture adapter folder -> the tag of its expectations.</summary>
-    public static readonly string[] FixtureAdapters = ["lora-r8-all", "lora-r4-qv", "prefix-6", "prompt-5", "ptuning-mlp-5"];
+    public static readonly string[] FixtureAdapters = ["lora-r8-all", "lora-r4-qv", "prefix-6", "prompt-5", "ptuning-mlp-5", "ia3", "llama-adapter-4x2"];
 
     private readonly TinyLlamaFixture _f;
     private readonly AdapterSet _set;

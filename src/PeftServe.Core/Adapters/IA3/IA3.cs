@@ -1,0 +1,140 @@
+using System.Text.Json.Nodes;
+using PeftServe.Core.Adapters.Lora;
+using PeftServe.Core.Model;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Adapters.IA3;
+
+/// <summary>IA3 (Liu et al., 2022): learned vectors that rescale activations: the outputs of the
+/// targeted attention projections (k and v in the paper) and the input of the feed-forward output
+/// projection (down_proj). PEFT's <c>ia3_l</c> is [out,1] for output scaling and [1,in] for the
+/// feed-forward modules' input scaling.</summary>
+public sealed class IA3Method : AdapterMethod
+{
+    public override string Name => "ia3";
+    public override IReadOnlyList<string> PeftTypes { get; } = ["IA3"];
+
+    public override Adapter Load(AdapterFolder f, string name, ModelConfig model, AdapterLimits limits)
+    {
+        var feedForward = (f.Config["feedforward_modules"] switch
+        {
+            JsonArray a => a.Select(x => x!.GetValue<string>()),
+            JsonValue v => [v.GetValue<string>()],
+            _ => [],
+        }).ToHashSet();
+        var modules = Enum.GetValues<LoraTarget>().ToDictionary(LoraAdapter.ModuleName);
+        var scales = new Dictionary<(int Layer, IA3Scale Kind), Tensor>();
+        foreach (var tensor in f.TensorNames.Order())
+        {
+            if (!AdapterFolder.TryParseLayerTensor(tensor, out var layer, out var module, out var rest) || rest != "ia3_l" || !modules.TryGetValue(module, out var target))
+                throw new AdapterException($"{f.Path}: tensor '{tensor}' is not an IA3 vector of a decoder linear layer (…_proj.ia3_l)");
+            if (layer >= model.NumLayers) throw new AdapterException($"{f.Path}: tensor '{tensor}' names layer {layer}, the base model has {model.NumLayers}");
+            var (inF, outF) = LoraAdapter.Shape(target, model);
+            bool input = feedForward.Contains(module);
+            if (input && target != LoraTarget.Down)
+                throw new AdapterException($"{f.Path}: tensor '{tensor}': feed-forward (input) scaling is served on down_proj only");
+            var scale = input ? f.Float(tensor, 1, inF) : f.Float(tensor, outF, 1);
+            if (!torch.isfinite(scale).all().item<bool>()) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
+            scales[(layer, input ? IA3Scale.DownInput : (IA3Scale)(int)target)] = scale.flatten();
+        }
+        if (scales.Count == 0) throw new AdapterException($"{f.Path}: no IA3 vectors found");
+        return new IA3Adapter(this, scales) { Name = name, SourcePath = f.Path };
+    }
+
+    public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new IA3SlotPool(this, model, limits);
+}
+
+/// <summary>What an IA3 vector scales: a projection's output (q..down, as in <see cref="LoraTarget"/>) or the down projection's input.</summary>
+public enum IA3Scale { Q, K, V, O, Gate, Up, Down, DownInput }
+
+public sealed class IA3Adapter(AdapterMethod method, Dictionary<(int Layer, IA3Scale Kind), Tensor> scales) : Adapter
+{
+    public override AdapterMethod Method => method;
+    /// <summary>(layer, kind) -> vector (float32).</summary>
+    public IReadOnlyDictionary<(int Layer, IA3Scale Kind), Tensor> Scales => scales;
+    public override long ByteSize => Bytes(scales.Values);
+    public override void Dispose() { foreach (var t in scales.Values) t.Dispose(); }
+}
+
+/// <summary>Per layer, one scale table per hook point, [slots, width], ones where an adapter scales nothing.</summary>
+internal sealed class IA3SlotPool : AdapterSlotPool
+{
+    // Hook points: 0 = q|k|v output, 1 = o output, 2 = gate|up output, 3 = down output, 4 = down input.
+    private readonly Tensor[,] _tables;
+    private readonly bool[,] _uses;   // [slot, hook point]
+    private readonly ModelConfig _c;
+
+    public override AdapterMethod Method { get; }
+    public override int Capacity { get; }
+
+    public IA3SlotPool(AdapterMethod method, LlamaModel model, AdapterLimits limits)
+    {
+        Method = method;
+        Capacity = limits.SlotsPerMethod;
+        _c = model.Config;
+        long q = (long)_c.NumHeads * _c.HeadDim, kv = (long)_c.NumKvHeads * _c.HeadDim;
+        long[] widths = [q + 2 * kv, _c.HiddenSize, 2L * _c.IntermediateSize, _c.HiddenSize, _c.IntermediateSize];
+        _tables = new Tensor[_c.NumLayers, widths.Length];
+        for (int l = 0; l < _c.NumLayers; l++)
+            for (int p = 0; p < widths.Length; p++)
+                _tables[l, p] = torch.ones([Capacity, widths[p]], model.DType, model.Device);
+        _uses = new bool[Capacity, widths.Length];
+    }
+
+    /// <summary>Hook point and column offset where a scale kind lands.</summary>
+    private (int Point, long Offset) Place(IA3Scale kind)
+    {
+        long q = (long)_c.NumHeads * _c.HeadDim, kv = (long)_c.NumKvHeads * _c.HeadDim;
+        return kind switch
+        {
+            IA3Scale.Q => (0, 0), IA3Scale.K => (0, q), IA3Scale.V => (0, q + kv),
+            IA3Scale.O => (1, 0), IA3Scale.Gate => (2, 0), IA3Scale.Up => (2, _c.IntermediateSize),
+            IA3Scale.Down => (3, 0), _ => (4, 0),
+        };
+    }
+
+    public override void Store(int slot, Adapter adapter)
+    {
+        var a = (IA3Adapter)adapter;
+        using var _ = torch.no_grad();
+        for (int p = 0; p < _uses.GetLength(1); p++) _uses[slot, p] = false;
+        foreach (var t in _tables) t[slot].fill_(1);
+        foreach (var ((layer, kind), scale) in a.Scales)
+        {
+            var (point, offset) = Place(kind);
+            _tables[layer, point][slot].narrow(0, offset, scale.shape[0]).copy_(scale);
+            _uses[slot, point] = true;
+        }
+    }
+
+    public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new IA3BatchOp(rows, this);
+
+    public override void Dispose() { foreach (var t in _tables) t.Dispose(); }
+
+    private sealed class IA3BatchOp : AdapterBatchOp
+    {
+        private readonly IA3SlotPool _pool;
+        private readonly bool[] _active;
+
+        public IA3BatchOp(MethodRows rows, IA3SlotPool pool) : base(rows)
+        {
+            _pool = pool;
+            _active = Enumerable.Range(0, 5).Select(p => rows.Slots.Any(s => pool._uses[s, p])).ToArray();
+        }
+
+        public override Tensor Qkv(int layer, Tensor x, Tensor qkv) => Scale(layer, 0, qkv);
+        public override Tensor AttentionOutput(int layer, Tensor x, Tensor output) => Scale(layer, 1, output);
+        public override Tensor GateUp(int layer, Tensor x, Tensor gateUp) => Scale(layer, 2, gateUp);
+        public override Tensor MlpOutput(int layer, Tensor x, Tensor output) => Scale(layer, 3, output);
+        public override Tensor DownInput(int layer, Tensor x) => Scale(layer, 4, x);
+
+        /// <summary>Multiplies the served rows of <paramref name="t"/> [B,T,width] by their slots' vectors.</summary>
+        private Tensor Scale(int layer, int point, Tensor t)
+        {
+            if (!_active[point]) return t;
+            var scales = _pool._tables[layer, point].index_select(0, Rows.SlotIndex).unsqueeze(1);   // [n,1,width]
+            return ReplaceRows(t, SelectRows(t) * scales);
+        }
+    }
+}
