@@ -67,6 +67,15 @@ public sealed class KvCache : IDisposable
         return (_keys[layer][.., .., ..Length, ..], _values[layer][.., .., ..Length, ..]);
     }
 
+    /// <summary>Forgets every column from <paramref name="length"/> on (their keys are never attended
+    /// again), so the same cache can replay steps: benchmarks, and recomputation after preemption.</summary>
+    public void Truncate(int length)
+    {
+        if (length < 0 || length > Length) throw new ArgumentOutOfRangeException(nameof(length));
+        _keyPositions[.., length..].fill_(EmptyPosition);
+        Length = length;
+    }
+
     internal static Scalar MinValue(ScalarType dtype) => dtype switch
     {
         ScalarType.Float16 => -65504.0,
