@@ -9,7 +9,7 @@ namespace PeftServe.Core.Model;
 /// it holds (or "empty"), and the attention mask is derived from positions alone: a query at
 /// position p sees the keys at positions &lt;= p. That one rule covers causality, left padding and
 /// rows of different lengths.</summary>
-public sealed class KvCache : IDisposable
+public sealed class KvCache : IKvCache, IDisposable
 {
     /// <summary>Marks a column with no token: no query position is ever at or beyond it.</summary>
     public const long EmptyPosition = long.MaxValue;

@@ -115,7 +115,7 @@ public sealed class LlamaModel : IDisposable
     /// [B,T] (negative = padding), appending to <paramref name="cache"/>. Returns logits [B,T,V] in the
     /// compute dtype, or [B,1,V] for the last column only when <paramref name="lastTokenOnly"/>.
     /// <paramref name="adapters"/> applies each row's adapter, if any.</summary>
-    public Tensor Forward(Tensor inputIds, Tensor positions, KvCache cache, bool lastTokenOnly = false, IAdapterHooks? adapters = null)
+    public Tensor Forward(Tensor inputIds, Tensor positions, IKvCache cache, bool lastTokenOnly = false, IAdapterHooks? adapters = null)
     {
         using var scope = torch.NewDisposeScope();
         using var _ = torch.no_grad();
@@ -182,7 +182,7 @@ public sealed class LlamaModel : IDisposable
         public required Tensor InputNorm, PostAttentionNorm;
         public required IFrozenLinear Qkv, O, GateUp, Down;
 
-        public Tensor Forward(Tensor h, int index, KvCache cache, Tensor mask, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
+        public Tensor Forward(Tensor h, int index, IKvCache cache, Tensor mask, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
         {
             long b = h.shape[0], t = h.shape[1];
             int hd = c.HeadDim, nq = c.NumHeads, nkv = c.NumKvHeads;
