@@ -87,11 +87,13 @@ internal sealed class LoraBatchOp : AdapterBatchOp
 {
     private readonly LoraSlotPool _pool;
     private readonly bool[] _active;   // per target: does any row's adapter use it?
+    private readonly int _sharedSlot;  // the one slot every row uses, or -1
 
     public LoraBatchOp(LoraSlotPool pool, MethodRows rows) : base(rows)
     {
         _pool = pool;
         _active = Enum.GetValues<LoraTarget>().Select(t => pool.AnyUses(rows.Slots, t)).ToArray();
+        _sharedSlot = rows.Slots.Distinct().Count() == 1 ? rows.Slots[0] : -1;
     }
 
     public override Tensor Qkv(int layer, Tensor x, Tensor qkv) => Apply(layer, 0, x, qkv);
@@ -105,16 +107,17 @@ internal sealed class LoraBatchOp : AdapterBatchOp
         if (!targets.Any(t => _active[(int)t])) return output;
         int rank = _pool.Rank;
         var xs = SelectRows(x);                                                       // [n,T,in]
-        var a = _pool.A(layer, group).index_select(0, Rows.SlotIndex);                // [n,k*r,in]
-        var down = torch.bmm(xs, a.transpose(1, 2));                                  // [n,T,k*r]
+        // One adapter for every row: plain matmuls against its slot, no per-row gather.
+        var a = _sharedSlot >= 0 ? _pool.A(layer, group)[_sharedSlot] : _pool.A(layer, group).index_select(0, Rows.SlotIndex);
+        var down = torch.matmul(xs, a.transpose(-1, -2));                             // [n,T,k*r]
         long offset = 0;
         for (int j = 0; j < targets.Length; j++)
         {
             var (_, outF) = LoraAdapter.Shape(targets[j], _pool.Config);
             if (_active[(int)targets[j]])
             {
-                var b = _pool.B(layer, targets[j]).index_select(0, Rows.SlotIndex);   // [n,out,r]
-                var delta = torch.bmm(down[.., .., (j * rank)..((j + 1) * rank)], b.transpose(1, 2));
+                var b = _sharedSlot >= 0 ? _pool.B(layer, targets[j])[_sharedSlot] : _pool.B(layer, targets[j]).index_select(0, Rows.SlotIndex);
+                var delta = torch.matmul(down[.., .., (j * rank)..((j + 1) * rank)], b.transpose(-1, -2));   // [n,T,out]
                 AddToRows(output.narrow(-1, offset, outF), delta);
             }
             offset += outF;
