@@ -1,3 +1,4 @@
+using PeftServe.Core.Adapters.Bottleneck;
 using PeftServe.Core.Adapters.Lora;
 using PeftServe.Core.Adapters.Prefix;
 using PeftServe.Core.Adapters.Prompt;
@@ -12,6 +13,7 @@ public static class AdapterMethods
         new LoraMethod(),
         new PrefixTuningMethod(),
         new PromptTuningMethod(),
+        new BottleneckMethod(),
     ];
 
     /// <summary>The method that reads this peft_type, or an error listing the supported ones.</summary>
