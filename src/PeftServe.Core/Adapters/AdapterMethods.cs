@@ -1,3 +1,4 @@
+using PeftServe.Core.Adapters.AdaMix;
 using PeftServe.Core.Adapters.Bottleneck;
 using PeftServe.Core.Adapters.Lora;
 using PeftServe.Core.Adapters.Prefix;
@@ -14,6 +15,7 @@ public static class AdapterMethods
         new PrefixTuningMethod(),
         new PromptTuningMethod(),
         new BottleneckMethod(),
+        new AdaMixMethod(),
     ];
 
     /// <summary>The method that reads this peft_type, or an error listing the supported ones.</summary>
