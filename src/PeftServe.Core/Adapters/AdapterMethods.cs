@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters.AdaMix;
+using PeftServe.Core.Adapters.BitFit;
 using PeftServe.Core.Adapters.Bottleneck;
 using PeftServe.Core.Adapters.Lora;
 using PeftServe.Core.Adapters.Prefix;
@@ -16,6 +17,7 @@ public static class AdapterMethods
         new PromptTuningMethod(),
         new BottleneckMethod(),
         new AdaMixMethod(),
+        new BitFitMethod(),
     ];
 
     /// <summary>The method that reads this peft_type, or an error listing the supported ones.</summary>
