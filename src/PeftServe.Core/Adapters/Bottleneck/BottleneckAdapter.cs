@@ -135,7 +135,7 @@ internal static partial class BottleneckReader
         foreach (var tensor in f.TensorNames.Order(StringComparer.Ordinal))
         {
             var m = ModuleTensor().Match(tensor);
-            if (!m.Success) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a {method.Name} adapter weight (expected {expected})");
+            if (!m.Success) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a weight of a {method.Name} adapter (expected {expected})");
             int layer = int.Parse(m.Groups[1].Value);
             var placement = m.Groups[2].Value == "attention" ? BottleneckPlacement.Attention : BottleneckPlacement.Mlp;
             var rest = m.Groups[3].Value;
@@ -145,12 +145,12 @@ internal static partial class BottleneckReader
                 throw new AdapterException($"{f.Path}: tensor '{tensor}' is an {PlacementName(placement)} weight, but the config's 'placement' leaves that block out");
             if (experts == 0)
             {
-                if (!PlainPart().IsMatch(rest)) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a {method.Name} adapter weight (expected {expected})");
+                if (!PlainPart().IsMatch(rest)) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a weight of a {method.Name} adapter (expected {expected})");
             }
             else
             {
                 var e = ExpertPart().Match(rest);
-                if (!e.Success) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a {method.Name} adapter weight (expected {expected})");
+                if (!e.Success) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a weight of a {method.Name} adapter (expected {expected})");
                 if (int.Parse(e.Groups[1].Value) >= experts)
                     throw new AdapterException($"{f.Path}: tensor '{tensor}' names expert {e.Groups[1].Value}, but 'num_experts' is {experts}");
             }
@@ -188,6 +188,9 @@ internal static partial class BottleneckReader
     /// in the caller's dispose scope.</summary>
     private static Tensor Load(AdapterFolder f, string tensor, params long[] shape)
     {
+        if (f.Contains(tensor) && !f.Info(tensor).Shape.SequenceEqual(shape))
+            throw new AdapterException($"{f.Path}: tensor '{tensor}' has shape [{string.Join(",", f.Info(tensor).Shape)}]; " +
+                $"with bottleneck dimension r = hidden / reduction_factor it must be [{string.Join(",", shape)}]");
         var t = f.Float(tensor, shape);
         using (var finite = torch.isfinite(t).all())
             if (!finite.item<bool>()) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
