@@ -104,6 +104,21 @@ public sealed class BitFitAdapterTests : IClassFixture<TinyLlamaFixture>, IDispo
         Check(_set.Get(spec.Write(_dir.Path, "mixed")), spec);
     }
 
+    [Fact]
+    public void ASlotOverwrittenByAnotherAdapterKeepsNothingOfTheOld()
+    {
+        var first = BitFitSpec.Random(23, BitFitSpec.Projections.Append("input_layernorm").Append("post_attention_layernorm").ToArray(), [0, 1, 2]);
+        var second = BitFitSpec.Random(24, ["v_proj"], [2]);
+        var limits = new AdapterLimits { SlotsPerMethod = 1 };
+        using var pool = new Core.Adapters.BitFit.BitFitMethod().CreatePool(_f.Model, limits);
+        using var a = AdapterMethods.Load(first.Write(_dir.Path, "first"), "first", _f.Model.Config, limits);
+        using var b = AdapterMethods.Load(second.Write(_dir.Path, "second"), "second", _f.Model.Config, limits);
+        pool.Store(0, a);
+        pool.Store(0, b);
+        using var logits = FullLogits.Compute(_f.Model, _f.InputIds[1..2], [new ResidentAdapter(b, pool, 0)]);
+        OurAdapterTesting.AssertClose(ReferenceLlama.Tiny.Logits(BottleneckAdapterTests.Row(_f.InputIds, 1), second.Hooks()), logits[0]);
+    }
+
     private void Check(Core.Adapters.ResidentAdapter adapter, BitFitSpec spec)
     {
         using var logits = FullLogits.Compute(_f.Model, _f.InputIds, [adapter, adapter]);

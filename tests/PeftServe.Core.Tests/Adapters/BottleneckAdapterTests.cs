@@ -69,6 +69,26 @@ public sealed class BottleneckAdapterTests : IClassFixture<TinyLlamaFixture>, ID
     }
 
     [Fact]
+    public void ASlotOverwrittenByASmallerAdapterKeepsNothingOfTheOld()
+    {
+        // r = 64 tanh on both blocks, then r = 4 relu on one layer's attention only, stored into the same slot.
+        var big = BottleneckSpec.Random(6, 1, "both", "tanh");
+        var small = BottleneckSpec.Random(7, 16, "attention", "relu", [2]);
+        var limits = new AdapterLimits { SlotsPerMethod = 2 };
+        using var pool = new Core.Adapters.Bottleneck.BottleneckMethod().CreatePool(_f.Model, limits);
+        using var bigAdapter = AdapterMethods.Load(big.Write(_dir.Path, "big"), "big", _f.Model.Config, limits);
+        using var smallAdapter = AdapterMethods.Load(small.Write(_dir.Path, "small"), "small", _f.Model.Config, limits);
+        pool.Store(0, bigAdapter);
+        pool.Store(1, bigAdapter);
+        pool.Store(1, smallAdapter);
+        // Slot 0 (big) keeps every layer and block active, so slot 1's stale entries would be used.
+        using var logits = FullLogits.Compute(_f.Model, _f.InputIds,
+            [new ResidentAdapter(bigAdapter, pool, 0), new ResidentAdapter(smallAdapter, pool, 1)]);
+        OurAdapterTesting.AssertClose(ReferenceLlama.Tiny.Logits(Row(_f.InputIds, 0), big.Hooks()), logits[0]);
+        OurAdapterTesting.AssertClose(ReferenceLlama.Tiny.Logits(Row(_f.InputIds, 1), small.Hooks()), logits[1]);
+    }
+
+    [Fact]
     public void HalfPrecisionFilesAreRead()
     {
         // The same weights stored as F16 and as F32 (values chosen exactly representable in F16) serve alike.
