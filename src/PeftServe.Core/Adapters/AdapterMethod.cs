@@ -7,6 +7,8 @@ namespace PeftServe.Core.Adapters;
 public sealed record AdapterLimits
 {
     public int MaxRank { get; init; } = 64;
+    /// <summary>Largest bottleneck dimension (hidden / reduction_factor) of a bottleneck or AdaMix adapter.</summary>
+    public int MaxBottleneckDim { get; init; } = 64;
     public int MaxVirtualTokens { get; init; } = 128;
     /// <summary>Device slots per method: how many adapters of one method can be resident at once.</summary>
     public int SlotsPerMethod { get; init; } = 16;

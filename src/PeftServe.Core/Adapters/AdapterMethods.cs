@@ -1,5 +1,8 @@
 using PeftServe.Core.Adapters.IA3;
 using PeftServe.Core.Adapters.LlamaAdapter;
+using PeftServe.Core.Adapters.AdaMix;
+using PeftServe.Core.Adapters.BitFit;
+using PeftServe.Core.Adapters.Bottleneck;
 using PeftServe.Core.Adapters.Lora;
 using PeftServe.Core.Adapters.Prefix;
 using PeftServe.Core.Adapters.Prompt;
@@ -16,6 +19,9 @@ public static class AdapterMethods
         new PromptTuningMethod(),
         new IA3Method(),
         new LlamaAdapterMethod(),
+        new BottleneckMethod(),
+        new AdaMixMethod(),
+        new BitFitMethod(),
     ];
 
     /// <summary>The method that reads this peft_type, or an error listing the supported ones.</summary>

@@ -153,6 +153,21 @@ public sealed class LlamaModel : IDisposable
         return (k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
     }
 
+    /// <summary>W v through layer <paramref name="layer"/>'s fused q|k|v projection (or, with
+    /// <paramref name="gateUp"/>, its fused gate|up projection), without the projection's own bias:
+    /// what a bias <paramref name="vector"/> [hidden] added after that layer's input (resp.
+    /// post-attention) norm adds to the projection's output. Returns [out] in the compute dtype on the
+    /// device. Computed as linear(v) - linear(0) so that it holds for any <see cref="IFrozenLinear"/>.</summary>
+    internal Tensor ProjectThroughLayer(int layer, bool gateUp, Tensor vector)
+    {
+        using var scope = torch.NewDisposeScope();
+        using var _ = torch.no_grad();
+        var linear = gateUp ? _layers[layer].GateUp : _layers[layer].Qkv;
+        var v = vector.to(DType, Device);
+        var both = linear.Forward(torch.stack([v, torch.zeros_like(v)]));
+        return (both[0] - both[1]).MoveToOuterDisposeScope();
+    }
+
     /// <summary>RMSNorm computed in float32 whatever the compute dtype, as the reference does.</summary>
     internal static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
     {
