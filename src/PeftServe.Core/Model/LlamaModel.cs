@@ -1,3 +1,4 @@
+using PeftServe.Core.Quantization;
 using PeftServe.Core.SafeTensors;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -10,6 +11,13 @@ public sealed record ModelOptions
     public Device Device { get; init; } = torch.CPU;
     /// <summary>Compute dtype: float32 on CPU; bfloat16 or float16 on CUDA.</summary>
     public ScalarType DType { get; init; } = ScalarType.Float32;
+    /// <summary>How the decoder's linear layers (q|k|v, o, gate|up, down) store their weights: dense in the
+    /// compute dtype, or NF4 quantized at load time. Embeddings, norms and the LM head stay in the compute
+    /// dtype. A checkpoint that is already bitsandbytes 4-bit loads as NF4 whatever this says.</summary>
+    public QuantizationMode Quantization { get; init; } = QuantizationMode.None;
+    /// <summary>With <see cref="QuantizationMode.Nf4"/>: also quantize the absmax values (QLoRA double
+    /// quantization, <see cref="DoubleQuantAbsmax"/>).</summary>
+    public bool DoubleQuant { get; init; }
 }
 
 /// <summary>A Llama-family decoder (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): token
@@ -33,7 +41,11 @@ public sealed class LlamaModel : IDisposable
     /// in the compute dtype, or null when the checkpoint has no such tensor.</summary>
     private delegate Tensor? WeightSource(string name, long[] shape);
 
-    private LlamaModel(ModelConfig config, ModelOptions options, WeightSource source)
+    /// <summary>Supplies a linear weight stored pre-quantized (bitsandbytes 4-bit) by its name and its
+    /// [out, in] shape, on the device, or null when the checkpoint holds it unquantized or not at all.</summary>
+    private delegate Nf4Weight? QuantizedSource(string name, long[] shape);
+
+    private LlamaModel(ModelConfig config, ModelOptions options, WeightSource source, QuantizedSource? quantized = null)
     {
         Config = config;
         Options = options;
@@ -47,19 +59,15 @@ public sealed class LlamaModel : IDisposable
         for (int i = 0; i < config.NumLayers; i++)
         {
             string p = $"model.layers.{i}.";
-            Tensor? Bias(string name, long size, bool present) => present ? Required(p + name, size) : null;
+            long inter = config.IntermediateSize;
             _layers[i] = new DecoderLayer
             {
                 InputNorm = Required(p + "input_layernorm.weight", hidden),
                 PostAttentionNorm = Required(p + "post_attention_layernorm.weight", hidden),
-                Qkv = Fuse(
-                    [Required(p + "self_attn.q_proj.weight", q, hidden), Required(p + "self_attn.k_proj.weight", kv, hidden), Required(p + "self_attn.v_proj.weight", kv, hidden)],
-                    config.QkvBias ? [Bias("self_attn.q_proj.bias", q, true)!, Bias("self_attn.k_proj.bias", kv, true)!, Bias("self_attn.v_proj.bias", kv, true)!] : null),
-                O = MakeLinear(Required(p + "self_attn.o_proj.weight", hidden, q), Bias("self_attn.o_proj.bias", hidden, config.OutputBias)),
-                GateUp = Fuse(
-                    [Required(p + "mlp.gate_proj.weight", config.IntermediateSize, hidden), Required(p + "mlp.up_proj.weight", config.IntermediateSize, hidden)],
-                    config.MlpBias ? [Bias("mlp.gate_proj.bias", config.IntermediateSize, true)!, Bias("mlp.up_proj.bias", config.IntermediateSize, true)!] : null),
-                Down = MakeLinear(Required(p + "mlp.down_proj.weight", hidden, config.IntermediateSize), Bias("mlp.down_proj.bias", hidden, config.MlpBias)),
+                Qkv = Linear([p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"], [q, kv, kv], hidden, config.QkvBias),
+                O = Linear([p + "self_attn.o_proj"], [hidden], q, config.OutputBias),
+                GateUp = Linear([p + "mlp.gate_proj", p + "mlp.up_proj"], [inter, inter], hidden, config.MlpBias),
+                Down = Linear([p + "mlp.down_proj"], [hidden], inter, config.MlpBias),
             };
         }
         _finalNorm = Required("model.norm.weight", hidden);
@@ -68,20 +76,55 @@ public sealed class LlamaModel : IDisposable
             : source("lm_head.weight", [config.VocabSize, hidden]) ?? throw new ModelLoadException(
                 "checkpoint has no tensor 'lm_head.weight' and config.json does not set tie_word_embeddings");
         _rope = new RotaryEmbedding(config.Rope, config.HeadDim, options.Device);
+
+        // One decoder linear layer from the checkpoint's parts PREFIX.weight [outs[i], in] (+ PREFIX.bias),
+        // several parts fused along the output axis (q|k|v, gate|up).
+        IFrozenLinear Linear(string[] prefixes, long[] outs, long inFeatures, bool hasBias)
+        {
+            var bias = hasBias ? Cat(prefixes.Select((pre, j) => Required(pre + ".bias", outs[j])).ToArray()) : null;
+            try
+            {
+                var pre = prefixes.Select((pre, j) => quantized?.Invoke(pre + ".weight", [outs[j], inFeatures])).ToArray();
+                if (pre.All(w => w is not null)) return new Nf4Linear(Nf4Weight.Concat(pre!), bias);
+                if (pre.Any(w => w is not null))
+                {
+                    foreach (var w in pre) w?.Dispose();
+                    throw new ModelLoadException($"'{string.Join("', '", prefixes.Select(x => x + ".weight"))}' are fused into one layer, " +
+                        "but only some of them are stored 4-bit quantized");
+                }
+                if (options.Quantization == QuantizationMode.Nf4)
+                    for (int j = 0; j < prefixes.Length; j++)
+                        if (outs[j] * inFeatures % Nf4.BlockSize != 0)
+                            throw new ModelLoadException($"tensor '{prefixes[j]}.weight' [{outs[j]},{inFeatures}] cannot be NF4-quantized: " +
+                                $"its {outs[j] * inFeatures} elements are not a multiple of the block size {Nf4.BlockSize}");
+                return MakeLinear(Cat(prefixes.Select((pre, j) => Required(pre + ".weight", outs[j], inFeatures)).ToArray())!, bias);
+            }
+            catch
+            {
+                bias?.Dispose();
+                throw;
+            }
+        }
     }
 
-    private IFrozenLinear Fuse(Tensor[] weights, Tensor[]? biases)
+    /// <summary>The parts concatenated along axis 0 (the parts are disposed), or the single part itself.</summary>
+    private static Tensor Cat(Tensor[] parts)
     {
-        var w = torch.cat(weights, 0);
-        var b = biases is null ? null : torch.cat(biases, 0);
-        foreach (var t in weights) t.Dispose();
-        if (biases is not null) foreach (var t in biases) t.Dispose();
-        return MakeLinear(w, b);
+        if (parts.Length == 1) return parts[0];
+        var all = torch.cat(parts, 0);
+        foreach (var t in parts) t.Dispose();
+        return all;
     }
 
-    /// <summary>The one place a decoder linear layer is made from its weight [out,in] (on the device,
-    /// in the compute dtype) and optional bias.</summary>
-    private IFrozenLinear MakeLinear(Tensor weight, Tensor? bias) => new DenseLinear(weight, bias);
+    /// <summary>The one place a decoder linear layer is made from its dense weight [out,in] (on the device,
+    /// in the compute dtype; the layer takes it over) and optional bias: dense, or NF4-quantized (the dense
+    /// weight is then freed; each fused part is a whole number of 64-blocks, so quantizing the fused
+    /// weight equals quantizing the parts one by one).</summary>
+    private IFrozenLinear MakeLinear(Tensor weight, Tensor? bias)
+    {
+        if (Options.Quantization != QuantizationMode.Nf4) return new DenseLinear(weight, bias);
+        using (weight) return new Nf4Linear(Nf4Weight.Quantize(weight, Options.DoubleQuant), bias);
+    }
 
     /// <summary>Loads a Hugging Face model folder (config.json + model.safetensors or sharded
     /// model.safetensors.index.json). Every tensor is checked against the shape config.json implies.</summary>
@@ -89,6 +132,7 @@ public sealed class LlamaModel : IDisposable
     {
         var config = ModelConfig.Load(modelDir);
         using var checkpoint = SafeTensorsCheckpoint.Open(modelDir);
+        var bnb = new BitsAndBytesReader(checkpoint);
         return new LlamaModel(config, options, (name, shape) =>
         {
             if (!checkpoint.Contains(name)) return null;
@@ -96,7 +140,7 @@ public sealed class LlamaModel : IDisposable
             if (!info.Shape.SequenceEqual(shape))
                 throw new ModelLoadException($"{modelDir}: tensor '{name}' has shape [{string.Join(",", info.Shape)}], config.json implies [{string.Join(",", shape)}]");
             return checkpoint.ToTensor(name, options.Device, options.DType);
-        });
+        }, (name, shape) => bnb.IsQuantized(name) ? bnb.Read(name, shape, options.Device) : null);
     }
 
     /// <summary>A model with random weights of the given shape, made directly on the device (for
@@ -182,6 +226,32 @@ public sealed class LlamaModel : IDisposable
         _layers.Sum(l => Bytes(l.InputNorm) + Bytes(l.PostAttentionNorm) + l.Qkv.WeightBytes + l.O.WeightBytes + l.GateUp.WeightBytes + l.Down.WeightBytes);
 
     private static long Bytes(Tensor t) => t.NumberOfElements * t.ElementSize;
+
+    private IEnumerable<IFrozenLinear> DecoderLinears => _layers.SelectMany(l => new[] { l.Qkv, l.O, l.GateUp, l.Down });
+
+    /// <summary>Weight parameters of the decoder's linear layers (q|k|v, o, gate|up, down; no biases).</summary>
+    public long DecoderLinearParameters => DecoderLinears.Sum(l => l.InFeatures * l.OutFeatures);
+
+    /// <summary>Bytes the decoder's linear layers occupy on the device (weights, quantization state, biases).</summary>
+    public long DecoderLinearBytes => DecoderLinears.Sum(l => l.WeightBytes);
+
+    /// <summary><see cref="DecoderLinearBytes"/> / <see cref="DecoderLinearParameters"/>: 2 for dense bf16,
+    /// about 0.53 for NF4 (0.5 + 4/64), about 0.508 with double quantization.</summary>
+    public double DecoderLinearBytesPerParameter => (double)DecoderLinearBytes / Math.Max(1, DecoderLinearParameters);
+
+    /// <summary>How the decoder linears are stored: "NF4", "NF4 (double-quantized absmax)", or the compute dtype.</summary>
+    public string DecoderLinearFormat => _layers.Length == 0 ? DType.ToString() : _layers[0].Qkv switch
+    {
+        Nf4Linear { Weight.DoubleQuant: not null } => "NF4 (double-quantized absmax)",
+        Nf4Linear => "NF4",
+        _ => DType.ToString(),
+    };
+
+    /// <summary>One line for logs: format, parameters, bytes per parameter and memory of the decoder
+    /// linears, and the total weight memory.</summary>
+    public string WeightSummary =>
+        $"decoder linears {DecoderLinearFormat}: {DecoderLinearParameters:N0} parameters, {DecoderLinearBytesPerParameter:F3} bytes/parameter, " +
+        $"{DecoderLinearBytes / 1048576.0:F1} MiB; all weights {WeightBytes / 1048576.0:F1} MiB";
 
     public void Dispose()
     {

@@ -1,0 +1,68 @@
+using PeftServe.Core.Quantization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Tests.Quantization;
+
+public sealed class Nf4LinearTests
+{
+    [Fact]
+    public void ForwardIsTheDenseProductWithTheDequantizedWeight()
+    {
+        torch.manual_seed(9);
+        using var w = torch.randn(96, 128) * 0.1;
+        using var bias = torch.randn(96);
+        using var x = torch.randn(2, 5, 128);
+        using var layer = new Nf4Linear(Nf4Weight.Quantize(w), bias.alias());
+        Assert.Equal(128, layer.InFeatures);
+        Assert.Equal(96, layer.OutFeatures);
+        using var y = layer.Forward(x);
+        using var dq = layer.Weight.Dequantize();
+        using var expected = nn.functional.linear(x, dq, bias);
+        Assert.Equal(new long[] { 2, 5, 96 }, y.shape);
+        Assert.True((y - expected).abs().max().item<float>() <= 1e-5f);
+        // And it is an approximation of the float layer, not something else.
+        using var dense = nn.functional.linear(x, w, bias);
+        using var rel = (y - dense).norm() / dense.norm();
+        Assert.InRange(rel.item<float>(), 1e-4f, 0.2f);
+    }
+
+    [Fact]
+    public void WeightBytesAreTheRealBytes()
+    {
+        using var w = torch.randn(64, 256);
+        using var bias = torch.zeros(64);
+        using var plain = new Nf4Linear(Nf4Weight.Quantize(w), null);
+        Assert.Equal(64 * 256 / 2 + 64 * 256 / 64 * 4, plain.WeightBytes);
+        using var withBias = new Nf4Linear(Nf4Weight.Quantize(w), bias.alias());
+        Assert.Equal(64 * 256 / 2 + 64 * 256 / 64 * 4 + 64 * 4, withBias.WeightBytes);
+    }
+
+    [Fact]
+    public void ForwardHonoursTheActivationDtype()
+    {
+        torch.manual_seed(4);
+        using var w = torch.randn(64, 64);
+        using var x = torch.randn(3, 64, dtype: ScalarType.Float64);
+        using var layer = new Nf4Linear(Nf4Weight.Quantize(w), null);
+        using var y = layer.Forward(x);
+        Assert.Equal(ScalarType.Float64, y.dtype);
+        using var dq = layer.Weight.Dequantize(ScalarType.Float64);
+        using var expected = nn.functional.linear(x, dq);
+        Assert.True((y - expected).abs().max().item<double>() <= 1e-12);
+    }
+
+    [Fact]
+    public void ForwardFreesItsTemporaries()
+    {
+        using var w = torch.randn(64, 128);
+        using var x = torch.randn(4, 128);
+        using var layer = new Nf4Linear(Nf4Weight.Quantize(w), torch.zeros(64));
+        using (layer.Forward(x)) { }
+        using var outer = torch.NewDisposeScope();
+        var y = layer.Forward(x);
+        // Only the result was added to the caller's scope.
+        Assert.Equal(1, outer.DisposablesCount);
+        y.Dispose();
+    }
+}
