@@ -1,0 +1,28 @@
+# PeftServe server for CUDA hosts (run with the NVIDIA container toolkit: docker run --gpus all ...).
+# Build:  docker build -t peftserve .
+# Run:    docker run --gpus all -p 8000:8000 -v /models/llama:/model:ro -v peftserve-adapters:/adapters \
+#           peftserve --model /model --device cuda
+# The .NET 10 images are Ubuntu 24.04, whose libstdc++ already has GLIBCXX_3.4.32 (TorchSharp needs it).
+
+FROM mcr.microsoft.com/dotnet/sdk:10.0 AS build
+WORKDIR /src
+COPY Directory.Build.props Directory.Packages.props PeftServe.sln ./
+COPY src/ src/
+# TorchBackend=cuda swaps TorchSharp-cpu for TorchSharp-cuda-linux (libtorch with CUDA).
+RUN dotnet publish src/PeftServe.Server/PeftServe.Server.csproj -c Release -p:TorchBackend=cuda -p:UseAppHost=false -o /app
+
+FROM mcr.microsoft.com/dotnet/aspnet:10.0 AS runtime
+RUN apt-get update && apt-get install -y --no-install-recommends curl libgomp1 && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system peftserve && useradd --system --gid peftserve --home /app peftserve \
+ && mkdir -p /adapters && chown peftserve:peftserve /adapters
+WORKDIR /app
+COPY --from=build /app .
+USER peftserve
+ENV ASPNETCORE_URLS=http://0.0.0.0:8000 \
+    PEFTSERVE__ADAPTERSTORE=/adapters \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+VOLUME ["/adapters"]
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+ENTRYPOINT ["dotnet", "PeftServe.Server.dll"]

@@ -1,0 +1,170 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json;
+using PeftServe.Core.Adapters;
+using PeftServe.Core.Generation;
+using PeftServe.Core.Model;
+using PeftServe.Core.Runtime;
+using Spectre.Console;
+
+namespace PeftServe.Cli.Commands;
+
+/// <summary><c>bench</c>: generation throughput and latency of the model on synthetic requests:
+/// waves of --concurrency requests decoded together, each with --prompt-tokens random prompt tokens
+/// and exactly --max-tokens generated tokens, over --adapters distinct synthetic adapters.
+/// --concurrency and --adapters also take comma-separated lists: every combination is measured in one
+/// process on the same loaded model (the GPU's time is precious).</summary>
+internal static class BenchCommand
+{
+    public static Command Create()
+    {
+        var model = CommonOptions.Model();
+        var device = CommonOptions.Device();
+        var dtype = CommonOptions.DType();
+        var quantize = CommonOptions.Quantize();
+        var doubleQuant = CommonOptions.DoubleQuant();
+        var randomWeights = new Option<bool>("--random-weights") { Description = "random weights of the shape in --model's config.json (no checkpoint needed)" };
+        var requests = new Option<int>("--requests") { Description = "requests per measurement (at least --concurrency)", DefaultValueFactory = _ => 0 };
+        var concurrency = new Option<string>("--concurrency") { Description = "requests decoded together (the batch size); a list like 1,16,32 measures each", DefaultValueFactory = _ => "1" };
+        var promptTokens = new Option<int>("--prompt-tokens") { Description = "prompt length of every request", DefaultValueFactory = _ => 128 };
+        var maxTokens = new Option<int>("--max-tokens") { Description = "tokens generated per request", DefaultValueFactory = _ => 128 };
+        var warmup = new Option<int>("--warmup") { Description = "untimed warm-up waves per measurement", DefaultValueFactory = _ => 1 };
+        var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
+        var adapters = new Option<string>("--adapters") { Description = "distinct synthetic adapters, assigned to requests round robin (0 = base model only); a list measures each", DefaultValueFactory = _ => "0" };
+        var rank = new Option<int>("--lora-rank") { Description = "rank of the synthetic LoRA adapters (all linear layers)", DefaultValueFactory = _ => 16 };
+        var methods = new Option<string>("--adapter-methods")
+        {
+            Description = "comma-separated methods the synthetic adapters cycle through: lora, prefix, prompt, ia3, llama-adapter",
+            DefaultValueFactory = _ => "lora",
+        };
+
+        var command = new Command("bench", "Measure generation throughput and latency on synthetic requests")
+        {
+            model, randomWeights, requests, concurrency, promptTokens, maxTokens, adapters, rank, methods, warmup, json, quantize, doubleQuant, device, dtype,
+        };
+        command.SetAction(parse => CommonOptions.Run(() =>
+        {
+            var batches = ParseList(parse.GetValue(concurrency)!, "--concurrency", min: 1);
+            var adapterCounts = ParseList(parse.GetValue(adapters)!, "--adapters", min: 0);
+            int promptLen = parse.GetValue(promptTokens), newTokens = parse.GetValue(maxTokens);
+            if (promptLen < 1 || newTokens < 1) throw new ArgumentException("--prompt-tokens and --max-tokens must be at least 1");
+            var methodList = parse.GetValue(methods)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+
+            var options = CommonOptions.ParseModelOptions(parse.GetValue(device)!, parse.GetValue(dtype), parse.GetValue(quantize), parse.GetValue(doubleQuant));
+            using var llm = LoadForBench(parse.GetValue(model), options, parse.GetValue(randomWeights));
+            int most = adapterCounts.Max();
+            var scratch = Directory.CreateTempSubdirectory("peftserve-bench-");
+            using var adapterSet = new AdapterSet(llm, new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, most) });
+            var resident = Enumerable.Range(0, most)
+                .Select(i => adapterSet.Get(MakeAdapter(Path.Combine(scratch.FullName, $"a{i}"), methodList[i % methodList.Length], llm.Config, parse.GetValue(rank), i)))
+                .ToArray();
+            scratch.Delete(recursive: true);
+
+            var results = new List<BenchResult>();
+            var table = new Table().AddColumns("batch", "adapters", "decode tok/s", "output tok/s", "TTFT p50 ms", "ITL p50/p90/p99 ms");
+            foreach (var batch in batches)
+                foreach (var count in adapterCounts)
+                {
+                    var r = Measure(llm, batch, Math.Max(parse.GetValue(requests), batch), promptLen, newTokens, parse.GetValue(warmup), resident.Take(count).ToArray());
+                    r = r with { AdapterMethods = count == 0 ? "" : string.Join(",", methodList.Take(count)), LoraRank = parse.GetValue(rank) };
+                    results.Add(r);
+                    table.AddRow($"{batch}", count == 0 ? "base" : $"{count} ({r.AdapterMethods})", $"{r.DecodeTokensPerSecond:F1}",
+                        $"{r.OutputTokensPerSecond:F1}", $"{r.TtftMs[0]:F1}", $"{r.ItlMs[0]:F2} / {r.ItlMs[1]:F2} / {r.ItlMs[2]:F2}");
+                    Console.Error.WriteLine($"bench: batch {batch}, adapters {count}: {r.DecodeTokensPerSecond:F1} decode tok/s, step {r.ItlMs[0]:F2} ms");
+                }
+            AnsiConsole.MarkupLine($"[bold]{llm.Config.Architecture}[/] {llm.Config.NumLayers}x{llm.Config.HiddenSize} on {llm.Device} {llm.DType}, " +
+                                   $"{llm.WeightBytes / (double)(1L << 30):F2} GiB of weights ({Markup.Escape(llm.WeightSummary)}), prompt {promptLen}, {newTokens} new tokens");
+            AnsiConsole.Write(table);
+            if (parse.GetValue(json) is { } path)
+                File.WriteAllText(path, JsonSerializer.Serialize(new
+                {
+                    model = llm.Config.Architecture, layers = llm.Config.NumLayers, hidden = llm.Config.HiddenSize, device = llm.Device.ToString(),
+                    dtype = llm.DType.ToString(), weight_bytes = llm.WeightBytes, weights = llm.WeightSummary,
+                    decoder_linear_bytes = llm.DecoderLinearBytes, quantization = options.Quantization.ToString(), prompt_tokens = promptLen, max_tokens = newTokens, results,
+                }, new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower }));
+            return 0;
+        }));
+        return command;
+    }
+
+    public sealed record BenchResult(int Concurrency, int Requests, int Adapters, double OutputTokensPerSecond, double DecodeTokensPerSecond,
+        double[] TtftMs, double[] ItlMs, double WallSeconds)
+    {
+        public string AdapterMethods { get; init; } = "";
+        public int LoraRank { get; init; }
+    }
+
+    /// <summary>Waves of <paramref name="batch"/> requests; the first token of a wave closes its prefill,
+    /// each later step is one inter-token interval (timed once per step, not per row).</summary>
+    private static BenchResult Measure(LlamaModel llm, int batch, int total, int promptLen, int newTokens, int warmup, ResidentAdapter[] adapters)
+    {
+        var rng = new Random(1234);
+        int[][] Prompts() => Enumerable.Range(0, batch).Select(_ => Enumerable.Range(0, promptLen).Select(_ => rng.Next(3, llm.Config.VocabSize)).ToArray()).ToArray();
+        var sampling = Enumerable.Repeat(SamplingParams.Greedy(newTokens), batch).ToArray();   // no stop tokens: exactly newTokens each
+        ResidentAdapter?[] RowAdapters(int wave) => Enumerable.Range(0, batch)
+            .Select(r => adapters.Length == 0 ? null : adapters[(wave * batch + r) % adapters.Length]).ToArray();
+        var generator = new BatchGenerator(llm);
+        for (int i = 0; i < warmup; i++) foreach (var _ in generator.Generate(Prompts(), sampling, adapters: RowAdapters(i))) { }
+
+        var ttft = new List<double>();
+        var itl = new List<double>();
+        long outputTokens = 0, decodeTokens = 0;
+        double decodeSeconds = 0;
+        var wall = Stopwatch.StartNew();
+        for (int done = 0, wave = 0; done < total; done += batch, wave++)
+        {
+            var started = Stopwatch.StartNew();
+            double last = 0, firstStep = 0;
+            int lastIndex = -1;
+            foreach (var token in generator.Generate(Prompts(), sampling, adapters: RowAdapters(wave)))
+            {
+                outputTokens++;
+                if (token.Index > 0) decodeTokens++;
+                if (token.Index == lastIndex) continue;
+                double now = started.Elapsed.TotalMilliseconds;
+                if (token.Index == 0) { ttft.Add(now); firstStep = now; }
+                else itl.Add(now - last);
+                last = now;
+                lastIndex = token.Index;
+            }
+            decodeSeconds += (last - firstStep) / 1000.0;
+        }
+        wall.Stop();
+        return new BenchResult(batch, total, adapters.Length, outputTokens / wall.Elapsed.TotalSeconds, decodeTokens / Math.Max(decodeSeconds, 1e-9),
+            Percentiles(ttft), Percentiles(itl), wall.Elapsed.TotalSeconds);
+    }
+
+    private static int[] ParseList(string text, string option, int min)
+    {
+        var values = text.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries)
+            .Select(p => int.TryParse(p, out var v) && v >= min ? v : throw new ArgumentException($"{option}: '{p}' is not a whole number >= {min}")).ToArray();
+        return values.Length > 0 ? values : throw new ArgumentException($"{option}: no value given");
+    }
+
+    private static string MakeAdapter(string dir, string method, ModelConfig c, int rank, int seed) => method switch
+    {
+        "lora" => SyntheticAdapters.Lora(dir, c, rank, seed),
+        "prefix" => SyntheticAdapters.Prefix(dir, c, 16, seed),
+        "prompt" => SyntheticAdapters.PromptTuning(dir, c, 16, seed),
+        "ia3" => SyntheticAdapters.IA3(dir, c, seed),
+        "llama-adapter" => SyntheticAdapters.LlamaAdapter(dir, c, 10, Math.Min(8, c.NumLayers), seed),
+        _ => throw new ArgumentException($"--adapter-methods: unknown method '{method}' (lora, prefix, prompt, ia3, llama-adapter)"),
+    };
+
+    private static LlamaModel LoadForBench(string? modelDir, ModelOptions options, bool random)
+    {
+        if (!random) return CommonOptions.LoadModel(modelDir, options);
+        var (dir, _) = DefaultModel.Resolve(modelDir);
+        var model = LlamaModel.CreateRandom(ModelConfig.Load(dir), options);
+        Console.Error.WriteLine($"weights: {model.WeightSummary}");
+        return model;
+    }
+
+    private static double[] Percentiles(List<double> values)
+    {
+        if (values.Count == 0) return [0, 0, 0];
+        var sorted = values.Order().ToArray();
+        double At(double q) => sorted[Math.Min(sorted.Length - 1, (int)Math.Floor(q * (sorted.Length - 1) + 0.5))];
+        return [At(0.5), At(0.9), At(0.99)];
+    }
+}
