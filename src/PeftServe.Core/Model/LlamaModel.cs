@@ -252,7 +252,8 @@ public sealed class LlamaModel : IDisposable
 
             var qGrouped = q.reshape(b, nkv, (nq / nkv) * t, hd);
             var attn = nn.functional.scaled_dot_product_attention(qGrouped, keys, values, mask);
-            attn = attn.view(b, nq, t, hd).transpose(1, 2).reshape(b, t, nq * hd);
+            // reshape, not view: on CUDA the attention kernels may return a non-contiguous layout.
+            attn = attn.reshape(b, nq, t, hd).transpose(1, 2).reshape(b, t, nq * hd);
             h = h + O.Forward(attn);
 
             x = RmsNorm(h, PostAttentionNorm, c.RmsNormEps);
