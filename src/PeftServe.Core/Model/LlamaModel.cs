@@ -286,7 +286,8 @@ public sealed class LlamaModel : IDisposable
 
             var qGrouped = q.reshape(b, nkv, (nq / nkv) * t, hd);
             var attn = nn.functional.scaled_dot_product_attention(qGrouped, keys, values, mask);
-            attn = attn.view(b, nq, t, hd).transpose(1, 2).reshape(b, t, nq * hd);
+            // reshape, not view: on CUDA the attention kernels may return a non-contiguous layout.
+            attn = attn.reshape(b, nq, t, hd).transpose(1, 2).reshape(b, t, nq * hd);
             if (adapters?.ExtraAttention(index, q) is { } extra) attn = attn + extra;
             var o = O.Forward(attn);
             if (adapters is not null) o = adapters.AttentionOutput(index, attn, o);

@@ -7,7 +7,8 @@ namespace PeftServe.Core.Quantization;
 /// <summary>A frozen linear layer whose weight [out, in] is stored as NF4 (<see cref="Nf4Weight"/>).
 /// Forward dequantizes the weight to the activations' dtype on every call (nothing is cached: the point
 /// is the memory saving) and runs one dense product; on CUDA, for decode-shaped inputs (few rows, bf16
-/// or fp16), a fused kernel reads the packed weights directly instead (<see cref="Nf4CudaKernel"/>).</summary>
+/// or fp16), a fused kernel reads the packed weights directly instead, and for larger inputs a kernel
+/// does the dequantization (<see cref="Nf4CudaKernel"/>).</summary>
 public sealed class Nf4Linear : IFrozenLinear
 {
     public Nf4Weight Weight { get; }
@@ -36,11 +37,14 @@ public sealed class Nf4Linear : IFrozenLinear
         return y.MoveToOuterDisposeScope();
     }
 
-    /// <summary>Dequantize to x's dtype, then one dense product (no bias). The reference path.</summary>
-    internal Tensor PlainForward(Tensor x)
+    /// <summary>Dequantize to x's dtype, then one dense product (no bias). On CUDA in bf16/fp16 the
+    /// dequantization runs as one kernel (bit-identical to the tensor ops) unless
+    /// <paramref name="tensorOpsOnly"/>; the tensor-op path is the reference.</summary>
+    internal Tensor PlainForward(Tensor x, bool tensorOpsOnly = false)
     {
         using var scope = torch.NewDisposeScope();
-        var w = Weight.Dequantize(x.dtype, PairTables.For(x.device));
+        var w = (tensorOpsOnly ? null : Nf4CudaKernel.TryDequantize(Weight, x.dtype))
+            ?? Weight.Dequantize(x.dtype, PairTables.For(x.device));
         return nn.functional.linear(x, w).MoveToOuterDisposeScope();
     }
 
