@@ -13,6 +13,7 @@ public static class Program
             LogitsCommand.Create(),
             TokenizeCommand.Create(),
             BenchCommand.Create(),
+            Nf4CheckCommand.Create(),
         };
         var parsed = root.Parse(args);
         // A contract for scripts: a bad command line is one line on stderr and exit code 2.
