@@ -1,0 +1,165 @@
+using System.Formats.Tar;
+using System.IO.Compression;
+using PeftServe.Core.Adapters;
+using PeftServe.Core.Model;
+using PeftServe.Server.Api;
+
+namespace PeftServe.Server.Adapters;
+
+/// <summary>Limits on what an upload may hold.</summary>
+public sealed record UploadLimits
+{
+    public long MaxBytes { get; init; } = 512L << 20;
+    public int MaxFiles { get; init; } = 16;
+}
+
+/// <summary>The adapter store on disk, as the upload and delete endpoints change it. An upload is
+/// unpacked into a hidden temporary folder inside the store, validated against the base model, and
+/// only then renamed into place, so a crash mid-upload leaves nothing half-written under a real name.</summary>
+public sealed class AdapterStore(string directory, ModelConfig baseModel, AdapterLimits adapterLimits, UploadLimits limits)
+{
+    private static readonly string[] KnownFiles = [AdapterFolder.ConfigFile, AdapterFolder.WeightsFile, "README.md"];
+    private readonly object _lock = new();
+
+    public string Directory { get; } = Path.GetFullPath(directory);
+
+    public sealed record Entry(string Name, string PeftType, long Bytes, DateTimeOffset Created);
+
+    public IReadOnlyList<Entry> List()
+    {
+        if (!System.IO.Directory.Exists(Directory)) return [];
+        return System.IO.Directory.GetDirectories(Directory)
+            .Select(d => Find(Path.GetFileName(d)))
+            .OfType<Entry>().OrderBy(e => e.Name, StringComparer.Ordinal).ToList();
+    }
+
+    public Entry? Find(string name)
+    {
+        if (!AdapterNames.IsSafe(name)) return null;
+        var dir = Path.Combine(Directory, name);
+        var config = Path.Combine(dir, AdapterFolder.ConfigFile);
+        if (!File.Exists(config)) return null;
+        string peftType;
+        try { peftType = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config))?["peft_type"]?.GetValue<string>() ?? "?"; }
+        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException) { peftType = "?"; }
+        var files = new DirectoryInfo(dir).GetFiles();
+        return new Entry(name, peftType, files.Sum(f => f.Length), new DateTimeOffset(System.IO.Directory.GetCreationTimeUtc(dir), TimeSpan.Zero));
+    }
+
+    /// <summary>Stores an adapter from uploaded files (an adapter folder's files, or one .zip / .tar.gz).</summary>
+    public Entry Save(string name, IReadOnlyList<(string FileName, Stream Content, long Length)> files)
+    {
+        if (!AdapterNames.IsSafe(name))
+            throw new ApiException(400, $"adapter name '{name}' is not allowed: use letters, digits, '.', '_' and '-' (not first), at most 128 characters", "name");
+        if (files.Count == 0) throw new ApiException(400, "no files uploaded", "files");
+        if (files.Count > limits.MaxFiles) throw new ApiException(400, $"too many files ({files.Count} > {limits.MaxFiles})", "files");
+        if (files.Sum(f => f.Length) > limits.MaxBytes) throw new ApiException(413, $"upload larger than {limits.MaxBytes} bytes", "files");
+        System.IO.Directory.CreateDirectory(Directory);
+        var staging = Path.Combine(Directory, $".upload-{Guid.NewGuid():N}");
+        System.IO.Directory.CreateDirectory(staging);
+        try
+        {
+            if (files.Count == 1 && IsArchive(files[0].FileName)) Unpack(files[0], staging);
+            else foreach (var f in files) Write(staging, f.FileName, f.Content, f.Length);
+
+            // Shape validation against the base model, before the adapter is visible.
+            try { AdapterMethods.Load(staging, name, baseModel, adapterLimits).Dispose(); }
+            catch (AdapterException e) { throw new ApiException(422, e.Message.Replace(staging, name), "files", "invalid_adapter"); }
+
+            var target = Path.Combine(Directory, name);
+            lock (_lock)
+            {
+                if (System.IO.Directory.Exists(target)) throw new ApiException(409, $"adapter '{name}' already exists; delete it first", "name", "adapter_exists");
+                System.IO.Directory.Move(staging, target);   // atomic within one file system
+            }
+            return Find(name)!;
+        }
+        finally
+        {
+            if (System.IO.Directory.Exists(staging)) System.IO.Directory.Delete(staging, recursive: true);
+        }
+    }
+
+    /// <summary>Removes an adapter from the store (running requests keep the copy they hold).</summary>
+    public bool Delete(string name)
+    {
+        if (!AdapterNames.IsSafe(name)) return false;
+        var dir = Path.Combine(Directory, name);
+        lock (_lock)
+        {
+            if (!System.IO.Directory.Exists(dir)) return false;
+            var trash = Path.Combine(Directory, $".deleted-{Guid.NewGuid():N}");
+            System.IO.Directory.Move(dir, trash);
+            System.IO.Directory.Delete(trash, recursive: true);
+        }
+        return true;
+    }
+
+    private static bool IsArchive(string fileName) =>
+        fileName.EndsWith(".zip", StringComparison.OrdinalIgnoreCase) || fileName.EndsWith(".tar.gz", StringComparison.OrdinalIgnoreCase)
+        || fileName.EndsWith(".tgz", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>Writes one known file, by its bare name only (no folders, nothing escaping the staging folder).</summary>
+    private void Write(string staging, string fileName, Stream content, long length)
+    {
+        var bare = Path.GetFileName(fileName.Replace('\\', '/'));
+        if (!KnownFiles.Contains(bare))
+            throw new ApiException(400, $"unexpected file '{fileName}': an adapter holds {string.Join(", ", KnownFiles)}", "files");
+        var path = Path.Combine(staging, bare);
+        if (File.Exists(path)) throw new ApiException(400, $"file '{bare}' given twice", "files");
+        using var output = File.Create(path);
+        CopyLimited(content, output, limits.MaxBytes, fileName);
+    }
+
+    private void Unpack((string FileName, Stream Content, long Length) archive, string staging)
+    {
+        var entries = new List<(string Name, Stream Data, long Length)>();
+        if (archive.FileName.EndsWith(".zip", StringComparison.OrdinalIgnoreCase))
+        {
+            using var zip = new ZipArchive(archive.Content, ZipArchiveMode.Read);
+            if (zip.Entries.Count > limits.MaxFiles) throw new ApiException(400, $"archive has {zip.Entries.Count} entries (at most {limits.MaxFiles})", "files");
+            if (zip.Entries.Sum(e => e.Length) > limits.MaxBytes) throw new ApiException(413, $"archive unpacks to more than {limits.MaxBytes} bytes", "files");
+            foreach (var e in zip.Entries.Where(e => !e.FullName.EndsWith('/')))
+                WriteEntry(staging, e.FullName, e.Open(), e.Length);
+            return;
+        }
+        using var gz = new GZipStream(archive.Content, CompressionMode.Decompress);
+        using var tar = new TarReader(gz);
+        int count = 0;
+        long total = 0;
+        while (tar.GetNextEntry() is { } e)
+        {
+            if (++count > limits.MaxFiles) throw new ApiException(400, $"archive has more than {limits.MaxFiles} entries", "files");
+            if (e.EntryType is TarEntryType.Directory) continue;
+            if (e.EntryType is not (TarEntryType.RegularFile or TarEntryType.V7RegularFile))
+                throw new ApiException(400, $"archive entry '{e.Name}' is not a regular file (links and devices are refused)", "files");
+            total += e.Length;
+            if (total > limits.MaxBytes) throw new ApiException(413, $"archive unpacks to more than {limits.MaxBytes} bytes", "files");
+            WriteEntry(staging, e.Name, e.DataStream ?? Stream.Null, e.Length);
+        }
+    }
+
+    /// <summary>Archive entries may sit in one top-level folder; anything with '..' or a root is refused.</summary>
+    private void WriteEntry(string staging, string entryName, Stream data, long length)
+    {
+        var normalized = entryName.Replace('\\', '/');
+        if (normalized.StartsWith('/') || normalized.Split('/').Any(p => p == ".."))
+            throw new ApiException(400, $"archive entry '{entryName}' escapes the adapter folder", "files");
+        var parts = normalized.Split('/', StringSplitOptions.RemoveEmptyEntries);
+        if (parts.Length > 2) throw new ApiException(400, $"archive entry '{entryName}' is nested too deep", "files");
+        using (data) Write(staging, parts[^1], data, length);
+    }
+
+    private static void CopyLimited(Stream from, Stream to, long max, string name)
+    {
+        var buffer = new byte[81920];
+        long total = 0;
+        int read;
+        while ((read = from.Read(buffer)) > 0)
+        {
+            total += read;
+            if (total > max) throw new ApiException(413, $"'{name}' is larger than {max} bytes", "files");
+            to.Write(buffer, 0, read);
+        }
+    }
+}
