@@ -2,11 +2,11 @@
 # One GPU session's measurements, on the GPU machine, from the repo root, with the CLI bundled in .gpu/
 # (here: ../shared/gpu/pack.sh src/PeftServe.Cli/PeftServe.Cli.csproj; cp ../shared/bench/hf_peft_baseline.py .gpu/).
 # Sections can be chosen:
-#   bash loadtests/gpu/run-all.sh [conformance] [base] [lora] [mix] [nf4] [peer]
+#   bash loadtests/gpu/run-all.sh [conformance] [base] [lora] [mix] [nf4] [engine] [peer]
 # Figures land in $OUT (the device tool brings them back); the tail of the output is a summary.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-sections=${*:-conformance base lora mix nf4 peer}
+sections=${*:-conformance base lora mix nf4 engine peer}
 has() { [[ " $sections " == *" $1 "* ]]; }
 cli() { bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll "$@"; }
 fx=tests/fixtures; model=src/PeftServe.Core/DefaultModel; shape=loadtests/shapes/llama-2-7b
@@ -32,10 +32,15 @@ print(','.join(str(int(x)) for x in e['prompt_ids'][0]))" > /tmp/prompt.txt
   done 2>&1 | tee "$OUT/conformance.txt"
 fi
 b7() { cli bench --model $shape --random-weights --prompt-tokens 128 --max-tokens 128 --device cuda --dtype bfloat16 "$@"; }
-has base && b7 --concurrency 1,16,32 --json "$OUT/bench-base.json" 2>&1 | tail -12 | tee "$OUT/bench-base.txt"
-has lora && b7 --concurrency 32 --adapters 0,1,8,32 --warmup 1 --json "$OUT/bench-lora.json" 2>&1 | tail -12 | tee "$OUT/bench-lora.txt"
-has mix && b7 --concurrency 32 --adapters 5 --adapter-methods lora,prefix,prompt,ia3,llama-adapter --json "$OUT/bench-mix.json" 2>&1 | tail -8 | tee "$OUT/bench-mix.txt"
-has nf4 && { cli nf4-check 2>&1 | tail -20 | tee "$OUT/nf4-check.txt"; b7 --quantize nf4 --concurrency 1,32 --json "$OUT/bench-nf4.json" 2>&1 | tail -10 | tee "$OUT/bench-nf4.txt"; }
+has base && b7 --mode waves --concurrency 1,16,32 --json "$OUT/bench-base.json" 2>&1 | tail -12 | tee "$OUT/bench-base.txt"
+has lora && b7 --mode waves --concurrency 32 --adapters 0,1,8,32 --warmup 1 --json "$OUT/bench-lora.json" 2>&1 | tail -12 | tee "$OUT/bench-lora.txt"
+has mix && b7 --mode waves --concurrency 32 --adapters 5 --adapter-methods lora,prefix,prompt,ia3,llama-adapter --json "$OUT/bench-mix.json" 2>&1 | tail -8 | tee "$OUT/bench-mix.txt"
+has nf4 && { cli nf4-check 2>&1 | tail -20 | tee "$OUT/nf4-check.txt"; b7 --mode waves --quantize nf4 --concurrency 1,32 --json "$OUT/bench-nf4.json" 2>&1 | tail -10 | tee "$OUT/bench-nf4.txt"; }
+# The serving engine (continuous batching, paged KV cache, adapter cache): 1, 16 and 128 distinct LoRAs vs the base, bf16 and NF4.
+if has engine; then
+  b7 --concurrency 32 --requests 96 --adapters 0,1,16,128 --json "$OUT/bench-engine.json" 2>&1 | tail -14 | tee "$OUT/bench-engine.txt"
+  b7 --quantize nf4 --concurrency 32 --requests 96 --adapters 0,16,128 --json "$OUT/bench-engine-nf4.json" 2>&1 | tail -12 | tee "$OUT/bench-engine-nf4.txt"
+fi
 if has peer; then
   PYTHONUNBUFFERED=1 python3 loadtests/python/hf_decode_bench.py $shape --batch 1 16 32 --json "$OUT/peer-torch.json" 2>&1 | grep -v -i warn | tee "$OUT/peer-torch.txt"
   PYTHONUNBUFFERED=1 timeout 420 python3 .gpu/hf_peft_baseline.py "$OUT/peer-peft.json" 2>&1 | grep -v -i warn | tail -8 | tee "$OUT/peer-peft.txt"

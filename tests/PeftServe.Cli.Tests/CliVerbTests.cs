@@ -74,6 +74,50 @@ public sealed class CliVerbTests : IDisposable
     }
 
     [Fact]
+    public void Nf4LogitsAndGreedyMatchTheReferenceQuantizedModel()
+    {
+        var input = Path.Combine(_tmp, "in.safetensors");
+        var output = Path.Combine(_tmp, "out.safetensors");
+        using var ids = Expected("input_ids");
+        SafeTensorsWriter.Write(input, [new("input_ids", ids)]);
+        var (code, _, err) = CliRunner.Run("logits", "--model", TestData.TinyLlamaDir, "--input", input, "--output", output, "--quantize", "nf4");
+        Assert.True(code == 0, err);
+        using (var file = SafeTensorsFile.Open(output))
+        using (var logits = file.ToTensor("logits"))
+        using (var expected = Expected("logits_nf4"))
+            Assert.True((logits - expected).abs().max().item<float>() <= 1e-4f);
+
+        using var prompt = Expected("prompt_ids");
+        using var greedy = Expected("greedy_nf4");
+        (code, var stdout, err) = CliRunner.Run("generate", "--model", TestData.TinyLlamaDir, "--prompt-ids",
+            string.Join(",", prompt.data<long>().ToArray()), "--greedy", "--max-tokens", "16", "--ignore-eos", "--ids", "--quantize", "nf4");
+        Assert.True(code == 0, err);
+        Assert.Equal(greedy.data<long>().ToArray(), stdout.Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries).Select(long.Parse).ToArray());
+    }
+
+    [Fact]
+    public void BenchDrivesTheEngineAndReportsThroughputAndLatencies()
+    {
+        var json = Path.Combine(_tmp, "bench.json");
+        var (code, _, err) = CliRunner.Run("bench", "--requests", "6", "--concurrency", "3", "--adapters", "0,2", "--prompt-tokens", "8",
+            "--max-tokens", "5", "--warmup", "0", "--json", json);
+        Assert.True(code == 0, err);
+        using var doc = JsonDocument.Parse(File.ReadAllText(json));
+        var results = doc.RootElement.GetProperty("results").EnumerateArray().ToArray();
+        Assert.Equal([0, 2], results.Select(r => r.GetProperty("adapters").GetInt32()));
+        foreach (var r in results)
+        {
+            Assert.Equal("engine", r.GetProperty("mode").GetString());
+            Assert.Equal(6, r.GetProperty("requests").GetInt32());
+            Assert.True(r.GetProperty("output_tokens_per_second").GetDouble() > 0);
+            var ttft = r.GetProperty("ttft_ms").EnumerateArray().Select(x => x.GetDouble()).ToArray();
+            Assert.True(ttft[0] > 0 && ttft[0] <= ttft[1] && ttft[1] <= ttft[2], string.Join(",", ttft));
+        }
+        // With two adapters, both went through the adapter cache (each read from disk once).
+        Assert.Equal(2, results[1].GetProperty("adapter_cache").GetProperty("disk_loads").GetInt32());
+    }
+
+    [Fact]
     public void GenerateGreedyIdsMatchReference()
     {
         using var prompt = Expected("prompt_ids");

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
 using PeftServe.Core.Runtime;
@@ -38,9 +39,18 @@ internal static class BenchCommand
             DefaultValueFactory = _ => "lora",
         };
 
+        var mode = new Option<string>("--mode")
+        {
+            Description = "engine: requests through the serving engine (continuous batching, paged KV cache, adapter cache), --concurrency clients each " +
+                          "sending one request after another; waves: fixed batches that start and end together (the raw decode step)",
+            DefaultValueFactory = _ => "engine",
+        };
+        mode.AcceptOnlyFromAmong("engine", "waves");
+        var kvBlocks = new Option<int?>("--kv-blocks") { Description = "engine mode: KV cache blocks (default: sized from free memory)" };
+
         var command = new Command("bench", "Measure generation throughput and latency on synthetic requests")
         {
-            model, randomWeights, requests, concurrency, promptTokens, maxTokens, adapters, rank, methods, warmup, json, quantize, doubleQuant, device, dtype,
+            model, randomWeights, requests, concurrency, promptTokens, maxTokens, adapters, rank, methods, warmup, json, quantize, doubleQuant, device, dtype, mode, kvBlocks,
         };
         command.SetAction(parse => CommonOptions.Run(() =>
         {
@@ -54,24 +64,35 @@ internal static class BenchCommand
             using var llm = LoadForBench(parse.GetValue(model), options, parse.GetValue(randomWeights));
             int most = adapterCounts.Max();
             var scratch = Directory.CreateTempSubdirectory("peftserve-bench-");
-            using var adapterSet = new AdapterSet(llm, new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, most) });
-            var resident = Enumerable.Range(0, most)
-                .Select(i => adapterSet.Get(MakeAdapter(Path.Combine(scratch.FullName, $"a{i}"), methodList[i % methodList.Length], llm.Config, parse.GetValue(rank), i)))
+            var adapterNames = Enumerable.Range(0, most)
+                .Select(i => Path.GetFileName(MakeAdapter(Path.Combine(scratch.FullName, $"a{i}"), methodList[i % methodList.Length], llm.Config, parse.GetValue(rank), i)))
                 .ToArray();
-            scratch.Delete(recursive: true);
-
+            bool engineMode = parse.GetValue(mode) == "engine";
             var results = new List<BenchResult>();
-            var table = new Table().AddColumns("batch", "adapters", "decode tok/s", "output tok/s", "TTFT p50 ms", "ITL p50/p90/p99 ms");
-            foreach (var batch in batches)
-                foreach (var count in adapterCounts)
-                {
-                    var r = Measure(llm, batch, Math.Max(parse.GetValue(requests), batch), promptLen, newTokens, parse.GetValue(warmup), resident.Take(count).ToArray());
-                    r = r with { AdapterMethods = count == 0 ? "" : string.Join(",", methodList.Take(count)), LoraRank = parse.GetValue(rank) };
-                    results.Add(r);
-                    table.AddRow($"{batch}", count == 0 ? "base" : $"{count} ({r.AdapterMethods})", $"{r.DecodeTokensPerSecond:F1}",
-                        $"{r.OutputTokensPerSecond:F1}", $"{r.TtftMs[0]:F1}", $"{r.ItlMs[0]:F2} / {r.ItlMs[1]:F2} / {r.ItlMs[2]:F2}");
-                    Console.Error.WriteLine($"bench: batch {batch}, adapters {count}: {r.DecodeTokensPerSecond:F1} decode tok/s, step {r.ItlMs[0]:F2} ms");
-                }
+            var table = new Table().AddColumns("mode", "concurrency", "adapters", "decode tok/s", "output tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms");
+            try
+            {
+                using var adapterSet = engineMode ? null : new AdapterSet(llm, new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, most) }, scratch.FullName);
+                foreach (var batch in batches)
+                    foreach (var count in adapterCounts)
+                    {
+                        int total = Math.Max(parse.GetValue(requests), batch);
+                        var r = engineMode
+                            ? MeasureEngine(llm, new EngineOptions
+                              {
+                                  MaxBatchSize = batch, MaxQueueLength = Math.Max(256, batch), AdapterStore = scratch.FullName, KvCacheBlocks = parse.GetValue(kvBlocks),
+                                  PrefillChunkTokens = Math.Max(512, promptLen),
+                                  AdapterLimits = new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, count) },
+                              }, batch, total, promptLen, newTokens, parse.GetValue(warmup), adapterNames.Take(count).ToArray())
+                            : Measure(llm, batch, total, promptLen, newTokens, parse.GetValue(warmup), adapterNames.Take(count).Select(n => adapterSet!.Get(n)).ToArray());
+                        r = r with { AdapterMethods = count == 0 ? "" : string.Join(",", methodList.Take(count).Distinct()), LoraRank = parse.GetValue(rank), Mode = parse.GetValue(mode)! };
+                        results.Add(r);
+                        table.AddRow(r.Mode, $"{batch}", count == 0 ? "base" : $"{count} ({r.AdapterMethods})", $"{r.DecodeTokensPerSecond:F1}", $"{r.OutputTokensPerSecond:F1}",
+                            $"{r.TtftMs[0]:F1} / {r.TtftMs[1]:F1} / {r.TtftMs[2]:F1}", $"{r.ItlMs[0]:F2} / {r.ItlMs[1]:F2} / {r.ItlMs[2]:F2}");
+                        Console.Error.WriteLine($"bench: {r.Mode}, concurrency {batch}, adapters {count}: {r.OutputTokensPerSecond:F1} output tok/s, ITL p50 {r.ItlMs[0]:F2} ms");
+                    }
+            }
+            finally { scratch.Delete(recursive: true); }
             AnsiConsole.MarkupLine($"[bold]{llm.Config.Architecture}[/] {llm.Config.NumLayers}x{llm.Config.HiddenSize} on {llm.Device} {llm.DType}, " +
                                    $"{llm.WeightBytes / (double)(1L << 30):F2} GiB of weights ({Markup.Escape(llm.WeightSummary)}), prompt {promptLen}, {newTokens} new tokens");
             AnsiConsole.Write(table);
@@ -92,6 +113,9 @@ internal static class BenchCommand
     {
         public string AdapterMethods { get; init; } = "";
         public int LoraRank { get; init; }
+        public string Mode { get; init; } = "";
+        public long Preemptions { get; init; }
+        public AdapterCacheStats? AdapterCache { get; init; }
     }
 
     /// <summary>Waves of <paramref name="batch"/> requests; the first token of a wave closes its prefill,
@@ -132,6 +156,71 @@ internal static class BenchCommand
         wall.Stop();
         return new BenchResult(batch, total, adapters.Length, outputTokens / wall.Elapsed.TotalSeconds, decodeTokens / Math.Max(decodeSeconds, 1e-9),
             Percentiles(ttft), Percentiles(itl), wall.Elapsed.TotalSeconds);
+    }
+
+    /// <summary>--concurrency clients, each sending its next request when the last one ended, until
+    /// <paramref name="total"/> requests are done, through one engine; adapters go round robin.
+    /// TTFT is from submission to the first token, ITL the gaps between a request's tokens; "decode
+    /// tokens/s" here counts the tokens after each request's first per second of wall time.</summary>
+    private static BenchResult MeasureEngine(LlamaModel llm, EngineOptions options, int concurrency, int total, int promptLen, int newTokens, int warmup, string[] adapters)
+    {
+        var rng = new Random(1234);
+        int[] Prompt() { lock (rng) return Enumerable.Range(0, promptLen).Select(_ => rng.Next(3, llm.Config.VocabSize)).ToArray(); }
+        var sampling = SamplingParams.Greedy(newTokens);   // no stop tokens: exactly newTokens each
+        using var engine = new InferenceEngine(llm, null, options);
+        int next = 0;
+        var ttft = new List<double>();
+        var itl = new List<double>();
+        long outputTokens = 0;
+
+        async Task Client(int requests, bool record)
+        {
+            while (true)
+            {
+                int i = Interlocked.Increment(ref next) - 1;
+                if (i >= requests) return;
+                var started = Stopwatch.GetTimestamp();
+                var stream = engine.Submit(new GenerationRequest { PromptIds = Prompt(), Sampling = sampling, Adapter = adapters.Length == 0 ? null : adapters[i % adapters.Length] });
+                long last = 0;
+                var gaps = new List<double>();
+                double first = 0;
+                int count = 0;
+                await foreach (var e in stream)
+                {
+                    if (e.TokenId < 0) continue;
+                    long now = Stopwatch.GetTimestamp();
+                    if (count++ == 0) first = Stopwatch.GetElapsedTime(started, now).TotalMilliseconds;
+                    else gaps.Add(Stopwatch.GetElapsedTime(last, now).TotalMilliseconds);
+                    last = now;
+                }
+                if (!record) continue;
+                lock (ttft)
+                {
+                    ttft.Add(first);
+                    itl.AddRange(gaps);
+                    outputTokens += count;
+                }
+            }
+        }
+
+        for (int w = 0; w < warmup; w++)
+        {
+            next = 0;
+            Task.WaitAll(Enumerable.Range(0, concurrency).Select(_ => Task.Run(() => Client(concurrency, record: false))).ToArray());
+        }
+        next = 0;
+        var before = engine.Stats;
+        var wall = Stopwatch.StartNew();
+        Task.WaitAll(Enumerable.Range(0, concurrency).Select(_ => Task.Run(() => Client(total, record: true))).ToArray());
+        wall.Stop();
+        var after = engine.Stats;
+        double seconds = wall.Elapsed.TotalSeconds;
+        return new BenchResult(concurrency, total, adapters.Length, outputTokens / seconds, (outputTokens - ttft.Count) / seconds,
+            Percentiles(ttft), Percentiles(itl), wall.Elapsed.TotalSeconds)
+        {
+            Preemptions = after.Preemptions - before.Preemptions,
+            AdapterCache = after.Adapters,
+        };
     }
 
     private static int[] ParseList(string text, string option, int min)
