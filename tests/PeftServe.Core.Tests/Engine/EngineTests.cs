@@ -5,6 +5,7 @@ using PeftServe.Core.Tests.Adapters;
 using PeftServe.Core.Tests.Model;
 using PeftServe.Core.Tokenization;
 using PeftServe.Tests;
+using TorchSharp;
 
 namespace PeftServe.Core.Tests.Engine;
 
@@ -242,6 +243,36 @@ public sealed class EngineTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFix
         Assert.Equal(FinishReason.Cancelled, finish);
         await engine.DisposeAsync();
         await second.DisposeAsync();
+    }
+
+    [Fact]
+    public async Task PresenceAndFrequencyPenaltiesFollowTheirFormula()
+    {
+        // Reference: greedy on logits - presence * [count > 0] - frequency * count over generated tokens,
+        // recomputed from a full forward over the whole sequence at every step.
+        const float presence = 0.7f, frequency = 1.3f;
+        var tokens = Prompt.ToList();
+        var counts = new Dictionary<int, int>();
+        var reference = new List<int>();
+        for (int step = 0; step < 12; step++)
+        {
+            using var ids = torch.tensor(tokens.Select(t => (long)t).ToArray(), [1, tokens.Count]);
+            using var logits = f.FullForward(ids);
+            var last = logits[0, -1].data<float>().ToArray();
+            foreach (var (id, n) in counts) last[id] -= presence + frequency * n;
+            int next = Array.IndexOf(last, last.Max());
+            reference.Add(next);
+            tokens.Add(next);
+            counts[next] = counts.GetValueOrDefault(next) + 1;
+        }
+        await using var engine = NewEngine();
+        var penalised = engine.Submit(new GenerationRequest
+        {
+            PromptIds = Prompt, Sampling = SamplingParams.Greedy(12) with { PresencePenalty = presence, FrequencyPenalty = frequency },
+        });
+        var plain = engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(12) });
+        Assert.Equal(reference, await Ids(penalised));
+        Assert.NotEqual(reference, await Ids(plain));
     }
 
     private static async Task WaitFor(Func<bool> condition)
