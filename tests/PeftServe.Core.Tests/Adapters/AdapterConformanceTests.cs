@@ -61,6 +61,21 @@ public sealed class AdapterConformanceTests : IClassFixture<TinyLlamaFixture>, I
     }
 
     [Fact]
+    public void RowsSharingAFewLoraAdaptersMatchPeft()
+    {
+        // Four rows over two adapters of different ranks (and a base row): the masked form of the LoRA op,
+        // which reads each distinct adapter once, at the batch's effective rank.
+        string?[] names = ["lora-r8-all", "lora-r4-qv", "lora-r4-qv", null, "lora-r8-all"];
+        using var ids = torch.stack(names.Select((_, i) => _f.InputIds[i % 2]).ToArray());
+        using var logits = FullLogits.Compute(_f.Model, ids, names.Select(n => n is null ? null : _set.Get(n)).ToArray());
+        for (int i = 0; i < names.Length; i++)
+        {
+            using var expected = _f.Expected["logits_" + (names[i] ?? "base")][i % 2];
+            LlamaConformanceTests.AssertClose(expected, logits[i]);
+        }
+    }
+
+    [Fact]
     public void MixedBatchGreedyThroughKvCacheMatchesEachAdapter()
     {
         var names = FixtureAdapters.Append(null).ToArray();
