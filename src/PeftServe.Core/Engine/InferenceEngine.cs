@@ -251,25 +251,29 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
 
     private int TokensInFlight => _running.Sum(s => s.Columns);
 
+    private enum Admission { Admitted, WaitForAdapter, WaitForMemory, Failed }
+
+    /// <summary>Admits waiting requests in arrival order (preempted ones first) while the batch has
+    /// room. A request whose adapter is still loading is passed over, so it holds no one up; one that
+    /// does not fit in the KV cache stops admission, so large requests are not starved by small ones.</summary>
     private void Admit()
     {
-        var node = _waiting.First;
-        while (node is not null && _running.Count < _options.MaxBatchSize)
+        foreach (var s in _waiting.ToArray())
         {
-            var s = node.Value;
-            var next = node.Next;
-            if (!s.Finished && TryAdmit(s))
+            if (_running.Count >= _options.MaxBatchSize) break;
+            if (s.Finished) continue;   // failed with its adapter while we went through the list
+            var admission = TryAdmit(s);
+            if (admission == Admission.Admitted)
             {
-                _waiting.Remove(node);
+                _waiting.Remove(s);
                 Interlocked.Decrement(ref _queued);
                 _running.Add(s);
             }
-            else if (_cache.FreeBlocks == 0) break;
-            node = next;
+            else if (admission == Admission.WaitForMemory) break;
         }
     }
 
-    private bool TryAdmit(Sequence s)
+    private Admission TryAdmit(Sequence s)
     {
         if (s.AdapterPath is not null && s.Adapter is null)
         {
@@ -284,14 +288,14 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
                 var error = e as AdapterException ?? new AdapterException(e.Message);
                 _log.LogWarning("Adapter {Adapter} failed to load: {Reason}", s.AdapterPath, error.Message);
                 foreach (var w in _waiting.Where(w => w.AdapterPath == s.AdapterPath && w.Adapter is null).ToArray()) Retire(w, error);
-                return false;
+                return Admission.Failed;
             }
-            if (s.Adapter is null) return false; // loading, or no free slot: try again next step
+            if (s.Adapter is null) return Admission.WaitForAdapter; // loading, or no free slot: try again next step
         }
         if (s.Columns + 1 > MaxColumns)
         {
             Retire(s, new ArgumentException($"prompt ({s.PromptLength} tokens) and the adapter's {s.Virtual} virtual tokens exceed the {MaxColumns} tokens a sequence can hold"));
-            return false;
+            return Admission.Failed;
         }
         int blocks = BlocksFor(s.Columns + 1);
         bool fits = blocks <= _cache.FreeBlocks &&
@@ -300,7 +304,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         {
             // Hold no slot while waiting for memory: another request may need it more.
             if (s.Adapter is { } a) { _adapters.Release(a); s.Adapter = null; }
-            return false;
+            return Admission.WaitForMemory;
         }
         for (int i = 0; i < blocks; i++)
         {
@@ -308,7 +312,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
             s.Blocks.Add(b);
         }
         if (s.Generated == 0) Interlocked.Add(ref _promptTokens, s.PromptLength);
-        return true;
+        return Admission.Admitted;
     }
 
     private int BlocksFor(int columns) => (columns + _cache.BlockSize - 1) / _cache.BlockSize;
