@@ -392,7 +392,6 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
                 positions[r * chunk + t] = t < pad ? -1 : col;
             }
         }
-        var view = _cache.ForBatch(rows.Select(r => (IReadOnlyList<int>)r.S.Blocks).ToList(), rows.Select(r => r.S.Cached).ToList(), rows.Select(r => r.Count).ToList(), chunk);
         var sampling = rows.Select(r => r.S.Sampling).ToList();
         var seeds = rows.Select(r => r.S.Seed).ToList();
         var steps = rows.Select(r => (long)r.S.Generated).ToList();
@@ -400,6 +399,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         using (var scope = torch.NewDisposeScope())
         {
             var device = _model.Device;
+            var view = _cache.ForBatch(rows.Select(r => (IReadOnlyList<int>)r.S.Blocks).ToList(), rows.Select(r => r.S.Cached).ToList(), rows.Select(r => r.Count).ToList(), chunk);
             using var adapters = AdapterBatch.Create(rows.Select(r => r.S.Adapter).ToList(), virtualStart, device);
             var logits = _model.Forward(torch.tensor(ids, [b, chunk], device: device), torch.tensor(positions, [b, chunk], device: device),
                 view, lastTokenOnly: true, adapters)[.., 0, ..];

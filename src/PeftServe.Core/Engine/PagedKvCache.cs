@@ -82,7 +82,7 @@ public sealed class PagedKvCache : IDisposable
     /// cached positions cachedBefore[r] .. cachedBefore[r] + newTokens[r] - 1, right-aligned in a chunk of
     /// <paramref name="chunkLength"/> columns (left columns are padding); its block table must already
     /// cover them. Built on the host, uploaded as two index tensors: where each new token goes, and
-    /// which slots each row attends to.</summary>
+    /// which slots each row attends to. The index tensors belong to the caller's dispose scope.</summary>
     public IKvCache ForBatch(IReadOnlyList<IReadOnlyList<int>> blockTables, IReadOnlyList<int> cachedBefore, IReadOnlyList<int> newTokens, int chunkLength)
     {
         int rows = blockTables.Count;
@@ -102,7 +102,9 @@ public sealed class PagedKvCache : IDisposable
             for (int s = 0; s < keys; s++)
                 read[r * keys + s] = s < total ? Slot(table, s) : ScratchSlot;
         }
-        return new BatchView(this, write, read, rows, chunkLength, keys);
+        var device = _positions.device;
+        // Uploaded before the forward pass, so the pass itself never waits on the host.
+        return new BatchView(this, torch.tensor(write, device: device), torch.tensor(read, device: device), rows, chunkLength, keys);
     }
 
     private long Slot(IReadOnlyList<int> table, int tokenIndex) => (long)table[tokenIndex / BlockSize] * BlockSize + tokenIndex % BlockSize;
@@ -116,21 +118,16 @@ public sealed class PagedKvCache : IDisposable
 
     /// <summary>One forward pass's view: writes go to the rows' own slots, reads gather the rows' slots
     /// into [B, kvHeads, S, headDim] (one gather per layer; the positions are gathered once).</summary>
-    private sealed class BatchView(PagedKvCache cache, long[] write, long[] read, int rows, int chunk, int keyCount) : IKvCache
+    private sealed class BatchView(PagedKvCache cache, Tensor write, Tensor read, int rows, int chunk, int keyCount) : IKvCache
     {
-        private Tensor? _write, _read;
-
         public Tensor Reserve(Tensor positions, ScalarType dtype)
         {
             var device = positions.device;
-            // Owned by the forward pass's dispose scope, which is where Reserve is called.
-            _write = torch.tensor(write, device: device);
-            _read = torch.tensor(read, device: device);
             var flat = positions.reshape(-1);
             // Padding keeps the scratch slot empty: it is written to, but never attended to.
             var stored = torch.where(flat.lt(0), torch.full_like(flat, KvCache.EmptyPosition), flat);
-            cache._positions.index_copy_(0, _write, stored);
-            var keyPositions = cache._positions.index_select(0, _read).view(rows, 1, keyCount);   // [B,1,S]
+            cache._positions.index_copy_(0, write, stored);
+            var keyPositions = cache._positions.index_select(0, read).view(rows, 1, keyCount);   // [B,1,S]
             var visible = keyPositions.le(positions.unsqueeze(-1)).unsqueeze(1);             // [B,1,T,S]
             var zero = torch.zeros(1, dtype, device: device);
             var blocked = torch.full(1, KvCache.MinValue(dtype), dtype, device: device);
@@ -142,10 +139,10 @@ public sealed class PagedKvCache : IDisposable
             // [B,kvH,T,hd] -> [B*T,kvH,hd] in the same row-major order as the write indices.
             var k = keys.transpose(1, 2).reshape(rows * chunk, keys.shape[1], keys.shape[3]);
             var v = values.transpose(1, 2).reshape(rows * chunk, values.shape[1], values.shape[3]);
-            cache._keys[layer].index_copy_(0, _write!, k);
-            cache._values[layer].index_copy_(0, _write!, v);
-            var gk = cache._keys[layer].index_select(0, _read!).view(rows, keyCount, keys.shape[1], keys.shape[3]).transpose(1, 2);
-            var gv = cache._values[layer].index_select(0, _read!).view(rows, keyCount, values.shape[1], values.shape[3]).transpose(1, 2);
+            cache._keys[layer].index_copy_(0, write, k);
+            cache._values[layer].index_copy_(0, write, v);
+            var gk = cache._keys[layer].index_select(0, read).view(rows, keyCount, keys.shape[1], keys.shape[3]).transpose(1, 2);
+            var gv = cache._values[layer].index_select(0, read).view(rows, keyCount, values.shape[1], values.shape[3]).transpose(1, 2);
             return (gk, gv);
         }
     }
