@@ -255,23 +255,29 @@ public sealed class TrainingRun : IDisposable
     /// <summary>Mean validation loss and perplexity with the adapter as served (AdaMix averaged).</summary>
     public EvalInfo Evaluate(ITrainingObserver? observer = null)
     {
-        Adapter.Training = false;
-        double sum = 0;
-        int count = 0;
-        using (torch.no_grad())
-            for (int i = 0; i < ValidationSet.Count; i += Options.BatchSize)
-            {
-                using var scope = torch.NewDisposeScope();
-                var (s, c) = LossSum(ValidationSet.Skip(i).Take(Options.BatchSize).ToList(), trainable: false);
-                sum += s.item<float>();
-                count += c;
-            }
-        Adapter.Training = true;
-        double loss = count == 0 ? double.NaN : sum / count;
+        double loss = MeanLoss(ValidationSet);
         var info = new EvalInfo(Step, loss, Math.Exp(loss));
         Evaluations.Add(info);
         observer?.OnEval(info);
         return info;
+    }
+
+    /// <summary>Mean loss per loss token over <paramref name="examples"/>, in evaluation mode (no autograd).</summary>
+    public double MeanLoss(IReadOnlyList<Example> examples)
+    {
+        Adapter.Training = false;
+        double sum = 0;
+        int count = 0;
+        using (torch.no_grad())
+            for (int i = 0; i < examples.Count; i += Options.BatchSize)
+            {
+                using var scope = torch.NewDisposeScope();
+                var (s, c) = LossSum(examples.Skip(i).Take(Options.BatchSize).ToList(), trainable: false);
+                sum += s.item<float>();
+                count += c;
+            }
+        Adapter.Training = true;
+        return count == 0 ? double.NaN : sum / count;
     }
 
     /// <summary>Logits [B,T,V] (float32, CPU) of equal-length rows <paramref name="inputIds"/> [B,T] with the
