@@ -354,7 +354,7 @@ public sealed class TrainingRun : IDisposable
         var log = new
         {
             method = Method.Name,
-            model = ModelDir,
+            model = Options.ModelDir is null ? "(built-in default model)" : ModelDir,
             steps = Step,
             trainable_parameters = share.Trainable,
             model_parameters = share.Total,
