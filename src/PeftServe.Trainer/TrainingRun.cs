@@ -181,7 +181,7 @@ public sealed class TrainingRun : IDisposable
     {
         var watch = Stopwatch.StartNew();
         Adapter.Training = true;
-        Adapter.Random = new Random(HashCode.Combine(Options.Seed, step));
+        Adapter.Random = new Random(Seeds.Mix(Options.Seed, step, 1));
         Optimizer.ZeroGrad();
         var micro = Enumerable.Range(0, Options.GradientAccumulation)
             .Select(i => MicroBatch((long)(step - 1) * Options.GradientAccumulation + i)).ToArray();
@@ -210,7 +210,7 @@ public sealed class TrainingRun : IDisposable
         if (!_epochOrders.TryGetValue(epoch, out var order))
         {
             order = Enumerable.Range(0, TrainSet.Count).ToArray();
-            new Random(HashCode.Combine(Options.Seed, epoch, 7)).Shuffle(order);
+            new Random(Seeds.Mix(Options.Seed, epoch, 2)).Shuffle(order);
             _epochOrders[epoch] = order;
         }
         return order.Skip(j * Options.BatchSize).Take(Options.BatchSize).Select(i => TrainSet[i]).ToArray();
@@ -376,4 +376,19 @@ public sealed class TrainingRun : IDisposable
     }
 
     private sealed class NullObserver : ITrainingObserver;
+}
+
+/// <summary>Derived seeds that are the same in every process (HashCode.Combine is randomised per
+/// process, so it cannot seed a reproducible run).</summary>
+public static class Seeds
+{
+    /// <summary>A 32-bit seed from (seed, index, stream) by SplitMix64.</summary>
+    public static int Mix(int seed, long index, int stream)
+    {
+        ulong z = unchecked((ulong)(uint)seed * 0x9E3779B97F4A7C15UL + (ulong)index * 0xBF58476D1CE4E5B9UL + (ulong)stream * 0x94D049BB133111EBUL);
+        z = unchecked((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL);
+        z = unchecked((z ^ (z >> 27)) * 0x94D049BB133111EBUL);
+        z ^= z >> 31;
+        return (int)(z & 0x7FFFFFFF);
+    }
 }

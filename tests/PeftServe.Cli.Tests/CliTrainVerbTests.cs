@@ -39,6 +39,23 @@ public sealed class CliTrainVerbTests : IDisposable
     }
 
     [Fact]
+    public void TwoProcessesWithTheSameSeedWriteTheSameAdapter()
+    {
+        // Data order and AdaMix routing are seeded the same way in every process.
+        var data = Path.Combine(_tmp, "data.jsonl");
+        File.WriteAllLines(data, Enumerable.Range(0, 12).Select(i => $$"""{"text": "word {{i}} and {{i * 7 % 5}} again"}"""));
+        byte[] Train(string name)
+        {
+            var dir = Path.Combine(_tmp, name);
+            var (code, _, err) = CliRunner.Run("train", "--method", "adamix", "--model", TestData.TinyLlamaDir, "--data", data,
+                "--output", dir, "--max-steps", "6", "--batch-size", "3", "--no-plot", "--seed", "9");
+            Assert.True(code == 0, err);
+            return File.ReadAllBytes(Path.Combine(dir, "adapter_model.safetensors"));
+        }
+        Assert.Equal(Train("a"), Train("b"));
+    }
+
+    [Fact]
     public void TrainHelpExplainsTheMethods()
     {
         var (code, stdout, _) = CliRunner.Run("train", "--help");
