@@ -14,6 +14,7 @@ public static class Program
             TokenizeCommand.Create(),
             BenchCommand.Create(),
             Nf4CheckCommand.Create(),
+            PeftServe.Trainer.TrainCommand.Create(),
         };
         var parsed = root.Parse(args);
         // A contract for scripts: a bad command line is one line on stderr and exit code 2.

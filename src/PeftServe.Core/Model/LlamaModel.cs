@@ -158,11 +158,13 @@ public sealed class LlamaModel : IDisposable
     /// <summary>Runs the decoder over <paramref name="inputIds"/> [B,T] at <paramref name="positions"/>
     /// [B,T] (negative = padding), appending to <paramref name="cache"/>. Returns logits [B,T,V] in the
     /// compute dtype, or [B,1,V] for the last column only when <paramref name="lastTokenOnly"/>.
-    /// <paramref name="adapters"/> applies each row's adapter, if any.</summary>
-    public Tensor Forward(Tensor inputIds, Tensor positions, IKvCache cache, bool lastTokenOnly = false, IAdapterHooks? adapters = null)
+    /// <paramref name="adapters"/> applies each row's adapter, if any. With <paramref name="trainable"/>
+    /// the pass records autograd (for training adapters: the frozen weights never require grad, so
+    /// gradients reach only the parameters the hooks bring in); otherwise it runs under no_grad.</summary>
+    public Tensor Forward(Tensor inputIds, Tensor positions, IKvCache cache, bool lastTokenOnly = false, IAdapterHooks? adapters = null, bool trainable = false)
     {
         using var scope = torch.NewDisposeScope();
-        using var _ = torch.no_grad();
+        using var _ = trainable ? null : torch.no_grad();
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var h = _embedTokens.index_select(0, inputIds.reshape(-1)).view(b, t, -1);
         if (adapters is not null) h = adapters.Embeddings(h);
@@ -185,17 +187,37 @@ public sealed class LlamaModel : IDisposable
 
     /// <summary>Keys and values [n,kvHeads,headDim] that layer <paramref name="layer"/>'s own k and v
     /// projections give for hidden states [n,hidden], without rotary positions (LLaMA-Adapter's
-    /// adaption prompts are keyed this way).</summary>
-    public (Tensor Keys, Tensor Values) ProjectKeysValues(int layer, Tensor hidden)
+    /// adaption prompts are keyed this way). With <paramref name="trainable"/> autograd is recorded
+    /// (training an adaption prompt).</summary>
+    public (Tensor Keys, Tensor Values) ProjectKeysValues(int layer, Tensor hidden, bool trainable = false)
     {
         using var scope = torch.NewDisposeScope();
-        using var _ = torch.no_grad();
+        using var _ = trainable ? null : torch.no_grad();
         var c = Config;
         var qkv = _layers[layer].Qkv.Forward(hidden.to(DType, Device)).view(-1, c.NumHeads + 2 * c.NumKvHeads, c.HeadDim);
         var k = qkv[.., c.NumHeads..(c.NumHeads + c.NumKvHeads)].contiguous();
         var v = qkv[.., (c.NumHeads + c.NumKvHeads)..].contiguous();
         return (k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
     }
+
+    /// <summary>Token embeddings [n, hidden] of <paramref name="ids"/> (a copy, in the compute dtype on
+    /// the device): for initialising prompt-type adapters from text.</summary>
+    public Tensor Embed(Tensor ids)
+    {
+        using var _ = torch.no_grad();
+        return _embedTokens.index_select(0, ids.to(ScalarType.Int64, Device).reshape(-1)).clone();
+    }
+
+    /// <summary>Standard deviation of the token embedding table (scale for random prompt init).</summary>
+    public double EmbeddingStd
+    {
+        get { using var _ = torch.no_grad(); using var s = _embedTokens.to(ScalarType.Float32).std(); return s.item<float>(); }
+    }
+
+    /// <summary>Parameters of the whole model (embedding, decoder, norms, LM head unless tied).</summary>
+    public long TotalParameters =>
+        _embedTokens.NumberOfElements + (Config.TieWordEmbeddings ? 0 : _lmHead.NumberOfElements) + _finalNorm.NumberOfElements +
+        _layers.Sum(l => l.InputNorm.NumberOfElements + l.PostAttentionNorm.NumberOfElements) + DecoderLinearParameters;
 
     /// <summary>W v through layer <paramref name="layer"/>'s fused q|k|v projection (or, with
     /// <paramref name="gateUp"/>, its fused gate|up projection), without the projection's own bias:

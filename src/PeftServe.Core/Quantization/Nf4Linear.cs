@@ -31,6 +31,16 @@ public sealed class Nf4Linear : IFrozenLinear
     public Tensor Forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
+        if (x.requires_grad && torch.is_grad_enabled())
+        {
+            // Training adapters on the 4-bit base (QLoRA): the weight stays frozen, but gradients
+            // must flow through the product to the input. Dequantize without autograd, multiply with.
+            Tensor w;
+            using (torch.no_grad()) w = Weight.Dequantize(x.dtype, PairTables.For(x.device));
+            var yt = nn.functional.linear(x, w);
+            if (Bias is not null) yt = yt.add(Bias);
+            return yt.MoveToOuterDisposeScope();
+        }
         using var _ = torch.no_grad();
         var y = Nf4CudaKernel.TryForward(x, Weight) ?? PlainForward(x);
         if (Bias is not null) y = y.add(Bias);

@@ -1,0 +1,159 @@
+using PeftServe.Core.Model;
+using PeftServe.Core.SafeTensors;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Adapters.Training;
+
+/// <summary>An adapter being trained: its parameters (float32 leaf tensors that require grad), the
+/// hooks through which they act on the frozen model's forward pass, and how they are written as an
+/// adapter folder the server loads. Each method's training module lives in the method's own folder
+/// (Adapters/Lora/LoraTraining.cs, ...) and is listed once in <see cref="TrainingMethods"/>.
+/// Hooks cast parameters to the activations' dtype, so a bfloat16 model trains float32 parameters.</summary>
+public abstract class TrainableAdapter : IAdapterHooks, IDisposable
+{
+    private readonly List<(string Name, Tensor Value)> _parameters = [];
+
+    protected TrainableAdapter(LlamaModel model) => Model = model;
+
+    public LlamaModel Model { get; }
+    protected ModelConfig Config => Model.Config;
+
+    /// <summary>The method's short name (as <c>train --method</c> spells it).</summary>
+    public abstract string Method { get; }
+
+    /// <summary>Columns the adapter puts before a sequence's tokens (prompt, prefix, P-tuning).</summary>
+    public virtual int VirtualTokens => 0;
+
+    /// <summary>True during training steps, false for evaluation and saving (AdaMix routes
+    /// stochastically only while training).</summary>
+    public bool Training { get; set; } = true;
+
+    /// <summary>Random source of stochastic behaviour in training steps (set per step by the trainer,
+    /// so a resumed run draws what the uninterrupted one would have).</summary>
+    public Random Random { get; set; } = new(0);
+
+    /// <summary>Every trainable tensor by a stable name (checkpoints use the names).</summary>
+    public IReadOnlyList<(string Name, Tensor Value)> Parameters => _parameters;
+
+    public long ParameterCount => _parameters.Sum(p => p.Value.NumberOfElements);
+
+    /// <summary>Registers a float32 leaf on the model's device that requires grad.</summary>
+    protected Tensor Parameter(string name, Tensor init)
+    {
+        var p = init.to(ScalarType.Float32, Model.Device).detach().requires_grad_(true);
+        p.DetachFromDisposeScope();
+        init.Dispose();
+        _parameters.Add((name, p));
+        return p;
+    }
+
+    /// <summary>Registers a parameter a TorchSharp module owns (it already requires grad).</summary>
+    protected void Adopt(string name, Tensor p) => _parameters.Add((name, p));
+
+    /// <summary>A Linear layer's weight [out,in] and bias [out], initialised as torch.nn.Linear does.</summary>
+    protected (Tensor W, Tensor B) LinearParameters(string name, long inF, long outF)
+    {
+        double bound = 1.0 / Math.Sqrt(inF);
+        return (Parameter(name + ".weight", torch.empty(outF, inF).uniform_(-bound, bound)),
+                Parameter(name + ".bias", torch.empty(outF).uniform_(-bound, bound)));
+    }
+
+    /// <summary>[n, ...] repeated for every row of a batch: [B, n, ...].</summary>
+    protected static Tensor PerRow(Tensor t, long batch) => t.unsqueeze(0).expand([batch, .. t.shape]);
+
+    /// <summary>A parameter in the dtype of the activations it meets.</summary>
+    protected static Tensor As(Tensor p, Tensor like) => p.dtype == like.dtype ? p : p.to(like.dtype);
+
+    /// <summary>Writes adapter_config.json and adapter_model.safetensors into <paramref name="dir"/>.</summary>
+    public abstract void Save(string dir);
+
+    /// <summary>Helper for <see cref="Save"/>: float32 CPU copies of tensors, in the folder format.</summary>
+    protected static void Write(string dir, object config, IEnumerable<KeyValuePair<string, Tensor>> tensors)
+    {
+        using var _ = torch.no_grad();
+        SyntheticAdapters.Write(dir, config, tensors.Select(t => new KeyValuePair<string, Tensor>(t.Key, t.Value.detach().to(ScalarType.Float32).cpu().contiguous().clone())).ToList());
+    }
+
+    /// <summary>Checkpoint tensors: the parameters by name.</summary>
+    public void LoadParameters(IReadOnlyDictionary<string, Tensor> values)
+    {
+        using var _ = torch.no_grad();
+        foreach (var (name, p) in _parameters)
+        {
+            if (!values.TryGetValue(name, out var v)) throw new InvalidDataException($"checkpoint has no parameter '{name}'");
+            if (!v.shape.SequenceEqual(p.shape)) throw new InvalidDataException($"checkpoint parameter '{name}' has shape [{string.Join(",", v.shape)}], expected [{string.Join(",", p.shape)}]");
+            p.copy_(v);
+        }
+    }
+
+    // ---- hooks: nothing to do unless a method overrides ----
+    public virtual Tensor Embeddings(Tensor embeddings) => embeddings;
+    public virtual Tensor Qkv(int layer, Tensor x, Tensor qkv) => qkv;
+    public virtual (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) => (keys, values);
+    public virtual Tensor? ExtraAttention(int layer, Tensor queries) => null;
+    public virtual Tensor AttentionOutput(int layer, Tensor x, Tensor output) => output;
+    public virtual Tensor GateUp(int layer, Tensor x, Tensor gateUp) => gateUp;
+    public virtual Tensor DownInput(int layer, Tensor x) => x;
+    public virtual Tensor MlpOutput(int layer, Tensor x, Tensor output) => output;
+
+    /// <summary>Frees modules the method owns besides the registered parameters.</summary>
+    protected virtual void DisposeModules() { }
+
+    public void Dispose()
+    {
+        DisposeModules();
+        foreach (var (_, p) in _parameters) p.Dispose();
+        _parameters.Clear();
+        GC.SuppressFinalize(this);
+    }
+}
+
+/// <summary>Method options of <c>train</c>, each with a sensible default; a method reads the ones it uses.</summary>
+public sealed record TrainingOptions
+{
+    /// <summary>LoRA/QLoRA rank.</summary>
+    public int Rank { get; init; } = 8;
+    /// <summary>LoRA alpha (scale alpha/rank); default 2*rank.</summary>
+    public double? Alpha { get; init; }
+    /// <summary>LoRA target modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).</summary>
+    public IReadOnlyList<string> LoraTargets { get; init; } = ["q_proj", "v_proj"];
+    /// <summary>Virtual tokens of prompt tuning, prefix tuning and P-tuning.</summary>
+    public int NumVirtualTokens { get; init; } = 8;
+    /// <summary>Prompt tuning: initialise from the embeddings of this text instead of randomly.</summary>
+    public string? PromptInitText { get; init; }
+    /// <summary>Hidden width of the prefix reparameterization MLP and of the P-tuning encoder.</summary>
+    public int EncoderHiddenSize { get; init; } = 64;
+    /// <summary>P-tuning prompt encoder: "mlp" or "lstm".</summary>
+    public string EncoderType { get; init; } = "mlp";
+    /// <summary>Prefix tuning: train through the reparameterization MLP (saved folded as plain prefixes).</summary>
+    public bool PrefixProjection { get; init; } = true;
+    /// <summary>LLaMA-Adapter: adaption prompt length and how many top layers carry one.</summary>
+    public int AdapterLength { get; init; } = 10;
+    public int AdapterLayers { get; init; } = 2;
+    /// <summary>Bottleneck/AdaMix: bottleneck dimension = hidden / reduction factor.</summary>
+    public int ReductionFactor { get; init; } = 16;
+    public string Placement { get; init; } = "both";
+    public string NonLinearity { get; init; } = "relu";
+    /// <summary>AdaMix experts per module.</summary>
+    public int NumExperts { get; init; } = 4;
+    /// <summary>BitFit: "all" (every projection bias) or "query-mlp" (q_proj and up_proj biases).</summary>
+    public string BitFitSubset { get; init; } = "all";
+    /// <summary>The tokenizer, for prompt-init text.</summary>
+    public Tokenization.Tokenizer? Tokenizer { get; init; }
+    /// <summary>Name of the base model written into adapter_config.json.</summary>
+    public string BaseModelName { get; init; } = "";
+}
+
+/// <summary>One method's training module factory.</summary>
+public interface ITrainingMethod
+{
+    /// <summary>The <c>--method</c> name.</summary>
+    string Name { get; }
+    /// <summary>One line for --help.</summary>
+    string Description { get; }
+    /// <summary>Whether the base must be loaded NF4-quantized (QLoRA).</summary>
+    bool QuantizedBase => false;
+    /// <summary>A freshly initialised trainable adapter (the global torch seed is set beforehand).</summary>
+    TrainableAdapter Create(LlamaModel model, TrainingOptions options);
+}
