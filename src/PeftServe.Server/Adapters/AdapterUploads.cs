@@ -83,7 +83,7 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
                 if (files.Count == 1 && IsArchive(files[0].FileName)) Unpack(files[0], staging, budget);
                 else foreach (var f in files) Write(staging, f.FileName, f.Content, budget);
             }
-            catch (Exception e) when (e is InvalidDataException or EndOfStreamException or FormatException)
+            catch (Exception e) when (e is InvalidDataException or EndOfStreamException or FormatException or ArgumentException)
             {
                 throw new ApiException(400, $"'{files[0].FileName}' is not a readable .zip or .tar.gz archive: {e.Message}", "files", "invalid_archive");
             }
