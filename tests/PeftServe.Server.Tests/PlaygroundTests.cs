@@ -29,13 +29,6 @@ public sealed class PlaygroundTests
         await page.Locator("#status[data-state=connected]").WaitForAsync();
         await page.Locator("#model option[value='tiny-llama']").WaitForAsync(new() { State = WaitForSelectorState.Attached });
 
-        // Record every length the reply passes through, to see tokens arrive one after another.
-        await page.EvaluateAsync("""
-            () => { window.__lengths = [];
-              new MutationObserver(() => { const t = document.querySelector('#transcript li.assistant:last-child .text');
-                if (t) window.__lengths.push(t.textContent.length); })
-                .observe(document.getElementById('transcript'), { subtree: true, childList: true, characterData: true }); }
-            """);
         await page.FillAsync("#max-tokens", "24");
         await page.FillAsync("#message", "Hello from the browser");
         await page.ClickAsync("#send");
@@ -43,8 +36,11 @@ public sealed class PlaygroundTests
         await page.Locator("#transcript li.assistant[data-finish]").Last.WaitForAsync();
         Assert.Equal("24", await reply.GetAttributeAsync("data-tokens"));
         Assert.Equal("tiny-llama", await reply.GetAttributeAsync("data-model"));
-        var lengths = await page.EvaluateAsync<int[]>("() => [...new Set(window.__lengths)]");
-        Assert.True(lengths.Length >= 5, $"the reply grew in only {lengths.Length} steps: tokens did not stream");
+        // Tokens arrived as separate stream items, the reply growing with them.
+        var lengths = await page.EvaluateAsync<int[]>("() => window.peftserve.lastArrivals.map(a => a.length)");
+        Assert.True(lengths.Length >= 24, $"only {lengths.Length} stream items for 24 tokens");
+        Assert.True(lengths.Distinct().Count() >= 5, "the reply did not grow as tokens arrived");
+        Assert.Equal(lengths.Order(), lengths);
         Assert.False(string.IsNullOrEmpty(await reply.Locator(".text").TextContentAsync()));
 
         // Upload an adapter through the form; the picker then offers and selects it.

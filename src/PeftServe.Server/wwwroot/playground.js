@@ -71,6 +71,8 @@
     $("stop").disabled = false;
     const started = performance.now();
     let first = null, tokens = 0, reply = "";
+    const arrivals = []; // one entry per streamed item, for the stats and the browser test
+    window.peftserve.lastArrivals = arrivals;
     const request = {
       model: $("model").value,
       messages: history,
@@ -79,6 +81,7 @@
     };
     current = connection.stream("StreamChat", request).subscribe({
       next: t => {
+        arrivals.push({ at: performance.now() - started, length: reply.length + t.text.length });
         if (t.tokenId >= 0) { tokens++; first ??= performance.now() - started; }
         reply += t.text;
         out.textContent = reply;
