@@ -1,10 +1,14 @@
 # PeftServe server for CUDA hosts (run with the NVIDIA container toolkit: docker run --gpus all ...).
 # Build:  docker build -t peftserve .
 # Run:    docker run --gpus all -p 8000:8000 -v /models/llama:/model:ro -v peftserve-adapters:/adapters \
+#           -e PEFTSERVE__APIKEYS__0=user-key -e PEFTSERVE__ADMINKEYS__0=admin-key \
 #           peftserve --model /model --device cuda
+# Without API keys the server binds to 127.0.0.1 only (inside the container), so set keys to serve the port.
 # The .NET 10 images are Ubuntu 24.04, whose libstdc++ already has GLIBCXX_3.4.32 (TorchSharp needs it).
 
 FROM mcr.microsoft.com/dotnet/sdk:10.0 AS build
+# npm fetches the playground's SignalR client (src/PeftServe.Server/package.json) during the build.
+RUN apt-get update && apt-get install -y --no-install-recommends nodejs npm && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Directory.Build.props Directory.Packages.props PeftServe.sln ./
 COPY src/ src/

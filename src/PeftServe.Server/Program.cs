@@ -1,4 +1,9 @@
+using System.Net;
+using PeftServe.Server.Api;
 using PeftServe.Server.Hosting;
+using PeftServe.Server.Hubs;
+using PeftServe.Server.Serving;
+using Prometheus;
 using Serilog;
 using Serilog.Events;
 
@@ -14,8 +19,23 @@ public sealed class Program
         ["--model-name"] = "PeftServe:ModelName",
         ["--device"] = "PeftServe:Device",
         ["--dtype"] = "PeftServe:DType",
+        ["--quantize"] = "PeftServe:Quantize",
+        ["--double-quant"] = "PeftServe:DoubleQuant",
         ["--adapter-store"] = "PeftServe:AdapterStore",
+        ["--max-batch-size"] = "PeftServe:MaxBatchSize",
+        ["--max-queue-length"] = "PeftServe:MaxQueueLength",
+        ["--prefill-chunk-tokens"] = "PeftServe:PrefillChunkTokens",
+        ["--kv-block-size"] = "PeftServe:KvBlockSize",
+        ["--kv-cache-fraction"] = "PeftServe:KvCacheFraction",
+        ["--kv-cache-max-bytes"] = "PeftServe:KvCacheMaxBytes",
+        ["--kv-cache-blocks"] = "PeftServe:KvCacheBlocks",
+        ["--host-cache-bytes"] = "PeftServe:HostCacheBytes",
+        ["--slots-per-method"] = "PeftServe:SlotsPerMethod",
+        ["--max-upload-bytes"] = "PeftServe:MaxUploadBytes",
     };
+
+    /// <summary>Switches that may stand alone (meaning true).</summary>
+    private static readonly string[] Flags = ["--double-quant"];
 
     public static int Main(string[] args)
     {
@@ -37,9 +57,27 @@ public sealed class Program
         finally { Log.CloseAndFlush(); }
     }
 
+    /// <summary>"--double-quant" alone becomes "--double-quant=true" (the configuration reader wants a value).</summary>
+    internal static string[] NormalizeFlags(string[] args)
+    {
+        var result = new List<string>();
+        for (int i = 0; i < args.Length; i++)
+        {
+            bool bare = Flags.Contains(args[i]) && (i + 1 >= args.Length || !bool.TryParse(args[i + 1], out _));
+            result.Add(bare ? args[i] + "=true" : args[i]);
+        }
+        return result.ToArray();
+    }
+
     public static WebApplication BuildApp(string[] args)
     {
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { Args = args });
+        args = NormalizeFlags(args);
+        var builder = WebApplication.CreateBuilder(new WebApplicationOptions
+        {
+            Args = args,
+            ContentRootPath = AppContext.BaseDirectory,
+            WebRootPath = Path.Combine(AppContext.BaseDirectory, "wwwroot"),
+        });
         builder.Configuration.AddCommandLine(args, SwitchMappings);
         builder.Services.AddSerilog((services, config) => config
             .ReadFrom.Configuration(builder.Configuration)
@@ -47,19 +85,82 @@ public sealed class Program
             .Enrich.FromLogContext()
             .WriteTo.Console());
         builder.Services.Configure<ServerOptions>(builder.Configuration.GetSection(ServerOptions.Section));
+        var serverOptions = builder.Configuration.GetSection(ServerOptions.Section).Get<ServerOptions>() ?? new ServerOptions();
+
+        // No keys: bind to loopback only, whatever --urls said.
+        string? localOnlyNotice = null;
+        if (!serverOptions.AuthEnabled)
+        {
+            var urls = builder.Configuration["urls"] ?? "http://localhost:5000";
+            var (bound, changed) = LoopbackUrls(urls);
+            builder.WebHost.UseUrls(bound);
+            localOnlyNotice = changed
+                ? $"No API keys configured: listening on localhost only ({bound}, not {urls}); set PeftServe:ApiKeys to serve other hosts"
+                : $"No API keys configured: listening on localhost only ({bound})";
+        }
+
         builder.Services.AddSingleton<ModelHost>();
         builder.Services.AddHostedService(sp => sp.GetRequiredService<ModelHost>());
+        builder.Services.AddSingleton<ServerMetrics>();
+        builder.Services.AddSingleton<GenerationService>();
+        builder.Services.AddSignalR(o => o.MaximumReceiveMessageSize = 1 << 20);
 
         var app = builder.Build();
-        app.UseSerilogRequestLogging();
+        if (localOnlyNotice is not null)
+            app.Lifetime.ApplicationStarted.Register(() => app.Logger.LogWarning("{Notice}", localOnlyNotice));
+        else
+            app.Lifetime.ApplicationStarted.Register(() => app.Logger.LogInformation("API keys required: {Users} user keys, {Admins} admin keys", serverOptions.ApiKeys.Count, serverOptions.AdminKeys.Count));
+
+        app.UseSerilogRequestLogging(o => o.GetLevel = (ctx, _, e) =>
+            e is not null || ctx.Response.StatusCode >= 500 ? LogEventLevel.Error
+            : ctx.Request.Path.StartsWithSegments("/health") || ctx.Request.Path.StartsWithSegments("/metrics") ? LogEventLevel.Debug
+            : LogEventLevel.Information);
+        app.UseMiddleware<ErrorHandlingMiddleware>();
+        app.UseMiddleware<LoopbackOnlyMiddleware>();
+        app.UseMiddleware<ApiKeyMiddleware>();
+        app.UseDefaultFiles();
+        app.UseStaticFiles();
+
         app.MapGet("/health", (ModelHost host) => host.IsReady
             ? Results.Ok(new { status = "ok", model = host.ModelName })
             : Results.Json(new { status = "loading" }, statusCode: StatusCodes.Status503ServiceUnavailable));
-        app.MapGet("/v1/models", (ModelHost host) => Results.Ok(new
-        {
-            @object = "list",
-            data = new[] { new { id = host.ModelName, @object = "model", created = host.LoadedAt.ToUnixTimeSeconds(), owned_by = "peftserve" } },
-        }));
+        var metrics = app.Services.GetRequiredService<ServerMetrics>();
+        app.MapMetrics("/metrics", metrics.Registry);
+        OpenAiEndpoints.Map(app);
+        AdapterEndpoints.Map(app);
+        app.MapHub<ChatHub>("/hubs/chat");
+        app.Map("/v1/{**rest}", (HttpContext ctx) =>
+            OpenAiError.Result(404, $"no such endpoint: {ctx.Request.Method} {ctx.Request.Path}", code: "unknown_url"));
         return app;
+    }
+
+    /// <summary>The URLs with every non-loopback host replaced by 127.0.0.1 (and whether any was).</summary>
+    internal static (string Urls, bool Changed) LoopbackUrls(string urls)
+    {
+        bool changed = false;
+        var result = urls.Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(u =>
+        {
+            int scheme = u.IndexOf("://", StringComparison.Ordinal);
+            if (scheme < 0) return u;
+            var rest = u[(scheme + 3)..];
+            string host, tail;
+            if (rest.StartsWith('['))
+            {
+                int close = rest.IndexOf(']');
+                host = rest[..(close + 1)];
+                tail = rest[(close + 1)..];
+            }
+            else
+            {
+                int end = rest.IndexOfAny([':', '/']);
+                host = end < 0 ? rest : rest[..end];
+                tail = end < 0 ? "" : rest[end..];
+            }
+            bool loopback = host == "localhost" || IPAddress.TryParse(host.Trim('[', ']'), out var ip) && IPAddress.IsLoopback(ip);
+            if (loopback) return u;
+            changed = true;
+            return u[..(scheme + 3)] + "127.0.0.1" + tail;
+        });
+        return (string.Join(';', result), changed);
     }
 }

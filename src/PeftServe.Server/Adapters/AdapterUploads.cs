@@ -23,6 +23,24 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
 
     public string Directory { get; } = Path.GetFullPath(directory);
 
+    /// <summary>Removes what uploads or deletes cut short by a crash left behind (hidden folders only).</summary>
+    public int RemoveLeftovers()
+    {
+        if (!System.IO.Directory.Exists(Directory)) return 0;
+        int removed = 0;
+        foreach (var d in System.IO.Directory.GetDirectories(Directory))
+        {
+            var n = Path.GetFileName(d);
+            if (!n.StartsWith(".upload-", StringComparison.Ordinal) && !n.StartsWith(".deleted-", StringComparison.Ordinal)) continue;
+            try { System.IO.Directory.Delete(d, recursive: true); removed++; }
+            catch (IOException) { }
+        }
+        return removed;
+    }
+
+    /// <summary>Bytes still allowed in the upload being saved (all files together).</summary>
+    private sealed class Budget(long bytes) { public long Left = bytes; }
+
     public sealed record Entry(string Name, string PeftType, long Bytes, DateTimeOffset Created);
 
     public IReadOnlyList<Entry> List()
@@ -57,14 +75,28 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         System.IO.Directory.CreateDirectory(Directory);
         var staging = Path.Combine(Directory, $".upload-{Guid.NewGuid():N}");
         System.IO.Directory.CreateDirectory(staging);
+        var budget = new Budget(limits.MaxBytes);
         try
         {
-            if (files.Count == 1 && IsArchive(files[0].FileName)) Unpack(files[0], staging);
-            else foreach (var f in files) Write(staging, f.FileName, f.Content, f.Length);
+            try
+            {
+                if (files.Count == 1 && IsArchive(files[0].FileName)) Unpack(files[0], staging, budget);
+                else foreach (var f in files) Write(staging, f.FileName, f.Content, budget);
+            }
+            catch (Exception e) when (e is InvalidDataException or EndOfStreamException or FormatException or ArgumentException)
+            {
+                throw new ApiException(400, $"'{files[0].FileName}' is not a readable .zip or .tar.gz archive: {e.Message}", "files", "invalid_archive");
+            }
+            if (!File.Exists(Path.Combine(staging, AdapterFolder.ConfigFile)))
+                throw new ApiException(422, $"the upload has no {AdapterFolder.ConfigFile}", "files", "invalid_adapter");
 
             // Shape validation against the base model, before the adapter is visible.
             try { AdapterMethods.Load(staging, name, baseModel, adapterLimits).Dispose(); }
-            catch (AdapterException e) { throw new ApiException(422, e.Message.Replace(staging, name), "files", "invalid_adapter"); }
+            catch (Exception e) when (e is AdapterException or PeftServe.Core.SafeTensors.SafeTensorsFormatException or System.Text.Json.JsonException
+                                       or InvalidDataException or IOException or ArgumentException or InvalidOperationException)
+            {
+                throw new ApiException(422, e.Message.Replace(staging, name), "files", "invalid_adapter");
+            }
 
             var target = Path.Combine(Directory, name);
             lock (_lock)
@@ -100,7 +132,7 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         || fileName.EndsWith(".tgz", StringComparison.OrdinalIgnoreCase);
 
     /// <summary>Writes one known file, by its bare name only (no folders, nothing escaping the staging folder).</summary>
-    private void Write(string staging, string fileName, Stream content, long length)
+    private void Write(string staging, string fileName, Stream content, Budget budget)
     {
         var bare = Path.GetFileName(fileName.Replace('\\', '/'));
         if (!KnownFiles.Contains(bare))
@@ -108,19 +140,18 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         var path = Path.Combine(staging, bare);
         if (File.Exists(path)) throw new ApiException(400, $"file '{bare}' given twice", "files");
         using var output = File.Create(path);
-        CopyLimited(content, output, limits.MaxBytes, fileName);
+        CopyLimited(content, output, budget, limits.MaxBytes, fileName);
     }
 
-    private void Unpack((string FileName, Stream Content, long Length) archive, string staging)
+    private void Unpack((string FileName, Stream Content, long Length) archive, string staging, Budget budget)
     {
-        var entries = new List<(string Name, Stream Data, long Length)>();
         if (archive.FileName.EndsWith(".zip", StringComparison.OrdinalIgnoreCase))
         {
             using var zip = new ZipArchive(archive.Content, ZipArchiveMode.Read);
             if (zip.Entries.Count > limits.MaxFiles) throw new ApiException(400, $"archive has {zip.Entries.Count} entries (at most {limits.MaxFiles})", "files");
             if (zip.Entries.Sum(e => e.Length) > limits.MaxBytes) throw new ApiException(413, $"archive unpacks to more than {limits.MaxBytes} bytes", "files");
             foreach (var e in zip.Entries.Where(e => !e.FullName.EndsWith('/')))
-                WriteEntry(staging, e.FullName, e.Open(), e.Length);
+                WriteEntry(staging, e.FullName, e.Open(), budget);
             return;
         }
         using var gz = new GZipStream(archive.Content, CompressionMode.Decompress);
@@ -135,30 +166,31 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
                 throw new ApiException(400, $"archive entry '{e.Name}' is not a regular file (links and devices are refused)", "files");
             total += e.Length;
             if (total > limits.MaxBytes) throw new ApiException(413, $"archive unpacks to more than {limits.MaxBytes} bytes", "files");
-            WriteEntry(staging, e.Name, e.DataStream ?? Stream.Null, e.Length);
+            WriteEntry(staging, e.Name, e.DataStream ?? Stream.Null, budget);
         }
     }
 
     /// <summary>Archive entries may sit in one top-level folder; anything with '..' or a root is refused.</summary>
-    private void WriteEntry(string staging, string entryName, Stream data, long length)
+    private void WriteEntry(string staging, string entryName, Stream data, Budget budget)
     {
         var normalized = entryName.Replace('\\', '/');
         if (normalized.StartsWith('/') || normalized.Split('/').Any(p => p == ".."))
             throw new ApiException(400, $"archive entry '{entryName}' escapes the adapter folder", "files");
         var parts = normalized.Split('/', StringSplitOptions.RemoveEmptyEntries);
         if (parts.Length > 2) throw new ApiException(400, $"archive entry '{entryName}' is nested too deep", "files");
-        using (data) Write(staging, parts[^1], data, length);
+        using (data) Write(staging, parts[^1], data, budget);
     }
 
-    private static void CopyLimited(Stream from, Stream to, long max, string name)
+    /// <summary>Copies at most what the budget allows, counting the bytes actually read (an archive's
+    /// declared sizes are not trusted).</summary>
+    private static void CopyLimited(Stream from, Stream to, Budget budget, long max, string name)
     {
         var buffer = new byte[81920];
-        long total = 0;
         int read;
         while ((read = from.Read(buffer)) > 0)
         {
-            total += read;
-            if (total > max) throw new ApiException(413, $"'{name}' is larger than {max} bytes", "files");
+            budget.Left -= read;
+            if (budget.Left < 0) throw new ApiException(413, $"the upload unpacks to more than {max} bytes (at '{name}')", "files", "upload_too_large");
             to.Write(buffer, 0, read);
         }
     }

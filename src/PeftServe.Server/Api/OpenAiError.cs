@@ -9,6 +9,8 @@ public sealed record OpenAiError(
     [property: JsonPropertyName("param")] string? Param = null,
     [property: JsonPropertyName("code")] string? Code = null)
 {
+    public static IResult Result(ApiException e) => Result(e.Status, e.Message, e.Param, e.Code);
+
     public static IResult Result(int status, string message, string? param = null, string? code = null)
     {
         var type = status switch
@@ -30,4 +32,6 @@ public sealed class ApiException(int status, string message, string? param = nul
     public int Status { get; } = status;
     public string? Param { get; } = param;
     public string? Code { get; } = code;
+    /// <summary>Sent as Retry-After (429 and 503).</summary>
+    public int? RetryAfterSeconds { get; init; }
 }

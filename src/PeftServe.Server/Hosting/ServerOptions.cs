@@ -11,6 +11,10 @@ public sealed class ServerOptions
     public string? ModelName { get; set; }
     public string Device { get; set; } = "cpu";
     public string? DType { get; set; }
+    /// <summary>none or nf4: how the decoder's linear layers store their weights.</summary>
+    public string Quantize { get; set; } = "none";
+    /// <summary>With nf4: quantize the absmax values too (QLoRA double quantization).</summary>
+    public bool DoubleQuant { get; set; }
     public string AdapterStore { get; set; } = "adapters";
     /// <summary>Bearer keys for the API; empty means no authentication (then only localhost is served).</summary>
     public List<string> ApiKeys { get; set; } = [];
@@ -18,6 +22,25 @@ public sealed class ServerOptions
     public List<string> AdminKeys { get; set; } = [];
     /// <summary>Largest adapter upload, in bytes.</summary>
     public long MaxUploadBytes { get; set; } = 512L << 20;
+    /// <summary>Most files in one upload, or entries in one archive.</summary>
+    public int MaxUploadFiles { get; set; } = 16;
+
+    // The engine's knobs (see PeftServe.Core.Engine.EngineOptions).
+    public int MaxBatchSize { get; set; } = 32;
+    public int MaxQueueLength { get; set; } = 256;
+    public int PrefillChunkTokens { get; set; } = 512;
+    public int KvBlockSize { get; set; } = 16;
+    public double KvCacheFraction { get; set; } = 0.9;
+    public long KvCacheMaxBytes { get; set; }
+    public int? KvCacheBlocks { get; set; }
+    public long HostCacheBytes { get; set; } = 2L << 30;
+    public int SlotsPerMethod { get; set; } = 16;
+    public int MaxAdapterRank { get; set; } = 64;
+
+    /// <summary>Seconds a client is told to wait (Retry-After) when the queue is full.</summary>
+    public int RetryAfterSeconds { get; set; } = 1;
+    /// <summary>max_tokens when a chat request gives none (bounded by what the KV cache holds).</summary>
+    public int DefaultChatMaxTokens { get; set; } = 256;
 
     public bool AuthEnabled => ApiKeys.Count > 0 || AdminKeys.Count > 0;
 }

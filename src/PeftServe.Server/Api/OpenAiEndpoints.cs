@@ -1,0 +1,156 @@
+using System.Text;
+using PeftServe.Core.Engine;
+using PeftServe.Core.Generation;
+using PeftServe.Server.Hosting;
+using PeftServe.Server.Serving;
+
+namespace PeftServe.Server.Api;
+
+/// <summary>The OpenAI-compatible API: /v1/models, /v1/completions and /v1/chat/completions, with
+/// and without streaming. The adapter is chosen by "model".</summary>
+public static class OpenAiEndpoints
+{
+    public static void Map(WebApplication app)
+    {
+        app.MapGet("/v1/models", (ModelHost host) =>
+        {
+            if (!host.IsReady) return OpenAiError.Result(503, "the model is still loading", code: "model_loading");
+            long created = host.LoadedAt.ToUnixTimeSeconds();
+            var data = new List<object> { new { id = host.ModelName, @object = "model", created, owned_by = "peftserve", root = host.ModelName, parent = (string?)null } };
+            data.AddRange(host.Store.List().Select(a => (object)new
+            {
+                id = a.Name, @object = "model", created = a.Created.ToUnixTimeSeconds(), owned_by = "peftserve", root = host.ModelName, parent = host.ModelName,
+                peft_type = a.PeftType,
+            }));
+            return Results.Ok(new { @object = "list", data });
+        });
+        app.MapGet("/v1/models/{id}", (string id, ModelHost host, GenerationService gen) =>
+        {
+            var (modelId, adapter) = gen.ResolveModel(id);
+            return Results.Ok(new { id = modelId, @object = "model", created = host.LoadedAt.ToUnixTimeSeconds(), owned_by = "peftserve", root = host.ModelName, parent = adapter is null ? null : host.ModelName });
+        });
+        app.MapPost("/v1/completions", Completions);
+        app.MapPost("/v1/chat/completions", ChatCompletions);
+    }
+
+    public static string FinishName(FinishReason f) => f switch
+    {
+        FinishReason.Stop => "stop",
+        FinishReason.Length => "length",
+        _ => "cancelled",
+    };
+
+    private static async Task<string> ReadBody(HttpContext context)
+    {
+        using var reader = new StreamReader(context.Request.Body, Encoding.UTF8);
+        return await reader.ReadToEndAsync(context.RequestAborted);
+    }
+
+    private static async Task Completions(HttpContext context, GenerationService gen)
+    {
+        var body = OpenAiRequests.ParseBody(await ReadBody(context));
+        var req = OpenAiRequests.ParseCompletion(body);
+        var (modelId, adapter) = gen.ResolveModel(req.Settings.Model);
+        var prompt = req.PromptIds?.ToArray() ?? gen.TextPrompt(req.PromptText!);
+        var request = gen.Build(req.Settings, prompt, adapter, defaultMaxTokens: 16);
+        var generation = gen.Start("completions", modelId, request, context.RequestAborted);
+        string id = "cmpl-" + generation.Id["req-".Length..];
+        long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        string echo = req.Echo ? req.PromptText ?? gen.Decode(prompt) : "";
+
+        if (!req.Settings.Stream)
+        {
+            var text = new StringBuilder(echo);
+            await foreach (var e in generation.WithCancellation(context.RequestAborted)) text.Append(e.Text);
+            await Results.Json(new
+            {
+                id, @object = "text_completion", created, model = modelId,
+                choices = new[] { new { index = 0, text = text.ToString(), logprobs = (object?)null, finish_reason = FinishName(generation.Finish) } },
+                usage = Usage(generation),
+            }).ExecuteAsync(context);
+            return;
+        }
+
+        var sse = new SseWriter(context.Response);
+        object Chunk(string text, string? finish) => new
+        {
+            id, @object = "text_completion", created, model = modelId,
+            choices = new[] { new { index = 0, text, logprobs = (object?)null, finish_reason = finish } },
+        };
+        await Stream(context, sse, generation, req.Settings.IncludeUsage,
+            first: echo.Length > 0 ? Chunk(echo, null) : null,
+            token: t => Chunk(t, null),
+            final: f => Chunk("", f),
+            usage: () => new { id, @object = "text_completion", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(generation) });
+    }
+
+    private static async Task ChatCompletions(HttpContext context, GenerationService gen)
+    {
+        var body = OpenAiRequests.ParseBody(await ReadBody(context));
+        var req = OpenAiRequests.ParseChat(body);
+        var (modelId, adapter) = gen.ResolveModel(req.Settings.Model);
+        var prompt = gen.ChatPrompt(req.Messages);
+        var request = gen.Build(req.Settings, prompt, adapter, gen.DefaultChatMaxTokens);
+        var generation = gen.Start("chat", modelId, request, context.RequestAborted);
+        string id = "chatcmpl-" + generation.Id["req-".Length..];
+        long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+
+        if (!req.Settings.Stream)
+        {
+            var text = new StringBuilder();
+            await foreach (var e in generation.WithCancellation(context.RequestAborted)) text.Append(e.Text);
+            await Results.Json(new
+            {
+                id, @object = "chat.completion", created, model = modelId,
+                choices = new[] { new { index = 0, message = new { role = "assistant", content = text.ToString() }, logprobs = (object?)null, finish_reason = FinishName(generation.Finish) } },
+                usage = Usage(generation),
+            }).ExecuteAsync(context);
+            return;
+        }
+
+        var sse = new SseWriter(context.Response);
+        object Chunk(object delta, string? finish) => new
+        {
+            id, @object = "chat.completion.chunk", created, model = modelId,
+            choices = new[] { new { index = 0, delta, logprobs = (object?)null, finish_reason = finish } },
+        };
+        await Stream(context, sse, generation, req.Settings.IncludeUsage,
+            first: Chunk(new { role = "assistant", content = "" }, null),
+            token: t => Chunk(new { content = t }, null),
+            final: f => Chunk(new { }, f),
+            usage: () => new { id, @object = "chat.completion.chunk", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(generation) });
+    }
+
+    private static object Usage(Generation g) => new
+    {
+        prompt_tokens = g.PromptTokens,
+        completion_tokens = g.CompletionTokens,
+        total_tokens = g.PromptTokens + g.CompletionTokens,
+    };
+
+    /// <summary>Streams a generation as SSE. The headers wait for the first event, so a request that
+    /// fails before its first token (an adapter that cannot be loaded) still gets its status code; a
+    /// failure after that becomes an error event. A client that goes away cancels the request.</summary>
+    private static async Task Stream(HttpContext context, SseWriter sse, Generation generation, bool includeUsage,
+        object? first, Func<string, object> token, Func<string, object> final, Func<object> usage)
+    {
+        var aborted = context.RequestAborted;
+        try
+        {
+            await foreach (var e in generation.WithCancellation(aborted))
+            {
+                if (!sse.Started && first is not null) await sse.WriteAsync(first, aborted);
+                if (e.Text.Length > 0) await sse.WriteAsync(token(e.Text), aborted);
+                if (e.Finish is { } f) await sse.WriteAsync(final(FinishName(f)), aborted);
+            }
+            if (!sse.Started && first is not null) await sse.WriteAsync(first, aborted);
+            if (includeUsage) await sse.WriteAsync(usage(), aborted);
+            await sse.DoneAsync(aborted);
+        }
+        catch (ApiException e) when (sse.Started && !aborted.IsCancellationRequested)
+        {
+            await sse.WriteAsync(new { error = new OpenAiError(e.Message, "server_error", e.Param, e.Code) }, aborted);
+            await sse.DoneAsync(aborted);
+        }
+    }
+}

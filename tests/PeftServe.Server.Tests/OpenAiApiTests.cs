@@ -1,0 +1,254 @@
+using System.ClientModel;
+using System.Net;
+using System.Net.Http.Json;
+using System.Text;
+using System.Text.Json;
+using OpenAI;
+using OpenAI.Chat;
+
+namespace PeftServe.Server.Tests;
+
+/// <summary>The OpenAI-compatible API through the official OpenAI .NET library (and raw HTTP where
+/// the library has no call), against the real server and the default tiny model.</summary>
+public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<ServerFixture>
+{
+    private TestServer S => fixture.Server;
+
+    private OpenAIClient Client() => new(new ApiKeyCredential("unused"), new OpenAIClientOptions { Endpoint = new Uri(S.Url + "/v1") });
+
+    private static ChatCompletionOptions Greedy(int maxTokens) => new() { Temperature = 0f, MaxOutputTokenCount = maxTokens };
+
+    private static readonly ChatMessage[] Hello = [new SystemChatMessage("You are terse."), new UserChatMessage("Hello there")];
+
+    [Fact]
+    public async Task ModelsListsTheBaseModelAndEveryAdapter()
+    {
+        var models = (await Client().GetOpenAIModelClient().GetModelsAsync()).Value;
+        var ids = models.Select(m => m.Id).ToList();
+        Assert.Equal("tiny-llama", ids[0]);
+        Assert.Equal(TestServer.StoreAdapters.Order(StringComparer.Ordinal), ids.Skip(1));
+    }
+
+    [Fact]
+    public async Task GreedyChatIsDeterministicReportsUsageAndDiffersPerAdapter()
+    {
+        var baseChat = Client().GetChatClient("tiny-llama");
+        var a = (await baseChat.CompleteChatAsync(Hello, Greedy(12))).Value;
+        var b = (await baseChat.CompleteChatAsync(Hello, Greedy(12))).Value;
+        Assert.Equal(a.Content[0].Text, b.Content[0].Text);
+        Assert.Equal(ChatFinishReason.Length, a.FinishReason);
+        Assert.Equal(12, a.Usage.OutputTokenCount);
+        Assert.True(a.Usage.InputTokenCount > 5);
+        Assert.Equal(a.Usage.InputTokenCount + 12, a.Usage.TotalTokenCount);
+        Assert.Equal("tiny-llama", a.Model);
+
+        var lora = (await Client().GetChatClient("tiny-lora-r8-all").CompleteChatAsync(Hello, Greedy(12))).Value;
+        Assert.Equal("tiny-lora-r8-all", lora.Model);
+        Assert.NotEqual(a.Content[0].Text, lora.Content[0].Text);
+    }
+
+    [Fact]
+    public async Task StreamingChatYieldsTheSameTextAsOneShot()
+    {
+        var chat = Client().GetChatClient("tiny-ia3");
+        var whole = (await chat.CompleteChatAsync(Hello, Greedy(16))).Value;
+        var text = new StringBuilder();
+        int updates = 0;
+        ChatFinishReason? finish = null;
+        ChatTokenUsage? usage = null;
+        await foreach (var u in chat.CompleteChatStreamingAsync(Hello, Greedy(16)))
+        {
+            updates++;
+            foreach (var part in u.ContentUpdate) text.Append(part.Text);
+            finish ??= u.FinishReason;
+            usage ??= u.Usage;
+        }
+        Assert.Equal(whole.Content[0].Text, text.ToString());
+        Assert.True(updates >= 8, $"only {updates} updates: tokens were not streamed one by one");
+        Assert.Equal(ChatFinishReason.Length, finish);
+        Assert.NotNull(usage);
+        Assert.Equal(16, usage!.OutputTokenCount);
+    }
+
+    [Fact]
+    public async Task ConcurrentStreamsOverSeveralAdaptersMatchTheirSequentialResults()
+    {
+        string[] models = ["tiny-llama", .. TestServer.StoreAdapters];
+        var client = Client();
+        var sequential = new Dictionary<string, string>();
+        foreach (var m in models) sequential[m] = (await client.GetChatClient(m).CompleteChatAsync(Hello, Greedy(10))).Value.Content[0].Text;
+
+        async Task<(string Model, string Text)> Stream(string model)
+        {
+            var sb = new StringBuilder();
+            await foreach (var u in client.GetChatClient(model).CompleteChatStreamingAsync(Hello, Greedy(10)))
+                foreach (var p in u.ContentUpdate) sb.Append(p.Text);
+            return (model, sb.ToString());
+        }
+        var results = await Task.WhenAll(models.Concat(models).Select(Stream));
+        foreach (var (model, text) in results) Assert.Equal(sequential[model], text);
+        Assert.True(sequential.Values.Distinct().Count() >= 3, "the adapters should change the output");
+    }
+
+    [Fact]
+    public async Task ASeedMakesSampledOutputRepeatable()
+    {
+        var chat = Client().GetChatClient("tiny-llama");
+        ChatCompletionOptions Options(long seed) => new() { Temperature = 1f, MaxOutputTokenCount = 24, Seed = seed };
+        var a = (await chat.CompleteChatAsync(Hello, Options(7))).Value.Content[0].Text;
+        var b = (await chat.CompleteChatAsync(Hello, Options(7))).Value.Content[0].Text;
+        var c = (await chat.CompleteChatAsync(Hello, Options(8))).Value.Content[0].Text;
+        Assert.Equal(a, b);
+        Assert.NotEqual(a, c);
+    }
+
+    [Fact]
+    public async Task StopSequencesEndTheTextBeforeThem()
+    {
+        var chat = Client().GetChatClient("tiny-llama");
+        var full = (await chat.CompleteChatAsync(Hello, Greedy(24))).Value.Content[0].Text;
+        // Stop at a piece of the greedy continuation: the answer is the text before it.
+        var stop = full.Substring(6, 2);
+        int at = full.IndexOf(stop, StringComparison.Ordinal);
+        var options = Greedy(24);
+        options.StopSequences.Add(stop);
+        var stopped = (await chat.CompleteChatAsync(Hello, options)).Value;
+        Assert.Equal(full[..at], stopped.Content.Count == 0 ? "" : stopped.Content[0].Text);
+        Assert.Equal(ChatFinishReason.Stop, stopped.FinishReason);
+    }
+
+    [Fact]
+    public async Task CompletionsStreamAsServerSentEventsEndingWithDone()
+    {
+        var oneShot = await S.PostJsonAsync("v1/completions", new { model = "tiny-lora-r4-qv", prompt = "Once upon", max_tokens = 8, temperature = 0 });
+        Assert.Equal("text_completion", oneShot.GetProperty("object").GetString());
+        var choice = oneShot.GetProperty("choices")[0];
+        Assert.Equal("length", choice.GetProperty("finish_reason").GetString());
+        Assert.Equal(8, oneShot.GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+
+        using var request = new HttpRequestMessage(HttpMethod.Post, "v1/completions")
+        {
+            Content = JsonContent.Create(new { model = "tiny-lora-r4-qv", prompt = "Once upon", max_tokens = 8, temperature = 0, stream = true, stream_options = new { include_usage = true } }),
+        };
+        using var response = await S.Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
+        Assert.Equal("text/event-stream", response.Content.Headers.ContentType!.MediaType);
+        var lines = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+        Assert.All(lines, l => Assert.StartsWith("data: ", l));
+        Assert.Equal("data: [DONE]", lines[^1]);
+        var chunks = lines[..^1].Select(l => JsonDocument.Parse(l["data: ".Length..]).RootElement).ToList();
+        var text = string.Concat(chunks.Where(c => c.GetProperty("choices").GetArrayLength() > 0).Select(c => c.GetProperty("choices")[0].GetProperty("text").GetString()));
+        Assert.Equal(choice.GetProperty("text").GetString(), text);
+        Assert.Equal("length", chunks[^2].GetProperty("choices")[0].GetProperty("finish_reason").GetString());
+        Assert.Equal(8, chunks[^1].GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+        Assert.All(chunks, c => Assert.Equal(chunks[0].GetProperty("id").GetString(), c.GetProperty("id").GetString()));
+    }
+
+    [Fact]
+    public async Task TokenIdPromptsAndEchoAreAccepted()
+    {
+        var ids = new[] { 1, 40, 41, 42 };
+        var body = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 3, temperature = 0, echo = true });
+        Assert.Equal(4, body.GetProperty("usage").GetProperty("prompt_tokens").GetInt32());
+        Assert.Equal("tiny-llama", body.GetProperty("model").GetString());
+    }
+
+    [Theory]
+    [InlineData("{not json", 400, null)]
+    [InlineData("[1,2]", 400, null)]
+    [InlineData("""{"model":"no-such-model","prompt":"x"}""", 404, "model_not_found")]
+    [InlineData("""{"model":"../tiny-ia3","prompt":"x"}""", 404, "model_not_found")]
+    [InlineData("""{"prompt":"x","max_tokens":0}""", 400, null)]
+    [InlineData("""{"prompt":"x","max_tokens":100000}""", 400, "context_length_exceeded")]
+    [InlineData("""{"prompt":"x","temperature":7}""", 400, null)]
+    [InlineData("""{"prompt":"x","top_p":"high"}""", 400, null)]
+    [InlineData("""{"prompt":"x","n":3}""", 400, null)]
+    [InlineData("""{"prompt":[999999]}""", 400, null)]
+    [InlineData("""{"max_tokens":3}""", 400, null)]
+    [InlineData("""{"prompt":"x","stop":["a","b","c","d","e"]}""", 400, null)]
+    public async Task BadCompletionRequestsGetOpenAiErrors(string body, int status, string? code)
+    {
+        using var response = await S.Http.PostAsync("v1/completions", new StringContent(body, Encoding.UTF8, "application/json"));
+        Assert.Equal(status, (int)response.StatusCode);
+        var error = (await response.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error");
+        Assert.False(string.IsNullOrEmpty(error.GetProperty("message").GetString()));
+        Assert.Equal("invalid_request_error", error.GetProperty("type").GetString());
+        if (code is not null) Assert.Equal(code, error.GetProperty("code").GetString());
+        // ... and the server keeps serving.
+        Assert.Equal(HttpStatusCode.OK, (await S.Http.GetAsync("health")).StatusCode);
+    }
+
+    [Fact]
+    public async Task BadChatRequestsGetOpenAiErrorsThroughTheClientLibrary()
+    {
+        var missing = await Assert.ThrowsAsync<ClientResultException>(() => Client().GetChatClient("nope").CompleteChatAsync(Hello));
+        Assert.Equal(404, missing.Status);
+        using var response = await S.Http.PostAsync("v1/chat/completions",
+            new StringContent("""{"messages":[{"content":"no role"}]}""", Encoding.UTF8, "application/json"));
+        Assert.Equal(HttpStatusCode.BadRequest, response.StatusCode);
+        Assert.Equal("messages[0].role", (await response.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error").GetProperty("param").GetString());
+        using var unknown = await S.Http.GetAsync("v1/nothing-here");
+        Assert.Equal(HttpStatusCode.NotFound, unknown.StatusCode);
+    }
+
+    [Fact]
+    public async Task AClientThatDisconnectsCancelsItsRequest()
+    {
+        // Warm the streaming path first, so that the generation below is still running when the client goes.
+        using (var warm = await S.Http.PostAsJsonAsync("v1/completions", new { prompt = "Warm", max_tokens = 4, stream = true }))
+            await warm.Content.ReadAsStringAsync();
+        double before = await S.MetricAsync("peftserve_engine_requests_total{outcome=\"cancelled\"}");
+        // A raw socket: send the request, read the first bytes of the stream, then close the connection.
+        using (var tcp = new System.Net.Sockets.TcpClient())
+        {
+            var uri = new Uri(S.Url);
+            await tcp.ConnectAsync(uri.Host, uri.Port);
+            var stream = tcp.GetStream();
+            var json = """{"prompt":"Long story","max_tokens":248,"ignore_eos":true,"stream":true}""";
+            var head = $"POST /v1/completions HTTP/1.1\r\nHost: {uri.Authority}\r\nContent-Type: application/json\r\nContent-Length: {json.Length}\r\n\r\n{json}";
+            await stream.WriteAsync(Encoding.ASCII.GetBytes(head));
+            var buffer = new byte[256];
+            Assert.True(await stream.ReadAsync(buffer) > 0);
+            tcp.Client.Close();
+        }
+        double after = before;
+        for (int i = 0; i < 100 && after <= before; i++)
+        {
+            await Task.Delay(100);
+            after = await S.MetricAsync("peftserve_engine_requests_total{outcome=\"cancelled\"}");
+        }
+        Assert.True(after > before, "the engine did not see the request cancelled");
+    }
+
+    [Fact]
+    public async Task MetricsAreInPrometheusTextFormat()
+    {
+        await Client().GetChatClient("tiny-lora-r4-qv").CompleteChatAsync(Hello, Greedy(4));
+        using var response = await S.Http.GetAsync("metrics");
+        Assert.StartsWith("text/plain", response.Content.Headers.ContentType!.ToString());
+        var text = await response.Content.ReadAsStringAsync();
+        foreach (var name in new[] { "peftserve_requests_total", "peftserve_completion_tokens_total", "peftserve_queue_depth", "peftserve_batch_size",
+                     "peftserve_adapter_cache_hits_total", "peftserve_adapter_cache_misses_total", "peftserve_adapter_cache_evictions_total",
+                     "peftserve_time_to_first_token_seconds", "peftserve_inter_token_latency_seconds" })
+            Assert.Contains("# TYPE " + name, text);
+        Assert.True(await S.MetricAsync("peftserve_completion_tokens_total{model=\"tiny-lora-r4-qv\"}") >= 4);
+        Assert.True(await S.MetricAsync("peftserve_requests_total{api=\"chat\",model=\"tiny-lora-r4-qv\",outcome=\"ok\"}") >= 1);
+        Assert.True(await S.MetricAsync("peftserve_time_to_first_token_seconds_count{api=\"chat\"}") >= 1);
+        Assert.True(await S.MetricAsync("peftserve_inter_token_latency_seconds_count{api=\"chat\"}") >= 3);
+        Assert.True(await S.MetricAsync("peftserve_adapter_cache_misses_total") >= 1);
+    }
+}
+
+public sealed class QueueLimitTests
+{
+    [Fact]
+    public async Task AFullQueueAnswers429WithRetryAfter()
+    {
+        await using var server = await TestServer.StartAsync("--max-queue-length", "0");
+        using var response = await server.Http.PostAsJsonAsync("v1/chat/completions", new { messages = new[] { new { role = "user", content = "hi" } }, max_tokens = 2 });
+        Assert.Equal(HttpStatusCode.TooManyRequests, response.StatusCode);
+        Assert.Equal(TimeSpan.FromSeconds(1), response.Headers.RetryAfter!.Delta);
+        var error = (await response.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error");
+        Assert.Equal("queue_full", error.GetProperty("code").GetString());
+        Assert.Equal(1, await server.MetricAsync("peftserve_requests_total{api=\"chat\",model=\"tiny-llama\",outcome=\"rejected\"}"));
+    }
+}
