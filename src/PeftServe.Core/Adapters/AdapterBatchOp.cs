@@ -41,18 +41,9 @@ public sealed class MethodRows : IDisposable
 
 /// <summary>A method's work on one forward pass. Each hook defaults to "nothing to do"; a method
 /// overrides the hooks where it acts.</summary>
-public abstract class AdapterBatchOp(MethodRows rows) : IAdapterHooks, IDisposable
+public abstract class AdapterBatchOp(MethodRows rows) : IdentityAdapterHooks, IDisposable
 {
     protected MethodRows Rows { get; } = rows;
-
-    public virtual Tensor Embeddings(Tensor embeddings) => embeddings;
-    public virtual Tensor Qkv(int layer, Tensor x, Tensor qkv) => qkv;
-    public virtual (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) => (keys, values);
-    public virtual Tensor? ExtraAttention(int layer, Tensor queries) => null;
-    public virtual Tensor AttentionOutput(int layer, Tensor x, Tensor output) => output;
-    public virtual Tensor GateUp(int layer, Tensor x, Tensor gateUp) => gateUp;
-    public virtual Tensor DownInput(int layer, Tensor x) => x;
-    public virtual Tensor MlpOutput(int layer, Tensor x, Tensor output) => output;
 
     public virtual void Dispose() => Rows.Dispose();
 

@@ -34,3 +34,17 @@ public interface IAdapterHooks
     /// <summary>The down projection's result [B,T,hidden] for input <paramref name="x"/>, before the residual add.</summary>
     Tensor MlpOutput(int layer, Tensor x, Tensor output);
 }
+
+/// <summary><see cref="IAdapterHooks"/> that leave every input unchanged: the base of the serving-time
+/// batched ops and of the training modules, which override only the hooks where their method acts.</summary>
+public abstract class IdentityAdapterHooks : IAdapterHooks
+{
+    public virtual Tensor Embeddings(Tensor embeddings) => embeddings;
+    public virtual Tensor Qkv(int layer, Tensor x, Tensor qkv) => qkv;
+    public virtual (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) => (keys, values);
+    public virtual Tensor? ExtraAttention(int layer, Tensor queries) => null;
+    public virtual Tensor AttentionOutput(int layer, Tensor x, Tensor output) => output;
+    public virtual Tensor GateUp(int layer, Tensor x, Tensor gateUp) => gateUp;
+    public virtual Tensor DownInput(int layer, Tensor x) => x;
+    public virtual Tensor MlpOutput(int layer, Tensor x, Tensor output) => output;
+}

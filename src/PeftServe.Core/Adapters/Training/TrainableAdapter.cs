@@ -10,7 +10,7 @@ namespace PeftServe.Core.Adapters.Training;
 /// adapter folder the server loads. Each method's training module lives in the method's own folder
 /// (Adapters/Lora/LoraTraining.cs, ...) and is listed once in <see cref="TrainingMethods"/>.
 /// Hooks cast parameters to the activations' dtype, so a bfloat16 model trains float32 parameters.</summary>
-public abstract class TrainableAdapter : IAdapterHooks, IDisposable
+public abstract class TrainableAdapter : IdentityAdapterHooks, IDisposable
 {
     private readonly List<(string Name, Tensor Value)> _parameters = [];
 
@@ -87,15 +87,6 @@ public abstract class TrainableAdapter : IAdapterHooks, IDisposable
         }
     }
 
-    // ---- hooks: nothing to do unless a method overrides ----
-    public virtual Tensor Embeddings(Tensor embeddings) => embeddings;
-    public virtual Tensor Qkv(int layer, Tensor x, Tensor qkv) => qkv;
-    public virtual (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) => (keys, values);
-    public virtual Tensor? ExtraAttention(int layer, Tensor queries) => null;
-    public virtual Tensor AttentionOutput(int layer, Tensor x, Tensor output) => output;
-    public virtual Tensor GateUp(int layer, Tensor x, Tensor gateUp) => gateUp;
-    public virtual Tensor DownInput(int layer, Tensor x) => x;
-    public virtual Tensor MlpOutput(int layer, Tensor x, Tensor output) => output;
 
     /// <summary>Frees modules the method owns besides the registered parameters.</summary>
     protected virtual void DisposeModules() { }
