@@ -35,13 +35,13 @@ public static class Nf4KernelSelfCheck
         {
             Nf4CudaKernel.EnsureLoaded(0);
         }
-        catch (Nf4CudaKernel.CudaException e)
+        catch (PeftServe.Core.Cuda.CudaException e)
         {
             log.WriteLine($"nf4-kernel self-check: the kernel could not be prepared: {e.Message}");
             return 2;
         }
         var kernels = Nf4CudaKernel.For(0)!;
-        log.WriteLine($"nf4-kernel self-check: compute capability {kernels.Major}.{kernels.Minor}, compiled for {kernels.Target}, " +
+        log.WriteLine($"nf4-kernel self-check: compiled for {kernels.Target}, " +
                       $"{iterations} iterations per timing, median of {Repeats} batches; enabled={Nf4CudaKernel.Enabled}");
         log.WriteLine("columns: rel.err = |fused - fp32 reference| / |reference|; vs plain = |Nf4Linear.Forward - tensor-op path| / |..|;");
         log.WriteLine("deq = dequantization kernel bit-identical to tensor ops; times in microseconds per call (host overhead included);");

@@ -27,7 +27,7 @@ public sealed class Nf4CudaKernelTests
     [Fact]
     public void SourceDefinesEveryEntryPointTheHostLooksUp()
     {
-        var src = Nf4CudaKernel.KernelSource;
+        var src = PeftServe.Core.Cuda.KernelModule.Source("nf4.cu");
         for (int m = 1; m <= Nf4CudaKernel.MaxRows; m++)
             Assert.Contains($"NF4_INSTANTIATE({m})", src);
         Assert.Contains("nf4_gemv_bf16_m##M(", src);

@@ -1,0 +1,115 @@
+// Batched gathered matrix-vector products for adapters kept in slot pools (the BGMV shape of Punica and
+// S-LoRA): every token multiplies its own adapter's matrices, read in place from the pool through the
+// token's slot index, so rows with 32 different adapters cost one launch and no per-row copies.
+// A pool holds, per slot s, K stacked "down" matrices A[s][j] ([R, in]) and per target j an "up" matrix
+// B_j[s] ([R, out_j], rank-major so a rank's row is contiguous). ranks[s][col + j] is the adapter's rank
+// for target j (0: the adapter has no such target); ranks past it are never read. A slot index < 0 means
+// the token's sequence has no adapter of this kind: nothing is added.
+// Used by LoRA (K = 3 for q|k|v, 2 for gate|up, 1 for o and down) and by bottleneck adapters (K = 1, with
+// a bias and an activation between the two products).
+#include "common.cuh"
+
+#define WARPS 4
+
+// d[n][j][r] = sum_k x[n][k] * A[s][j][r][k] for r < rank(s, j); 0 elsewhere. s = slots[n / tokens_per_row].
+// x: [N, in] with row stride x_stride; A: [S, K, R, in]; d: float [N, K, R]. in % VEC == 0, rows 16-byte aligned.
+// One warp per (n, j, r).
+extern "C" __global__ void __launch_bounds__(WARPS * 32) bgmv_shrink(
+    const T* __restrict__ x, long long x_stride, const long long* __restrict__ slots, int tokens_per_row,
+    const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,
+    float* __restrict__ d, int K, int R, int in)
+{
+    const int n = blockIdx.y;
+    const int pair = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (pair >= K * R) return;
+    const int j = pair / R, r = pair - j * R;
+    const long long s = slots[n / tokens_per_row];
+    float* dst = d + ((long long)n * K + j) * R + r;
+    if (s < 0 || r >= ranks[s * rank_stride + rank_col + j])
+    {
+        if (lane == 0) *dst = 0.0f;
+        return;
+    }
+    const T* a = A + ((s * K + j) * (long long)R + r) * (long long)in;
+    const T* xr = x + (long long)n * x_stride;
+    float sum = 0.0f;
+    for (int k = lane * VEC; k < in; k += 32 * VEC)
+    {
+        float av[VEC], xv[VEC];
+        load_vec(a + k, av);
+        load_vec(xr + k, xv);
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) sum = fmaf(av[i], xv[i], sum);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) *dst = sum;
+}
+
+// y[n][off_j + o] = T(y + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given))
+// for o < out_j, in place. y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
+// Grid (ceil(max out_j / (threads * VEC)), N, K); each thread owns VEC consecutive outputs.
+extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
+    T* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
+    const float* __restrict__ d, int K, int R,
+    const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
+    int out0, int out1, int out2, int off0, int off1, int off2,
+    const int* __restrict__ ranks, int rank_stride, int rank_col, const T* __restrict__ bias)
+{
+    const int n = blockIdx.y, j = blockIdx.z;
+    const long long s = slots[n / tokens_per_row];
+    if (s < 0) return;
+    const int rank = ranks[s * rank_stride + rank_col + j];
+    if (rank == 0) return;
+    const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
+    const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
+    const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
+    const int o0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    if (o0 >= out) return;
+
+    const float* dr = d + ((long long)n * K + j) * R;
+    float acc[VEC];
+    #pragma unroll
+    for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
+    const T* b = B + s * (long long)R * out + o0;
+    for (int r = 0; r < rank; r++)
+    {
+        float bv[VEC];
+        load_vec(b + (long long)r * out, bv);
+        const float coefficient = dr[r];
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) acc[i] = fmaf(coefficient, bv[i], acc[i]);
+    }
+    if (bias != nullptr && j == 0)
+    {
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) acc[i] += to_f32(bias[s * (long long)out + o0 + i]);
+    }
+    T* yr = y + (long long)n * y_stride + off + o0;
+    #pragma unroll
+    for (int i = 0; i < VEC; i++) yr[i] = from_f32<T>(to_f32(yr[i]) + acc[i]);
+}
+
+// Bottleneck adapters between their two products: z[n][r] = act_s(z[n][r] + bias[s][r]) in place, for the
+// tokens that have an adapter (float32 throughout). codes[s]: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
+extern "C" __global__ void bottleneck_activate(
+    float* __restrict__ z, long long N, int R, const long long* __restrict__ slots, int tokens_per_row,
+    const T* __restrict__ bias, const int* __restrict__ codes)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * R) return;
+    const long long n = i / R;
+    const int r = (int)(i - n * R);
+    const long long s = slots[n / tokens_per_row];
+    if (s < 0) return;
+    const float v = z[i] + to_f32(bias[s * R + r]);
+    float a;
+    switch (codes[s])
+    {
+        case 0: a = fmaxf(v, 0.0f); break;
+        case 1: a = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); break;
+        case 2: a = v / (1.0f + expf(-v)); break;
+        default: a = tanhf(v); break;
+    }
+    z[i] = a;
+}

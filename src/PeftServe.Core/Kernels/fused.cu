@@ -1,0 +1,54 @@
+// Fused elementwise kernels of the decoder layer. Each reproduces the roundings of the TorchSharp ops it
+// replaces (LlamaModel.RmsNorm, residual add, SiLU times up), so the kernel path and the tensor-op path
+// differ only by float32 summation order.
+#include "common.cuh"
+
+// out = w * T(x * rsqrt(mean(x^2) + eps)), x in float32 (one block per row of H).
+__device__ __forceinline__ void rms_norm_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int H, float eps)
+{
+    __shared__ float scratch[32];
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+    {
+        const float v = to_f32(x[i]);
+        sum += v * v;
+    }
+    sum = block_sum(sum, scratch);
+    const float inv = rsqrtf(sum / (float)H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+    {
+        const float normed = round_to<T>(to_f32(x[i]) * inv);
+        out[i] = from_f32<T>(to_f32(w[i]) * normed);
+    }
+}
+
+extern "C" __global__ void rms_norm(const T* x, const T* w, T* out, int H, float eps)
+{
+    const long long row = blockIdx.x;
+    rms_norm_row(x + row * H, w, out + row * H, H, eps);
+}
+
+// residual = T(h + delta); out = rms_norm(residual). The residual is written first and read back, so the
+// norm sees exactly the rounded sum.
+extern "C" __global__ void add_rms_norm(const T* h, const T* delta, const T* w, T* residual, T* out, int H, float eps)
+{
+    const long long row = blockIdx.x;
+    const T* hr = h + row * H;
+    const T* dr = delta + row * H;
+    T* rr = residual + row * H;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) rr[i] = from_f32<T>(to_f32(hr[i]) + to_f32(dr[i]));
+    __syncthreads();
+    rms_norm_row(rr, w, out + row * H, H, eps);
+}
+
+// out[r, i] = T(T(silu(g)) * u) with g = gate_up[r, i], u = gate_up[r, I + i].
+extern "C" __global__ void silu_mul(const T* gate_up, T* out, long long rows, int I)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * I) return;
+    const long long r = i / I, c = i - r * I;
+    const float g = to_f32(gate_up[r * 2 * I + c]);
+    const float u = to_f32(gate_up[r * 2 * I + I + c]);
+    const float s = round_to<T>(g / (1.0f + expf(-g)));
+    out[i] = from_f32<T>(s * u);
+}

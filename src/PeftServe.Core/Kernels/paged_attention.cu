@@ -1,0 +1,127 @@
+// Decode attention over the paged KV cache: one new query token per sequence attends to the first
+// context_lens[b] keys of its block table, read in place from the cache pools (no gathered copy).
+// Compile-time: ELEM_TYPE, HEAD_DIM, GROUP (query heads per KV head).
+// One thread block per (sequence, KV head) handles that KV head's GROUP query heads: its WARPS warps
+// take interleaved runs of UNROLL keys, each lane holding DIMS consecutive dimensions of the queries, a
+// running max, a running sum and a running output per query head (online softmax, float32); the warps'
+// partial results are merged through shared memory at the end.
+#include "common.cuh"
+
+#define WARPS 4
+#define UNROLL 4
+#define DIMS ((HEAD_DIM + 31) / 32)
+
+__device__ __forceinline__ void load_dims(const T* __restrict__ p, int lane, float out[DIMS])
+{
+    #pragma unroll
+    for (int d = 0; d < DIMS; d++)
+    {
+        const int dim = lane * DIMS + d;
+        out[d] = dim < HEAD_DIM ? to_f32(p[dim]) : 0.0f;
+    }
+}
+
+// q, out: [B, nq, HEAD_DIM]; k_cache, v_cache: [slots, nkv, HEAD_DIM]; block_tables: [B, max_blocks]
+// (block ids); context_lens: [B] (0 for padding rows, whose output is zero).
+extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_decode_attention(
+    const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+    const long long* __restrict__ block_tables, const long long* __restrict__ context_lens, T* __restrict__ out,
+    int nkv, int max_blocks, int block_size, float scale)
+{
+    const int b = blockIdx.x, kvh = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nq = nkv * GROUP;
+    const int ctx = (int)context_lens[b];
+    const long long* table = block_tables + (long long)b * max_blocks;
+
+    float qv[GROUP][DIMS], acc[GROUP][DIMS], m[GROUP], l[GROUP];
+    #pragma unroll
+    for (int g = 0; g < GROUP; g++)
+    {
+        load_dims(q + ((long long)b * nq + kvh * GROUP + g) * HEAD_DIM, lane, qv[g]);
+        #pragma unroll
+        for (int d = 0; d < DIMS; d++) { qv[g][d] *= scale; acc[g][d] = 0.0f; }
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+    }
+
+    for (int base = warp * UNROLL; base < ctx; base += WARPS * UNROLL)
+    {
+        // Keys base .. base+UNROLL-1: their loads go out together before any is used.
+        float kv[UNROLL][DIMS];
+        long long row[UNROLL];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+        {
+            const int j = base + u;
+            row[u] = -1;
+            if (j < ctx)
+            {
+                const long long slot = table[j / block_size] * block_size + j % block_size;
+                row[u] = (slot * nkv + kvh) * HEAD_DIM;
+                load_dims(k_cache + row[u], lane, kv[u]);
+            }
+        }
+        #pragma unroll
+        for (int g = 0; g < GROUP; g++)
+        {
+            float s[UNROLL];
+            float top = m[g];
+            #pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+            {
+                float dot = 0.0f;
+                #pragma unroll
+                for (int d = 0; d < DIMS; d++) dot = fmaf(qv[g][d], row[u] >= 0 ? kv[u][d] : 0.0f, dot);
+                s[u] = row[u] >= 0 ? warp_sum(dot) : NEG_INF;
+                top = fmaxf(top, s[u]);
+            }
+            const float correction = m[g] == NEG_INF ? 0.0f : expf(m[g] - top);
+            l[g] *= correction;
+            #pragma unroll
+            for (int d = 0; d < DIMS; d++) acc[g][d] *= correction;
+            m[g] = top;
+            #pragma unroll
+            for (int u = 0; u < UNROLL; u++) s[u] = row[u] >= 0 ? expf(s[u] - top) : 0.0f;
+            #pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+            {
+                if (row[u] < 0) continue;
+                l[g] += s[u];
+                float vv[DIMS];
+                load_dims(v_cache + row[u], lane, vv);
+                #pragma unroll
+                for (int d = 0; d < DIMS; d++) acc[g][d] = fmaf(s[u], vv[d], acc[g][d]);
+            }
+        }
+    }
+
+    // Merge the warps: each warp's (max, sum, output) is rescaled to the common max.
+    __shared__ float sm_m[WARPS][GROUP], sm_l[WARPS][GROUP];
+    __shared__ float sm_acc[WARPS][GROUP][DIMS * 32];
+    #pragma unroll
+    for (int g = 0; g < GROUP; g++)
+    {
+        if (lane == 0) { sm_m[warp][g] = m[g]; sm_l[warp][g] = l[g]; }
+        #pragma unroll
+        for (int d = 0; d < DIMS; d++) sm_acc[warp][g][lane * DIMS + d] = acc[g][d];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GROUP * HEAD_DIM; i += WARPS * 32)
+    {
+        const int g = i / HEAD_DIM, dim = i - g * HEAD_DIM;
+        float top = NEG_INF;
+        #pragma unroll
+        for (int w = 0; w < WARPS; w++) top = fmaxf(top, sm_m[w][g]);
+        float sum = 0.0f, value = 0.0f;
+        #pragma unroll
+        for (int w = 0; w < WARPS; w++)
+        {
+            if (sm_m[w][g] == NEG_INF) continue;
+            const float f = expf(sm_m[w][g] - top);
+            sum += sm_l[w][g] * f;
+            value += sm_acc[w][g][dim] * f;
+        }
+        out[((long long)b * nq + kvh * GROUP + g) * HEAD_DIM + dim] = from_f32<T>(sum > 0.0f ? value / sum : 0.0f);
+    }
+}
