@@ -1,5 +1,6 @@
 using BenchmarkDotNet.Attributes;
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -19,10 +20,11 @@ public class DecodeStepBenchmarks
     public string Adapters { get; set; } = "base";
 
     private LlamaModel _model = null!;
-    private AdapterSet _set = null!;
-    private KvCache _cache = null!;
+    private AdapterManager _set = null!;
+    private PagedKvCache _cache = null!;
     private AdapterBatch? _decode;
-    private Tensor _ids = null!, _positions = null!;
+    private Tensor _ids = null!, _positions = null!, _write = null!, _tables = null!, _lengths = null!;
+    private int _gatherBlocks;
     private DirectoryInfo _scratch = null!;
 
     public static ModelConfig SmallConfig() => new()
@@ -37,14 +39,14 @@ public class DecodeStepBenchmarks
         torch.set_num_threads(1);
         _model = LlamaModel.CreateRandom(SmallConfig(), new ModelOptions(), seed: 1);
         _scratch = Directory.CreateTempSubdirectory("peftserve-bench-");
-        _set = new AdapterSet(_model, new AdapterLimits { MaxRank = 16, SlotsPerMethod = 32 });
+        _set = new AdapterManager(_model, new AdapterLimits { MaxRank = 16, SlotsPerMethod = 32 }, null, 1L << 30);
         var c = _model.Config;
         string[] methods = Adapters == "mix" ? ["lora", "prefix", "prompt", "ia3", "llama-adapter"] : ["lora"];
         int distinct = Adapters switch { "base" => 0, "mix" => 5, _ => int.Parse(Adapters["lora-".Length..]) };
         var resident = Enumerable.Range(0, distinct).Select(i =>
         {
             var dir = Path.Combine(_scratch.FullName, $"a{i}");
-            return _set.Get(methods[i % methods.Length] switch
+            return _set.Acquire(methods[i % methods.Length] switch
             {
                 "lora" => SyntheticAdapters.Lora(dir, c, 16, i),
                 "prefix" => SyntheticAdapters.Prefix(dir, c, 16, i),
@@ -55,24 +57,31 @@ public class DecodeStepBenchmarks
         }).ToArray();
         var rows = Enumerable.Range(0, Batch).Select(r => distinct == 0 ? null : resident[r % distinct]).ToArray();
 
-        // Prefill once; every benchmarked step then rewinds the cache to this point.
-        _cache = new KvCache(c, Batch, Prompt + 16 + 1, _model.DType, _model.Device);
+        // Prefill once into the paged cache; every benchmarked step then decodes the same column again.
+        const int blockSize = 16;
+        int blocksPerRow = (Prompt + 1 + blockSize - 1) / blockSize;
+        _cache = new PagedKvCache(c, Batch * blocksPerRow + 1, blockSize, _model.DType, _model.Device);
+        var tables = Enumerable.Range(0, Batch).Select(_ => Enumerable.Range(0, blocksPerRow).Select(_ => _cache.TryAllocate(out var b) ? b : -1).ToList()).ToArray();
         var layout = Core.Generation.SequenceLayout.Build(
             Enumerable.Range(0, Batch).Select(r => Enumerable.Range(0, Prompt - (rows[r]?.VirtualTokens ?? 0)).Select(t => 3 + (r * 7 + t) % 4000).ToArray()).ToArray(),
             rows.Select(a => a?.VirtualTokens ?? 0).ToArray());
         var (ids, pos) = layout.ToTensors(_model.Device);
         using (var prefill = AdapterBatch.Create(rows, layout.VirtualStart, _model.Device))
-            _model.Forward(ids, pos, _cache, lastTokenOnly: true, prefill).Dispose();
+            _model.Forward(ids, pos, _cache.ForPrefill(tables, new int[Batch], Enumerable.Repeat(layout.Length, Batch).ToArray(), layout.Length), lastTokenOnly: true, prefill).Dispose();
         _decode = AdapterBatch.Create(rows, Enumerable.Repeat(-1, Batch).ToArray(), _model.Device);
         _ids = torch.full([Batch, 1], 42L);
         _positions = torch.full([Batch, 1], (long)layout.Length);
+        _write = torch.tensor(tables.Select(t => _cache.SlotOf(t, layout.Length)).ToArray());
+        _tables = torch.tensor(tables.SelectMany(t => t.Select(b => (long)b)).ToArray(), [Batch, blocksPerRow]);
+        _lengths = torch.full([Batch], layout.Length + 1L);
+        _gatherBlocks = blocksPerRow;
     }
 
     [Benchmark]
     public void DecodeStep()
     {
-        _cache.Truncate(Prompt);
-        _model.Forward(_ids, _positions, _cache, lastTokenOnly: true, _decode).Dispose();
+        using var scope = torch.NewDisposeScope();
+        _model.Forward(_ids, _positions, _cache.ForDecode(_write, _tables, _lengths, _gatherBlocks), lastTokenOnly: true, _decode);
     }
 
     [GlobalCleanup]

@@ -14,6 +14,7 @@ public static class Program
             TokenizeCommand.Create(),
             BenchCommand.Create(),
             Nf4CheckCommand.Create(),
+            SelfCheckCommand.Create(),
             PeftServe.Trainer.TrainCommand.Create(),
         };
         var parsed = root.Parse(args);

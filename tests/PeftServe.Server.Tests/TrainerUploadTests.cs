@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
 using PeftServe.Core.Tokenization;
@@ -31,10 +32,10 @@ public sealed class TrainerUploadTests
         var text = body.GetProperty("choices")[0].GetProperty("text").GetString();
 
         using var model = LlamaModel.Load(TestData.TinyLlamaDir, new ModelOptions());
-        using var adapters = new AdapterSet(model, new AdapterLimits());
-        var ids = new BatchGenerator(model).Generate([prompt], [SamplingParams.Greedy(10)], adapters: [adapters.Get(source)]).Select(t => t.TokenId).ToArray();
+        using var adapters = new AdapterManager(model, new AdapterLimits(), null, 1L << 30);
+        var ids = FixedBatch.Generate(model, [prompt], [SamplingParams.Greedy(10)], adapters: [adapters.Acquire(source)]).Select(t => t.TokenId).ToArray();
         Assert.Equal(Tokenizer.FromDirectory(TestData.TinyLlamaDir).Decode(ids), text);
-        var baseIds = new BatchGenerator(model).Generate([prompt], [SamplingParams.Greedy(10)]).Select(t => t.TokenId).ToArray();
+        var baseIds = FixedBatch.Generate(model, [prompt], [SamplingParams.Greedy(10)]).Select(t => t.TokenId).ToArray();
         Assert.NotEqual(baseIds, ids);   // the adapter was applied, not just the base model
     }
 }

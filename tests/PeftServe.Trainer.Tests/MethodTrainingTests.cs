@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Adapters.Training;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
@@ -10,7 +11,7 @@ using static TorchSharp.torch;
 namespace PeftServe.Trainer.Tests;
 
 /// <summary>Each method: a few steps on the tiny model lower the training loss; the saved folder loads
-/// through the serving code (AdapterSet) and gives the same logits as the trained adapter in memory.</summary>
+/// through the serving code (AdapterManager) and gives the same logits as the trained adapter in memory.</summary>
 public sealed class MethodTrainingTests(TrainerFixture f) : IClassFixture<TrainerFixture>
 {
     public static TheoryData<string> Methods() => new(TrainingMethods.All.Select(m => m.Name));
@@ -38,8 +39,8 @@ public sealed class MethodTrainingTests(TrainerFixture f) : IClassFixture<Traine
 
         using var ids = Inputs();
         using var trained = run.Logits(ids);
-        using var set = new AdapterSet(model, new AdapterLimits());
-        var served = set.Get(options.OutputDir);
+        using var set = new AdapterManager(model, new AdapterLimits(), null, 1L << 30);
+        var served = set.Acquire(options.OutputDir);
         using var servedLogits = FullLogits.Compute(model, ids, [served, served]);
         double diff = (trained - servedLogits).abs().max().item<float>();
         Assert.True(diff < 1e-4, $"{method}: served logits differ from the trained model's by {diff:E2}");
@@ -120,8 +121,8 @@ public sealed class MethodTrainingTests(TrainerFixture f) : IClassFixture<Traine
         Assert.True(run.MeanLoss(run.TrainSet) < before);
         using var ids = Inputs();
         using var trained = run.Logits(ids);
-        using var set = new AdapterSet(f.Model, new AdapterLimits());
-        var served = set.Get(options.OutputDir);
+        using var set = new AdapterManager(f.Model, new AdapterLimits(), null, 1L << 30);
+        var served = set.Acquire(options.OutputDir);
         using var servedLogits = FullLogits.Compute(f.Model, ids, [served, served]);
         Assert.True((trained - servedLogits).abs().max().item<float>() < 1e-4);
     }

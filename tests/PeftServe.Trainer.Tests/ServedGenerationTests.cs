@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Adapters.Training;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
@@ -23,10 +24,10 @@ public sealed class ServedGenerationTests(TrainerFixture f) : IClassFixture<Trai
             foreach (var r in runs) r.Train();
             // Prompts of different lengths, so the served batch left-pads.
             var prompts = runs.Select((_, i) => Enumerable.Range(0, 3 + i % 4).Select(j => 1 + (j * 37 + i * 11) % 380).ToArray()).ToArray();
-            using var set = new AdapterSet(f.Model, new AdapterLimits());
-            var served = runs.Select(r => (ResidentAdapter?)set.Get(r.Options.OutputDir)).ToArray();
+            using var set = new AdapterManager(f.Model, new AdapterLimits(), null, 1L << 30);
+            var served = runs.Select(r => (ResidentAdapter?)set.Acquire(r.Options.OutputDir)).ToArray();
             const int steps = 8;
-            var rows = new BatchGenerator(f.Model).Generate(prompts, prompts.Select(_ => SamplingParams.Greedy(steps)).ToArray(), adapters: served).ToList();
+            var rows = FixedBatch.Generate(f.Model, prompts, prompts.Select(_ => SamplingParams.Greedy(steps)).ToArray(), adapters: served).ToList();
             for (int i = 0; i < runs.Count; i++)
             {
                 var expected = new List<int>(prompts[i]);
@@ -67,8 +68,8 @@ public sealed class ServedGenerationTests(TrainerFixture f) : IClassFixture<Trai
         Assert.True(run.MeanLoss(run.TrainSet) < before - 0.02);
         using var ids = torch.tensor(new long[] { 1, 40, 50, 60, 70, 80 }, [1, 6]);
         using var trained = run.Logits(ids);
-        using var set = new AdapterSet(bf16, new AdapterLimits());
-        using var served = FullLogits.Compute(bf16, ids, [set.Get(options.OutputDir)]);
+        using var set = new AdapterManager(bf16, new AdapterLimits(), null, 1L << 30);
+        using var served = FullLogits.Compute(bf16, ids, [set.Acquire(options.OutputDir)]);
         // bfloat16 activations: the served path rounds the adapter's weights to bfloat16 on the device.
         Assert.True((trained - served).abs().max().item<float>() < 0.1);
     }

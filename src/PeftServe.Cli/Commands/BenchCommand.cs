@@ -29,13 +29,14 @@ internal static class BenchCommand
         var concurrency = new Option<string>("--concurrency") { Description = "requests decoded together (the batch size); a list like 1,16,32 measures each", DefaultValueFactory = _ => "1" };
         var promptTokens = new Option<int>("--prompt-tokens") { Description = "prompt length of every request", DefaultValueFactory = _ => 128 };
         var maxTokens = new Option<int>("--max-tokens") { Description = "tokens generated per request", DefaultValueFactory = _ => 128 };
-        var warmup = new Option<int>("--warmup") { Description = "untimed warm-up waves per measurement", DefaultValueFactory = _ => 1 };
+        var warmup = new Option<int>("--warmup") { Description = "least untimed warm-up rounds per measurement; more run until two in a row agree within 5% (JIT tiers, graph capture)", DefaultValueFactory = _ => 2 };
+        var repeats = new Option<int>("--repeats") { Description = "timed runs per measurement: the median is reported, with the slowest and fastest", DefaultValueFactory = _ => 3 };
         var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
         var adapters = new Option<string>("--adapters") { Description = "distinct synthetic adapters, assigned to requests round robin (0 = base model only); a list measures each", DefaultValueFactory = _ => "0" };
         var rank = new Option<int>("--lora-rank") { Description = "rank of the synthetic LoRA adapters (all linear layers)", DefaultValueFactory = _ => 16 };
         var methods = new Option<string>("--adapter-methods")
         {
-            Description = "comma-separated methods the synthetic adapters cycle through: lora, prefix, prompt, ia3, llama-adapter",
+            Description = "comma-separated methods the synthetic adapters cycle through: lora, prefix, prompt, ptuning, ia3, llama-adapter, bottleneck, adamix, bitfit",
             DefaultValueFactory = _ => "lora",
         };
 
@@ -46,11 +47,12 @@ internal static class BenchCommand
             DefaultValueFactory = _ => "engine",
         };
         mode.AcceptOnlyFromAmong("engine", "waves");
-        var kvBlocks = new Option<int?>("--kv-blocks") { Description = "engine mode: KV cache blocks (default: sized from free memory)" };
+        var kvBlocks = new Option<int?>("--kv-blocks") { Description = "KV cache blocks (default: what the requests in flight need, with a margin)" };
+        var graphs = new Option<bool>("--no-cuda-graphs") { Description = "run decode steps eagerly even where CUDA graphs are available" };
 
         var command = new Command("bench", "Measure generation throughput and latency on synthetic requests")
         {
-            model, randomWeights, requests, concurrency, promptTokens, maxTokens, adapters, rank, methods, warmup, json, quantize, doubleQuant, device, dtype, mode, kvBlocks,
+            model, randomWeights, requests, concurrency, promptTokens, maxTokens, adapters, rank, methods, warmup, repeats, json, quantize, doubleQuant, device, dtype, mode, kvBlocks, graphs,
         };
         command.SetAction(parse => CommonOptions.Run(() =>
         {
@@ -69,27 +71,35 @@ internal static class BenchCommand
                 .ToArray();
             bool engineMode = parse.GetValue(mode) == "engine";
             var results = new List<BenchResult>();
-            var table = new Table().AddColumns("mode", "concurrency", "adapters", "decode tok/s", "output tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms");
+            var table = new Table().AddColumns("mode", "concurrency", "adapters", "decode tok/s (min-max)", "output tok/s", "TTFT p50/p90/p99 ms", "ITL p50/p90/p99 ms");
             try
             {
-                using var adapterSet = engineMode ? null : new AdapterSet(llm, new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, most) }, scratch.FullName);
                 foreach (var batch in batches)
                     foreach (var count in adapterCounts)
                     {
                         int total = Math.Max(parse.GetValue(requests), batch);
+                        int virtualTokens = methodList.Any(m => m is "prefix" or "prompt" or "ptuning") ? 16 : 0;
+                        // The KV cache holds what the requests in flight need (with a margin), not most of the device.
+                        int perRequest = (promptLen + virtualTokens + newTokens + 16) / 16 + 1;
+                        var engineOptions = new EngineOptions
+                        {
+                            MaxBatchSize = batch, MaxQueueLength = Math.Max(256, batch), AdapterStore = scratch.FullName,
+                            KvCacheBlocks = parse.GetValue(kvBlocks) ?? batch * perRequest * 5 / 4 + 16,
+                            PrefillChunkTokens = engineMode ? Math.Max(512, promptLen + virtualTokens) : batch * (promptLen + virtualTokens),
+                            AdapterLimits = new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, Math.Min(count, 64)) },
+                            CudaGraphs = !parse.GetValue(graphs),
+                        };
+                        var names = adapterNames.Take(count).ToArray();
                         var r = engineMode
-                            ? MeasureEngine(llm, new EngineOptions
-                              {
-                                  MaxBatchSize = batch, MaxQueueLength = Math.Max(256, batch), AdapterStore = scratch.FullName, KvCacheBlocks = parse.GetValue(kvBlocks),
-                                  PrefillChunkTokens = Math.Max(512, promptLen),
-                                  AdapterLimits = new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, count) },
-                              }, batch, total, promptLen, newTokens, parse.GetValue(warmup), adapterNames.Take(count).ToArray())
-                            : Measure(llm, batch, total, promptLen, newTokens, parse.GetValue(warmup), adapterNames.Take(count).Select(n => adapterSet!.Get(n)).ToArray());
+                            ? Repeat(parse.GetValue(warmup), parse.GetValue(repeats), engineOptions, llm, engine => MeasureEngine(engine, llm, batch, total, promptLen, newTokens, names))
+                            : Repeat(parse.GetValue(warmup), parse.GetValue(repeats), engineOptions, llm, engine => MeasureWaves(engine, llm, batch, total, promptLen, newTokens, names));
                         r = r with { AdapterMethods = count == 0 ? "" : string.Join(",", methodList.Take(count).Distinct()), LoraRank = parse.GetValue(rank), Mode = parse.GetValue(mode)! };
                         results.Add(r);
-                        table.AddRow(r.Mode, $"{batch}", count == 0 ? "base" : $"{count} ({r.AdapterMethods})", $"{r.DecodeTokensPerSecond:F1}", $"{r.OutputTokensPerSecond:F1}",
+                        table.AddRow(r.Mode, $"{batch}", count == 0 ? "base" : $"{count} ({r.AdapterMethods})",
+                            $"{r.DecodeTokensPerSecond:F1} ({r.DecodeRange[0]:F0}-{r.DecodeRange[1]:F0})", $"{r.OutputTokensPerSecond:F1}",
                             $"{r.TtftMs[0]:F1} / {r.TtftMs[1]:F1} / {r.TtftMs[2]:F1}", $"{r.ItlMs[0]:F2} / {r.ItlMs[1]:F2} / {r.ItlMs[2]:F2}");
-                        Console.Error.WriteLine($"bench: {r.Mode}, concurrency {batch}, adapters {count}: {r.OutputTokensPerSecond:F1} output tok/s, ITL p50 {r.ItlMs[0]:F2} ms");
+                        Console.Error.WriteLine($"bench: {r.Mode}, concurrency {batch}, adapters {count}: decode {r.DecodeTokensPerSecond:F1} tok/s " +
+                                                $"({r.DecodeRange[0]:F1}-{r.DecodeRange[1]:F1} over {r.Runs} runs), output {r.OutputTokensPerSecond:F1} tok/s, ITL p50 {r.ItlMs[0]:F2} ms, decode {r.DecodeMode}");
                     }
             }
             finally { scratch.Delete(recursive: true); }
@@ -116,69 +126,109 @@ internal static class BenchCommand
         public string Mode { get; init; } = "";
         public long Preemptions { get; init; }
         public AdapterCacheStats? AdapterCache { get; init; }
+        /// <summary>Slowest and fastest decode tokens/s over the timed runs (the reported figure is their median).</summary>
+        public double[] DecodeRange { get; init; } = [0, 0];
+        public int Runs { get; init; } = 1;
+        public int WarmupRounds { get; init; }
+        /// <summary>How decode steps ran: "cuda graphs" or "eager (why)".</summary>
+        public string DecodeMode { get; init; } = "";
     }
 
-    /// <summary>Waves of <paramref name="batch"/> requests; the first token of a wave closes its prefill,
-    /// each later step is one inter-token interval (timed once per step, not per row).</summary>
-    private static BenchResult Measure(LlamaModel llm, int batch, int total, int promptLen, int newTokens, int warmup, ResidentAdapter[] adapters)
+    /// <summary>One engine for a measurement: warm-up rounds (at least <paramref name="warmup"/>, then until two
+    /// rounds in a row agree on decode tokens/s within 5%, at most 8 more: JIT tiers and graph captures settle),
+    /// then <paramref name="repeats"/> timed rounds. Reports the median round (by decode tokens/s) with the range.</summary>
+    private static BenchResult Repeat(int warmup, int repeats, EngineOptions options, LlamaModel llm, Func<InferenceEngine, BenchResult> round)
+    {
+        using var engine = new InferenceEngine(llm, null, options);
+        int rounds = 0;
+        double previous = double.NaN;
+        while (true)
+        {
+            var r = round(engine);
+            rounds++;
+            bool steady = !double.IsNaN(previous) && Math.Abs(r.DecodeTokensPerSecond - previous) <= 0.05 * Math.Max(previous, 1e-9);
+            if (rounds >= warmup && (steady || rounds >= warmup + 8)) break;
+            previous = r.DecodeTokensPerSecond;
+        }
+        var timed = Enumerable.Range(0, Math.Max(1, repeats)).Select(_ => round(engine)).OrderBy(r => r.DecodeTokensPerSecond).ToList();
+        var median = timed[timed.Count / 2];
+        return median with
+        {
+            DecodeRange = [timed[0].DecodeTokensPerSecond, timed[^1].DecodeTokensPerSecond],
+            Runs = timed.Count,
+            WarmupRounds = rounds,
+            DecodeMode = engine.DecodeMode,
+        };
+    }
+
+    /// <summary>Waves of <paramref name="batch"/> requests submitted together, each decoded to the end before the
+    /// next wave. Decode tokens/s counts, per wave, the tokens after the last row's first token over the time
+    /// from then to the wave's end: the steady decode rate of a full batch.</summary>
+    private static BenchResult MeasureWaves(InferenceEngine engine, LlamaModel llm, int batch, int total, int promptLen, int newTokens, string[] adapters)
     {
         var rng = new Random(1234);
-        int[][] Prompts() => Enumerable.Range(0, batch).Select(_ => Enumerable.Range(0, promptLen).Select(_ => rng.Next(3, llm.Config.VocabSize)).ToArray()).ToArray();
-        var sampling = Enumerable.Repeat(SamplingParams.Greedy(newTokens), batch).ToArray();   // no stop tokens: exactly newTokens each
-        ResidentAdapter?[] RowAdapters(int wave) => Enumerable.Range(0, batch)
-            .Select(r => adapters.Length == 0 ? null : adapters[(wave * batch + r) % adapters.Length]).ToArray();
-        var generator = new BatchGenerator(llm);
-        for (int i = 0; i < warmup; i++) foreach (var _ in generator.Generate(Prompts(), sampling, adapters: RowAdapters(i))) { }
-
+        var sampling = SamplingParams.Greedy(newTokens);   // no stop tokens: exactly newTokens each
         var ttft = new List<double>();
         var itl = new List<double>();
         long outputTokens = 0, decodeTokens = 0;
         double decodeSeconds = 0;
+        var before = engine.Stats;
         var wall = Stopwatch.StartNew();
         for (int done = 0, wave = 0; done < total; done += batch, wave++)
         {
-            var started = Stopwatch.StartNew();
-            double last = 0, firstStep = 0;
-            int lastIndex = -1;
-            foreach (var token in generator.Generate(Prompts(), sampling, adapters: RowAdapters(wave)))
+            long start = Stopwatch.GetTimestamp();
+            var streams = Enumerable.Range(0, batch).Select(r => engine.Submit(new GenerationRequest
             {
-                outputTokens++;
-                if (token.Index > 0) decodeTokens++;
-                if (token.Index == lastIndex) continue;
-                double now = started.Elapsed.TotalMilliseconds;
-                if (token.Index == 0) { ttft.Add(now); firstStep = now; }
-                else itl.Add(now - last);
-                last = now;
-                lastIndex = token.Index;
+                PromptIds = Enumerable.Range(0, promptLen).Select(_ => rng.Next(3, llm.Config.VocabSize)).ToArray(),
+                Sampling = sampling,
+                Adapter = adapters.Length == 0 ? null : adapters[(wave * batch + r) % adapters.Length],
+            })).ToArray();
+            var times = streams.Select(stream => Task.Run(async () =>
+            {
+                var stamps = new List<long>();
+                await foreach (var e in stream) if (e.TokenId >= 0) stamps.Add(Stopwatch.GetTimestamp());
+                return stamps;
+            })).Select(t => t.Result).ToArray();
+            long decodeStart = times.Max(t => t[0]), end = times.Max(t => t[^1]);
+            foreach (var t in times)
+            {
+                ttft.Add(Stopwatch.GetElapsedTime(start, t[0]).TotalMilliseconds);
+                for (int i = 1; i < t.Count; i++) itl.Add(Stopwatch.GetElapsedTime(t[i - 1], t[i]).TotalMilliseconds);
+                outputTokens += t.Count;
+                decodeTokens += t.Count(x => x > decodeStart);
             }
-            decodeSeconds += (last - firstStep) / 1000.0;
+            decodeSeconds += Stopwatch.GetElapsedTime(decodeStart, end).TotalSeconds;
         }
         wall.Stop();
+        var after = engine.Stats;
         return new BenchResult(batch, total, adapters.Length, outputTokens / wall.Elapsed.TotalSeconds, decodeTokens / Math.Max(decodeSeconds, 1e-9),
-            Percentiles(ttft), Percentiles(itl), wall.Elapsed.TotalSeconds);
+            Percentiles(ttft), Percentiles(itl), wall.Elapsed.TotalSeconds)
+        {
+            Preemptions = after.Preemptions - before.Preemptions,
+            AdapterCache = after.Adapters,
+        };
     }
 
     /// <summary>--concurrency clients, each sending its next request when the last one ended, until
     /// <paramref name="total"/> requests are done, through one engine; adapters go round robin.
     /// TTFT is from submission to the first token, ITL the gaps between a request's tokens; "decode
     /// tokens/s" here counts the tokens after each request's first per second of wall time.</summary>
-    private static BenchResult MeasureEngine(LlamaModel llm, EngineOptions options, int concurrency, int total, int promptLen, int newTokens, int warmup, string[] adapters)
+    private static BenchResult MeasureEngine(InferenceEngine engine, LlamaModel llm, int concurrency, int total, int promptLen, int newTokens, string[] adapters)
     {
         var rng = new Random(1234);
         int[] Prompt() { lock (rng) return Enumerable.Range(0, promptLen).Select(_ => rng.Next(3, llm.Config.VocabSize)).ToArray(); }
         var sampling = SamplingParams.Greedy(newTokens);   // no stop tokens: exactly newTokens each
-        using var engine = new InferenceEngine(llm, null, options);
         int next = 0;
         var ttft = new List<double>();
         var itl = new List<double>();
         long outputTokens = 0;
 
-        async Task Client(int requests, bool record)
+        async Task Client()
         {
             while (true)
             {
                 int i = Interlocked.Increment(ref next) - 1;
-                if (i >= requests) return;
+                if (i >= total) return;
                 var started = Stopwatch.GetTimestamp();
                 var stream = engine.Submit(new GenerationRequest { PromptIds = Prompt(), Sampling = sampling, Adapter = adapters.Length == 0 ? null : adapters[i % adapters.Length] });
                 long last = 0;
@@ -193,7 +243,6 @@ internal static class BenchCommand
                     else gaps.Add(Stopwatch.GetElapsedTime(last, now).TotalMilliseconds);
                     last = now;
                 }
-                if (!record) continue;
                 lock (ttft)
                 {
                     ttft.Add(first);
@@ -203,15 +252,9 @@ internal static class BenchCommand
             }
         }
 
-        for (int w = 0; w < warmup; w++)
-        {
-            next = 0;
-            Task.WaitAll(Enumerable.Range(0, concurrency).Select(_ => Task.Run(() => Client(concurrency, record: false))).ToArray());
-        }
-        next = 0;
         var before = engine.Stats;
         var wall = Stopwatch.StartNew();
-        Task.WaitAll(Enumerable.Range(0, concurrency).Select(_ => Task.Run(() => Client(total, record: true))).ToArray());
+        Task.WaitAll(Enumerable.Range(0, concurrency).Select(_ => Task.Run(Client)).ToArray());
         wall.Stop();
         var after = engine.Stats;
         double seconds = wall.Elapsed.TotalSeconds;
@@ -237,8 +280,20 @@ internal static class BenchCommand
         "prompt" => SyntheticAdapters.PromptTuning(dir, c, 16, seed),
         "ia3" => SyntheticAdapters.IA3(dir, c, seed),
         "llama-adapter" => SyntheticAdapters.LlamaAdapter(dir, c, 10, Math.Min(8, c.NumLayers), seed),
-        _ => throw new ArgumentException($"--adapter-methods: unknown method '{method}' (lora, prefix, prompt, ia3, llama-adapter)"),
+        "ptuning" => SyntheticAdapters.PTuning(dir, c, 16, seed),
+        "bottleneck" => SyntheticAdapters.Bottleneck(dir, c, BottleneckFactor(c), seed),
+        "adamix" => SyntheticAdapters.Bottleneck(dir, c, BottleneckFactor(c), seed, experts: 4),
+        "bitfit" => SyntheticAdapters.BitFit(dir, c, seed),
+        _ => throw new ArgumentException($"--adapter-methods: unknown method '{method}' (lora, prefix, prompt, ptuning, ia3, llama-adapter, bottleneck, adamix, bitfit)"),
     };
+
+    /// <summary>The reduction factor giving a bottleneck of 64 units (the default slot limit) or the nearest that divides hidden.</summary>
+    private static int BottleneckFactor(ModelConfig c)
+    {
+        int factor = Math.Max(1, c.HiddenSize / 64);
+        while (c.HiddenSize % factor != 0 || c.HiddenSize / factor > 64) factor++;
+        return factor;
+    }
 
     private static LlamaModel LoadForBench(string? modelDir, ModelOptions options, bool random)
     {

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 
 namespace PeftServe.Cli.Commands;
@@ -60,22 +61,31 @@ internal static class GenerateCommand
             };
 
             bool printIds = parse.GetValue(ids);
-            var decoder = tokenizer.CreateStreamingDecoder();
-            using var adapterSet = new AdapterSet(llm, new AdapterLimits(), parse.GetValue(store));
-            var resident = parse.GetValue(adapter) is { } a ? adapterSet.Get(a) : null;
-            var generator = new BatchGenerator(llm);
-            var separator = "";
-            foreach (var token in generator.Generate([promptTokens], [sampling], adapters: [resident]))
+            // Through the serving engine, exactly as a request to the server runs (paged KV cache, adapter
+            // manager, CUDA graphs on a GPU), sized for this one request.
+            var limits = new AdapterLimits();
+            int columns = promptTokens.Length + limits.MaxVirtualTokens + sampling.MaxTokens + 1;
+            using var engine = new InferenceEngine(llm, tokenizer, new EngineOptions
             {
+                MaxBatchSize = 1,
+                AdapterStore = parse.GetValue(store),
+                AdapterLimits = limits,
+                PrefillChunkTokens = Math.Max(512, promptTokens.Length + limits.MaxVirtualTokens),
+                KvCacheBlocks = (columns + 15) / 16 + 2,
+            });
+            var stream = engine.Submit(new GenerationRequest { PromptIds = promptTokens, Sampling = sampling, Adapter = parse.GetValue(adapter) });
+            var separator = "";
+            foreach (var e in stream.ToBlockingEnumerable())
+            {
+                if (e.TokenId < 0) continue;
                 if (printIds)
                 {
-                    Console.Write(separator + token.TokenId);
+                    Console.Write(separator + e.TokenId);
                     separator = " ";
                 }
-                else Console.Write(decoder.Push(token.TokenId));
+                else Console.Write(e.Text);
                 Console.Out.Flush();
             }
-            if (!printIds) Console.Write(decoder.Flush());
             Console.WriteLine();
             return 0;
         }));

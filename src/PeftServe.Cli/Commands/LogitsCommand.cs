@@ -1,5 +1,6 @@
 using System.CommandLine;
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
 using PeftServe.Core.SafeTensors;
@@ -41,8 +42,8 @@ internal static class LogitsCommand
                 throw new InvalidDataException($"{inputPath}: input_ids hold ids outside the vocabulary 0..{v - 1}");
 
             long b = ids.shape[0], t = ids.shape[1];
-            using var adapterSet = new AdapterSet(llm, new AdapterLimits(), parse.GetValue(store));
-            var rowAdapters = ParseAdapters(parse.GetValue(adapters), (int)b, adapterSet);
+            using var adapterManager = new AdapterManager(llm, new AdapterLimits(), parse.GetValue(store), hostCacheBytes: 1L << 30);
+            var rowAdapters = ParseAdapters(parse.GetValue(adapters), (int)b, adapterManager);
             using var result = FullLogits.Compute(llm, ids, rowAdapters);
             SafeTensorsWriter.Write(parse.GetValue(output)!, [new("logits", result)]);
             Console.Error.WriteLine($"wrote logits [{b},{t},{v}] to {parse.GetValue(output)}");
@@ -52,12 +53,12 @@ internal static class LogitsCommand
     }
 
     /// <summary>"a,b,-": one entry per row; a single entry applies to every row.</summary>
-    private static ResidentAdapter?[] ParseAdapters(string? spec, int rows, AdapterSet set)
+    private static ResidentAdapter?[] ParseAdapters(string? spec, int rows, AdapterManager set)
     {
         if (string.IsNullOrWhiteSpace(spec)) return new ResidentAdapter?[rows];
         var names = spec.Split(',', StringSplitOptions.TrimEntries);
         if (names.Length == 1) names = Enumerable.Repeat(names[0], rows).ToArray();
         if (names.Length != rows) throw new ArgumentException($"--adapters names {names.Length} adapters for {rows} rows (give one per row, or one for all)");
-        return names.Select(n => n is "-" or "" ? null : set.Get(n)).ToArray();
+        return names.Select(n => n is "-" or "" ? null : set.Acquire(n)).ToArray();
     }
 }

@@ -19,18 +19,33 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
 
     private AdapterBatch(AdapterBatchOp[] ops) => _ops = ops;
 
-    /// <summary>Null when no row has an adapter. <paramref name="virtualStart"/> gives, per row, the
-    /// chunk column where its virtual tokens start (-1 when this chunk holds none, as in decode steps).</summary>
+    /// <summary>An eager pass (prefill chunks, full-sequence logits): null when no row has an adapter.
+    /// <paramref name="virtualStart"/> gives, per row, the chunk column where its virtual tokens start (-1
+    /// when this chunk holds none, as in decode steps).</summary>
     public static AdapterBatch? Create(IReadOnlyList<ResidentAdapter?> rows, IReadOnlyList<int> virtualStart, Device device)
     {
         var ops = rows.Select((a, row) => (a, row)).Where(x => x.a is not null)
             .GroupBy(x => x.a!.Pool)
-            .Select(g => g.Key.CreateBatchOp(new MethodRows(
+            .Select(g => g.Key.CreateBatchOp(new MethodRows(g.Key, rows.Count,
                 g.Select(x => x.row).ToArray(),
                 g.Select(x => x.a!.Slot).ToArray(),
                 g.Select(x => virtualStart[x.row]).ToArray(),
                 device)))
             .ToArray();
+        return ops.Length == 0 ? null : new AdapterBatch(ops);
+    }
+
+    /// <summary>A decode pass whose per-row slots are already on the device: <paramref name="pools"/> lists the
+    /// pools that act in decode with their [B] slot tensors (-1 for rows without). With
+    /// <paramref name="rows"/> (the batch's adapters) the pass is eager and ops may use what the host knows;
+    /// without, it is being captured as a CUDA graph and ops read only the slot tensors.</summary>
+    public static AdapterBatch? CreateForDecode(IReadOnlyList<(AdapterSlotPool Pool, Tensor RowSlots)> pools, IReadOnlyList<ResidentAdapter?>? rows)
+    {
+        var ops = pools.Where(p => p.Pool.ActsInDecode).Select(p =>
+        {
+            var mine = rows?.Select((a, row) => (a, row)).Where(x => x.a is not null && x.a.Pool == p.Pool).ToArray();
+            return p.Pool.CreateBatchOp(new MethodRows(p.Pool, p.RowSlots, mine?.Select(x => x.row).ToArray(), mine?.Select(x => x.a!.Slot).ToArray()));
+        }).ToArray();
         return ops.Length == 0 ? null : new AdapterBatch(ops);
     }
 

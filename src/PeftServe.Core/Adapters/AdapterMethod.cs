@@ -1,4 +1,5 @@
 using PeftServe.Core.Model;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace PeftServe.Core.Adapters;
@@ -30,6 +31,13 @@ public abstract class AdapterMethod
 
     /// <summary>A fixed pool of device slots for this method's adapters.</summary>
     public abstract AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits);
+
+    /// <summary>Device bytes <see cref="CreatePool"/> allocates for a model of <paramref name="c"/> computing in
+    /// <paramref name="dtype"/> (the KV cache is sized to leave room for every method's pool).</summary>
+    public abstract long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype);
+
+    /// <summary>Bytes of one element of <paramref name="dtype"/> (float32 4, the 16-bit types 2).</summary>
+    protected static long ElementBytes(ScalarType dtype) => dtype == ScalarType.Float32 ? 4 : dtype == ScalarType.Float64 ? 8 : 2;
 }
 
 /// <summary>A validated adapter in host memory, ready to be copied into a device slot.</summary>
@@ -57,5 +65,15 @@ public abstract class AdapterSlotPool : IDisposable
     public abstract void Store(int slot, Adapter adapter);
     /// <summary>The batched operation for the rows of one forward pass that use this pool.</summary>
     public abstract AdapterBatchOp CreateBatchOp(MethodRows rows);
+
+    /// <summary>Whether the method acts in decode steps at all (prefix and prompt tuning act only in the
+    /// prefill, where their virtual tokens enter): a decode pass makes no op for a pool that does not.</summary>
+    public virtual bool ActsInDecode => true;
+
+    /// <summary>What the pool's resident adapters may need of a pass, as a short key (for example which
+    /// targets any slot's adapter touches). A static pass (a captured CUDA graph) skips only work no slot
+    /// needs, so graphs are keyed by this and recaptured when it changes.</summary>
+    public virtual string Signature => "";
+
     public abstract void Dispose();
 }

@@ -66,6 +66,47 @@ public static class SyntheticAdapters
         return Write(dir, new { peft_type = "ADAPTION_PROMPT", adapter_len = length, adapter_layers = layers, target_modules = "self_attn", task_type = "CAUSAL_LM" }, tensors);
     }
 
+    /// <summary>P-tuning as PEFT saves it: the prompt encoder's output, stored like prompt-tuning embeddings.</summary>
+    public static string PTuning(string dir, ModelConfig c, int virtualTokens, long seed) =>
+        Write(dir, new { peft_type = "P_TUNING", num_virtual_tokens = virtualTokens, token_dim = c.HiddenSize, num_transformer_submodules = 1, encoder_reparameterization_type = "MLP", task_type = "CAUSAL_LM" },
+            [new("prompt_embeddings", torch.randn([virtualTokens, c.HiddenSize], generator: new torch.Generator((ulong)seed)) * 0.02)]);
+
+    /// <summary>A Houlsby bottleneck adapter (our format, docs/adapter-format.md) after both blocks of every
+    /// layer; with <paramref name="experts"/> &gt; 0 an AdaMix adapter with that many experts per module.</summary>
+    public static string Bottleneck(string dir, ModelConfig c, int reductionFactor, long seed, int experts = 0)
+    {
+        var gen = new torch.Generator((ulong)seed);
+        long hidden = c.HiddenSize, r = hidden / reductionFactor;
+        var tensors = new List<KeyValuePair<string, Tensor>>();
+        for (int l = 0; l < c.NumLayers; l++)
+            foreach (var block in new[] { "attention_adapter", "mlp_adapter" })
+                for (int e = 0; e < Math.Max(1, experts); e++)
+                {
+                    var p = $"model.layers.{l}.{block}.{(experts > 0 ? $"experts.{e}." : "")}";
+                    tensors.Add(new(p + "down.weight", torch.randn([r, hidden], generator: gen) / Math.Sqrt(hidden)));
+                    tensors.Add(new(p + "down.bias", torch.randn([r], generator: gen) * 0.01));
+                    tensors.Add(new(p + "up.weight", torch.randn([hidden, r], generator: gen) * 0.01));
+                    tensors.Add(new(p + "up.bias", torch.randn([hidden], generator: gen) * 0.01));
+                }
+        object config = experts > 0
+            ? new { peft_type = "ADAMIX", reduction_factor = reductionFactor, placement = "both", non_linearity = "gelu", num_experts = experts }
+            : new { peft_type = "BOTTLENECK", reduction_factor = reductionFactor, placement = "both", non_linearity = "relu" };
+        return Write(dir, config, tensors);
+    }
+
+    /// <summary>BitFit: every projection bias of every layer.</summary>
+    public static string BitFit(string dir, ModelConfig c, long seed)
+    {
+        var gen = new torch.Generator((ulong)seed);
+        var tensors = new List<KeyValuePair<string, Tensor>>();
+        for (int l = 0; l < c.NumLayers; l++)
+            foreach (var (module, size) in new[] { ("self_attn.q_proj", (long)c.NumHeads * c.HeadDim), ("self_attn.k_proj", (long)c.NumKvHeads * c.HeadDim),
+                         ("self_attn.v_proj", (long)c.NumKvHeads * c.HeadDim), ("self_attn.o_proj", c.HiddenSize), ("mlp.gate_proj", c.IntermediateSize),
+                         ("mlp.up_proj", c.IntermediateSize), ("mlp.down_proj", c.HiddenSize) })
+                tensors.Add(new($"model.layers.{l}.{module}.bias", torch.randn([size], generator: gen) * 0.01));
+        return Write(dir, new { peft_type = "BITFIT" }, tensors);
+    }
+
     /// <summary>adapter_config.json + adapter_model.safetensors in <paramref name="dir"/> (created).</summary>
     public static string Write(string dir, object config, IEnumerable<KeyValuePair<string, Tensor>> tensors)
     {

@@ -16,6 +16,7 @@ internal sealed class VirtualTokenIndex : IDisposable
     public VirtualTokenIndex(MethodRows rows, int[] tokensPerSlot, int maxTokens)
     {
         var r = new List<long>(); var c = new List<long>(); var s = new List<long>();
+        if (rows.Rows is null || rows.Slots is null || rows.VirtualStart is null) return;   // a decode pass: no virtual tokens
         for (int i = 0; i < rows.Rows.Length; i++)
         {
             if (rows.VirtualStart[i] < 0) continue;

@@ -47,8 +47,8 @@ public sealed class AdapterManager : IDisposable
             var inStore = Path.Combine(_store, nameOrPath);
             if (File.Exists(Path.Combine(inStore, AdapterFolder.ConfigFile))) return inStore;
         }
-        if (Path.IsPathRooted(nameOrPath) || nameOrPath.Contains('/'))
-            if (File.Exists(Path.Combine(nameOrPath, AdapterFolder.ConfigFile))) return Path.GetFullPath(nameOrPath).TrimEnd('/');
+        // A folder path (absolute, relative with a separator, or a folder in the working directory).
+        if (File.Exists(Path.Combine(nameOrPath, AdapterFolder.ConfigFile))) return Path.GetFullPath(nameOrPath).TrimEnd('/');
         throw new AdapterException($"adapter '{nameOrPath}' not found" + (_store is null ? "" : $" in the adapter store {_store}"));
     }
 
@@ -74,6 +74,24 @@ public sealed class AdapterManager : IDisposable
     }
 
     /// <summary>The sequence that held <paramref name="adapter"/> is done with it.</summary>
+    /// <summary>Resolves, reads (if it is not cached) and places an adapter, waiting for it: for one-shot
+    /// tools (the logits verb, tests) that have no scheduler to come back later. The adapter stays held
+    /// until <see cref="Release"/>. Throws when every slot of its method is held.</summary>
+    public ResidentAdapter Acquire(string nameOrPath)
+    {
+        var path = Resolve(nameOrPath);
+        for (bool first = true; ; first = false)
+        {
+            if (TryAcquire(path, first) is { } resident) return resident;
+            Task<Adapter>? load;
+            lock (_gate) _loads.TryGetValue(path, out load);
+            if (load is not null) { try { load.Wait(); } catch (AggregateException) { } continue; }
+            lock (_gate)
+                if (_pending.ContainsKey(path))
+                    throw new AdapterException($"adapter '{nameOrPath}' is loaded but every device slot of its method is held; raise the slots per method");
+        }
+    }
+
     public void Release(ResidentAdapter adapter)
     {
         lock (_gate)

@@ -29,6 +29,9 @@ public sealed record EngineOptions
     public long HostCacheBytes { get; init; } = 2L << 30;
     /// <summary>Ranks, sizes and device slots per method.</summary>
     public AdapterLimits AdapterLimits { get; init; } = new();
+    /// <summary>On CUDA, capture decode steps as CUDA graphs and replay them (needs the native helper,
+    /// native/build.sh); off, or where it cannot be had, decode steps run eagerly (same tokens).</summary>
+    public bool CudaGraphs { get; init; } = true;
 
     public void Validate()
     {

@@ -32,6 +32,10 @@ public sealed class QueueFullException(int capacity)
 }
 
 /// <summary>Thrown by <see cref="IInferenceEngine.Submit"/> after the engine began shutting down.</summary>
+/// <summary>A request's forward pass failed when it ran alone (for example out of device memory for its
+/// prompt): that request ends with this error; the engine and every other request go on.</summary>
+public sealed class EngineStepException(string message, Exception inner) : Exception(message, inner);
+
 public sealed class EngineStoppedException() : Exception("the engine is shutting down and takes no new requests");
 
 /// <summary>A continuous-batching engine over one base model and its adapters.</summary>

@@ -28,6 +28,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
     private readonly ILogger _log;
     private readonly PagedKvCache _cache;
     private readonly AdapterManager _adapters;
+    private readonly ModelRunner _runner;
     private readonly ConcurrentQueue<Sequence> _incoming = new();
     private readonly LinkedList<Sequence> _waiting = new();
     private readonly List<Sequence> _running = [];
@@ -52,6 +53,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         _adapters = new AdapterManager(model, options.AdapterLimits, options.AdapterStore, options.HostCacheBytes);
         _adapters.LoadFinished += () => _wake.Release();
         MaxColumns = Math.Min(_cache.UsableBlocks * options.KvBlockSize, model.Config.MaxPositionEmbeddings);
+        _runner = new ModelRunner(model, _cache, options.MaxBatchSize, MaxColumns, options.CudaGraphs, _log);
         _log.LogInformation("KV cache: {Blocks} blocks of {BlockSize} tokens ({MiB:F1} MiB), at most {MaxColumns} tokens per sequence; batch up to {MaxBatch}, queue up to {Queue}",
             blocks, options.KvBlockSize, blocks * _cache.BytesPerBlock / 1048576.0, MaxColumns, options.MaxBatchSize, options.MaxQueueLength);
         _loop = new Thread(Run) { IsBackground = true, Name = "peftserve-engine" };
@@ -59,25 +61,43 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
     }
 
     public AdapterManager Adapters => _adapters;
+    /// <summary>How decode steps run: "cuda graphs (captures, replays)" or "eager (why)".</summary>
+    public string DecodeMode => _runner.UsesGraphs ? $"cuda graphs ({_runner.GraphCaptures} captured, {_runner.GraphReplays} replays)" : $"eager ({_runner.GraphsUnavailable})";
     /// <summary>Longest sequence (virtual tokens + prompt + generated) the engine can hold.</summary>
     public int MaxColumns { get; }
     public int KvBlocksFree => Volatile.Read(ref _freeBlocksSnapshot);
     private int _freeBlocksSnapshot;
 
-    /// <summary>Blocks that fit in <see cref="EngineOptions.KvCacheFraction"/> of the memory left after
-    /// the model was loaded: the device's free memory on CUDA, the memory the process may still use on
-    /// CPU (capped, since there the cache competes with everything else).</summary>
+    /// <summary>Blocks that fit in <see cref="EngineOptions.KvCacheFraction"/> of the memory left after the
+    /// model was loaded (the device's free memory on CUDA, the memory the process may still use on CPU,
+    /// capped there since the cache competes with everything else), once the adapter slot pools of every
+    /// method and the decode activations are set aside: those are allocated later, on first use, and must
+    /// still fit then.</summary>
     private static int SizeKvCache(LlamaModel model, EngineOptions options)
     {
         long perBlock = PagedKvCache.BlockBytes(model.Config, options.KvBlockSize, model.DType);
         long free = DeviceMemory.FreeBytes(model.Device);
-        long budget = (long)(free * options.KvCacheFraction);
+        long reserved = ReservedBytes(model, options);
+        long budget = (long)((free - reserved) * options.KvCacheFraction);
         long cap = options.KvCacheMaxBytes > 0 ? options.KvCacheMaxBytes : model.Device.type == DeviceType.CPU ? 1L << 30 : long.MaxValue;
         budget = Math.Min(budget, cap);
         long blocks = budget / perBlock;
         if (blocks < 2)
-            throw new InvalidOperationException($"no room for a KV cache: {budget} bytes for blocks of {perBlock} bytes (free memory {free} bytes); lower the model's size or set KvCacheBlocks");
+            throw new InvalidOperationException($"no room for a KV cache: {free / 1048576} MiB free after the model, of which {reserved / 1048576} MiB are " +
+                $"set aside for the adapter slot pools ({options.AdapterLimits.SlotsPerMethod} slots per method, LoRA rank up to {options.AdapterLimits.MaxRank}) " +
+                "and decode activations; lower SlotsPerMethod or MaxRank, or set KvCacheBlocks");
         return (int)Math.Min(blocks, 1 << 22);
+    }
+
+    /// <summary>Device bytes the KV cache must leave: every method's slot pool at the configured limits, and
+    /// the activations of the largest decode batch (logits in float32 several times over, plus a margin).</summary>
+    internal static long ReservedBytes(LlamaModel model, EngineOptions options)
+    {
+        long pools = AdapterMethods.All.Sum(m => m.PoolBytes(model.Config, options.AdapterLimits, model.DType));
+        long activations = model.Device.type == DeviceType.CUDA
+            ? (512L << 20) + 8L * options.MaxBatchSize * model.Config.VocabSize * 4
+            : 0;
+        return pools + activations;
     }
 
     public GenerationStream Submit(GenerationRequest request, CancellationToken cancellation = default)
@@ -155,6 +175,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
             await StopAsync().ConfigureAwait(false);
         }
         _loop.Join();
+        _runner.Dispose();
         _cache.Dispose();
         _adapters.Dispose();
         _wake.Dispose();
@@ -177,18 +198,8 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
                 if (_stopping && _waiting.Count == 0 && _running.Count == 0 && _incoming.IsEmpty) break;
                 Admit();
                 bool worked = false;
-                try
-                {
-                    worked |= PrefillStep();
-                    worked |= DecodeStep();
-                }
-                catch (Exception e)
-                {
-                    // A failed pass (out of memory, a bad adapter at run time) fails the sequences it held,
-                    // not the engine: they are freed and everyone else goes on.
-                    _log.LogError(e, "Forward pass failed; failing {Count} running requests", _running.Count);
-                    foreach (var s in _running.ToArray()) Retire(s, e);
-                }
+                worked |= Pass(PrefillRows(), rows => _runner.Prefill(rows));
+                worked |= Pass(DecodeRows(), rows => _runner.Decode(rows.Select(r => r.S).ToList()));
                 Publish();
                 if (!worked) _wake.Wait(_waiting.Count > 0 ? 20 : Timeout.Infinite);
             }
@@ -247,6 +258,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         s.Blocks.Clear();
         s.Cached = 0;
         if (s.Adapter is { } a) { _adapters.Release(a); s.Adapter = null; }
+        _runner.Release(s);
     }
 
     private int TokensInFlight => _running.Sum(s => s.Columns);
@@ -317,32 +329,32 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
 
     private int BlocksFor(int columns) => (columns + _cache.BlockSize - 1) / _cache.BlockSize;
 
-    /// <summary>One forward over the next chunk of every sequence still in its prefill, within the
-    /// token budget (oldest first); rows whose prompt completes sample their first token.</summary>
-    private bool PrefillStep()
+    /// <summary>The next prefill pass: the next chunk of every sequence still in its prefill, within the
+    /// token budget (oldest first). A sequence under suspicion (see <see cref="Pass"/>) goes alone.</summary>
+    private List<(Sequence S, int Count)> PrefillRows()
     {
         var rows = new List<(Sequence S, int Count)>();
         int budget = _options.PrefillChunkTokens;
         foreach (var s in _running.Where(s => s.InPrefill).OrderBy(s => s.Order))
         {
             if (budget <= 0) break;
+            if (s.Suspect && rows.Count > 0) continue;
             int n = Math.Min(s.Remaining, budget);
             if (s.Cached == 0) n = Math.Max(n, Math.Min(s.Remaining, s.Virtual + 1)); // virtual columns go in one chunk
             rows.Add((s, n));
             budget -= n;
+            if (s.Suspect) break;
         }
-        if (rows.Count == 0) return false;
-        Forward(rows);
-        return true;
+        return rows;
     }
 
-    /// <summary>One forward of one column over every sequence ready to extend.</summary>
-    private bool DecodeStep()
+    /// <summary>The next decode pass: one column over every sequence ready to extend (a suspect alone). Each
+    /// row needs room for one more column; when the cache is full the newest sequences give their blocks back
+    /// and wait to be recomputed.</summary>
+    private List<(Sequence S, int Count)> DecodeRows()
     {
         var ready = _running.Where(s => !s.InPrefill).OrderBy(s => s.Order).ToList();
-        if (ready.Count == 0) return false;
-        // Each row needs room for one more column; when the cache is full the newest sequences give
-        // their blocks back and wait to be recomputed.
+        if (ready.FirstOrDefault(s => s.Suspect) is { } suspect) ready = [suspect];
         foreach (var s in ready.ToArray())
         {
             if (!ready.Contains(s)) continue;
@@ -356,9 +368,46 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
                 if (victim == s) break;
             }
         }
-        if (ready.Count == 0) return false;
-        Forward(ready.Select(s => (s, 1)).ToList());
-        Volatile.Write(ref _lastBatch, ready.Count);
+        if (ready.Count > 0) Volatile.Write(ref _lastBatch, ready.Count);
+        return ready.Select(s => (s, 1)).ToList();
+    }
+
+    /// <summary>Runs one forward pass over <paramref name="rows"/> and streams the tokens of the rows that reached
+    /// their last column. A pass that throws (out of device memory, say) ends no one at first: its rows become
+    /// suspects, which later passes run one at a time, so that only a request that fails alone is failed
+    /// (with the error) and everyone else goes on.</summary>
+    private bool Pass(List<(Sequence S, int Count)> rows, Func<List<(Sequence S, int Count)>, long[]> run)
+    {
+        if (rows.Count == 0) return false;
+        long[] sampled;
+        try
+        {
+            sampled = run(rows);
+        }
+        catch (Exception e) when (e is not OutOfMemoryException and not StackOverflowException)
+        {
+            if (rows.Count == 1)
+            {
+                _log.LogError(e, "Forward pass failed for request {Request}; failing it alone", rows[0].S.Stream.Id);
+                Retire(rows[0].S, new EngineStepException($"the model could not run this request: {e.Message}", e));
+            }
+            else
+            {
+                _log.LogWarning(e, "Forward pass over {Count} requests failed; retrying them one at a time", rows.Count);
+                foreach (var (s, _) in rows) s.Suspect = true;
+            }
+            return true;
+        }
+        Interlocked.Increment(ref _steps);
+        for (int r = 0; r < rows.Count; r++)
+        {
+            var (s, n) = rows[r];
+            s.Suspect = false;
+            s.Cached += n;
+            if (s.Cached < s.Columns) continue;          // a prompt chunk that is not the last
+            Interlocked.Increment(ref _generatedTokens);
+            if (s.Accept((int)sampled[r], MaxColumns)) Retire(s, null);
+        }
         return true;
     }
 
@@ -370,69 +419,5 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         Interlocked.Increment(ref _queued);
         Interlocked.Increment(ref _preemptions);
         _log.LogDebug("Preempted {Request} ({Tokens} tokens) for recomputation: the KV cache is full", s.Stream.Id, s.Columns);
-    }
-
-    /// <summary>Runs the model over <paramref name="rows"/> (each with its next Count columns,
-    /// right-aligned in one chunk), samples for the rows that reach their last column and streams them.</summary>
-    private void Forward(List<(Sequence S, int Count)> rows)
-    {
-        int b = rows.Count, chunk = rows.Max(r => r.Count);
-        var ids = new long[b * chunk];
-        var positions = new long[b * chunk];
-        var virtualStart = new int[b];
-        for (int r = 0; r < b; r++)
-        {
-            var (s, n) = rows[r];
-            int pad = chunk - n, v = s.Virtual;
-            virtualStart[r] = s.Cached == 0 && v > 0 ? pad : -1;
-            for (int t = 0; t < chunk; t++)
-            {
-                int col = s.Cached + t - pad;
-                ids[r * chunk + t] = t < pad || col < v ? 0 : s.Tokens[col - v];
-                positions[r * chunk + t] = t < pad ? -1 : col;
-            }
-        }
-        var sampling = rows.Select(r => r.S.Sampling).ToList();
-        var seeds = rows.Select(r => r.S.Seed).ToList();
-        var steps = rows.Select(r => (long)r.S.Generated).ToList();
-        long[] sampled;
-        using (var scope = torch.NewDisposeScope())
-        {
-            var device = _model.Device;
-            var view = _cache.ForBatch(rows.Select(r => (IReadOnlyList<int>)r.S.Blocks).ToList(), rows.Select(r => r.S.Cached).ToList(), rows.Select(r => r.Count).ToList(), chunk);
-            using var adapters = AdapterBatch.Create(rows.Select(r => r.S.Adapter).ToList(), virtualStart, device);
-            var logits = _model.Forward(torch.tensor(ids, [b, chunk], device: device), torch.tensor(positions, [b, chunk], device: device),
-                view, lastTokenOnly: true, adapters)[.., 0, ..];
-            var counts = PenaltyCounts(rows.Select(r => r.S).ToList(), device);
-            var next = Sampler.Sample(logits, sampling, seeds, steps, counts);
-            sampled = next.cpu().data<long>().ToArray();   // the one host sync of the pass
-        }
-        Interlocked.Increment(ref _steps);
-        for (int r = 0; r < b; r++)
-        {
-            var (s, n) = rows[r];
-            s.Cached += n;
-            if (s.Cached < s.Columns) continue;          // a prompt chunk that is not the last
-            Interlocked.Increment(ref _generatedTokens);
-            if (s.Accept((int)sampled[r], MaxColumns)) Retire(s, null);
-        }
-    }
-
-    /// <summary>Per row, how often each token was generated so far ([B,V] on the device), for the
-    /// presence and frequency penalties; null when no row uses them.</summary>
-    private Tensor? PenaltyCounts(List<Sequence> rows, Device device)
-    {
-        if (!rows.Any(s => s.Sampling.PresencePenalty != 0 || s.Sampling.FrequencyPenalty != 0)) return null;
-        int b = rows.Count, longest = Math.Max(1, rows.Max(s => s.Generated));
-        var ids = new long[b * longest];
-        var weight = new float[b * longest];
-        for (int r = 0; r < b; r++)
-            for (int i = 0; i < rows[r].Generated; i++)
-            {
-                ids[r * longest + i] = rows[r].Tokens[rows[r].PromptLength + i];
-                weight[r * longest + i] = 1;
-            }
-        var counts = torch.zeros([b, _model.Config.VocabSize], ScalarType.Float32, device);
-        return counts.scatter_add_(1, torch.tensor(ids, [b, longest], device: device), torch.tensor(weight, [b, longest], device: device));
     }
 }

@@ -1,3 +1,4 @@
+using PeftServe.Core.Kernels;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -38,7 +39,7 @@ public sealed class PagedKvCache : IDisposable
             _keys[i] = torch.zeros([slots, config.NumKvHeads, config.HeadDim], dtype, device);
             _values[i] = torch.zeros([slots, config.NumKvHeads, config.HeadDim], dtype, device);
         }
-        _positions = torch.full([slots], KvCache.EmptyPosition, ScalarType.Int64, device: device);
+        _positions = torch.full([slots], Attention.EmptyPosition, ScalarType.Int64, device: device);
         for (int b = blocks - 1; b >= 1; b--) _free.Push(b);
     }
 
@@ -62,7 +63,7 @@ public sealed class PagedKvCache : IDisposable
         if (blocks.Count == 0) return;
         using var scope = torch.NewDisposeScope();
         var slots = SlotsOf(blocks);
-        _positions.index_fill_(0, torch.tensor(slots, device: _positions.device), KvCache.EmptyPosition);
+        _positions.index_fill_(0, torch.tensor(slots, device: _positions.device), Attention.EmptyPosition);
         foreach (var b in blocks)
         {
             if (b <= 0 || b >= TotalBlocks) throw new ArgumentOutOfRangeException(nameof(blocks), $"block {b} is not a block of this cache");
@@ -83,7 +84,7 @@ public sealed class PagedKvCache : IDisposable
     /// <paramref name="chunkLength"/> columns (left columns are padding); its block table must already
     /// cover them. Built on the host, uploaded as two index tensors: where each new token goes, and
     /// which slots each row attends to. The index tensors belong to the caller's dispose scope.</summary>
-    public IKvCache ForBatch(IReadOnlyList<IReadOnlyList<int>> blockTables, IReadOnlyList<int> cachedBefore, IReadOnlyList<int> newTokens, int chunkLength)
+    public IKvCache ForPrefill(IReadOnlyList<IReadOnlyList<int>> blockTables, IReadOnlyList<int> cachedBefore, IReadOnlyList<int> newTokens, int chunkLength)
     {
         int rows = blockTables.Count;
         int keys = 0;
@@ -104,8 +105,20 @@ public sealed class PagedKvCache : IDisposable
         }
         var device = _positions.device;
         // Uploaded before the forward pass, so the pass itself never waits on the host.
-        return new BatchView(this, torch.tensor(write, device: device), torch.tensor(read, device: device), rows, chunkLength, keys);
+        return new PrefillView(this, torch.tensor(write, device: device), torch.tensor(read, device: device), rows, chunkLength, keys);
     }
+
+    /// <summary>The cache as one decode pass sees it: each row adds one token, written to
+    /// <paramref name="writeSlots"/> [B], and attends to the first <paramref name="contextLengths"/> [B] tokens
+    /// of its block table (<paramref name="blockTables"/> [B, maxBlocks] block ids; padding rows: length 0,
+    /// writing to the scratch slot). On CUDA the paged-attention kernel reads the blocks in place; elsewhere
+    /// the first <paramref name="gatherBlocks"/> blocks of every row are gathered for SDPA. The tensors may be
+    /// views of a CUDA graph's static inputs: nothing here reads them on the host.</summary>
+    public IKvCache ForDecode(Tensor writeSlots, Tensor blockTables, Tensor contextLengths, int gatherBlocks) =>
+        new DecodeView(this, writeSlots, blockTables, contextLengths, gatherBlocks);
+
+    /// <summary>The cache slot of token <paramref name="tokenIndex"/> of a sequence with block table <paramref name="table"/>.</summary>
+    public long SlotOf(IReadOnlyList<int> table, int tokenIndex) => Slot(table, tokenIndex);
 
     private long Slot(IReadOnlyList<int> table, int tokenIndex) => (long)table[tokenIndex / BlockSize] * BlockSize + tokenIndex % BlockSize;
 
@@ -116,34 +129,71 @@ public sealed class PagedKvCache : IDisposable
         _positions.Dispose();
     }
 
-    /// <summary>One forward pass's view: writes go to the rows' own slots, reads gather the rows' slots
-    /// into [B, kvHeads, S, headDim] (one gather per layer; the positions are gathered once).</summary>
-    private sealed class BatchView(PagedKvCache cache, Tensor write, Tensor read, int rows, int chunk, int keyCount) : IKvCache
+    /// <summary>A prefill pass's view: writes go to the rows' own slots, reads gather the rows' slots into
+    /// [B, kvHeads, S, headDim] (one gather per layer; the positions are gathered once, for the mask).</summary>
+    private sealed class PrefillView(PagedKvCache cache, Tensor write, Tensor read, int rows, int chunk, int keyCount) : IKvCache
     {
-        public Tensor Reserve(Tensor positions, ScalarType dtype)
+        private Tensor? _mask;
+
+        public void Begin(Tensor positions, ScalarType dtype)
         {
-            var device = positions.device;
             var flat = positions.reshape(-1);
             // Padding keeps the scratch slot empty: it is written to, but never attended to.
-            var stored = torch.where(flat.lt(0), torch.full_like(flat, KvCache.EmptyPosition), flat);
+            var stored = torch.where(flat.lt(0), torch.full_like(flat, Attention.EmptyPosition), flat);
             cache._positions.index_copy_(0, write, stored);
-            var keyPositions = cache._positions.index_select(0, read).view(rows, 1, keyCount);   // [B,1,S]
-            var visible = keyPositions.le(positions.unsqueeze(-1)).unsqueeze(1);             // [B,1,T,S]
-            var zero = torch.zeros(1, dtype, device: device);
-            var blocked = torch.full(1, KvCache.MinValue(dtype), dtype, device: device);
-            return torch.where(visible, zero, blocked);
+            var keyPositions = cache._positions.index_select(0, read).view(rows, keyCount);
+            _mask = Attention.Mask(keyPositions, positions, dtype);
         }
 
-        public (Tensor Keys, Tensor Values) Write(int layer, Tensor keys, Tensor values)
+        public Tensor Attend(int layer, Tensor queries, Tensor keys, Tensor values)
         {
-            // [B,kvH,T,hd] -> [B*T,kvH,hd] in the same row-major order as the write indices.
-            var k = keys.transpose(1, 2).reshape(rows * chunk, keys.shape[1], keys.shape[3]);
-            var v = values.transpose(1, 2).reshape(rows * chunk, values.shape[1], values.shape[3]);
-            cache._keys[layer].index_copy_(0, write, k);
-            cache._values[layer].index_copy_(0, write, v);
-            var gk = cache._keys[layer].index_select(0, read).view(rows, keyCount, keys.shape[1], keys.shape[3]).transpose(1, 2);
-            var gv = cache._values[layer].index_select(0, read).view(rows, keyCount, values.shape[1], values.shape[3]).transpose(1, 2);
-            return (gk, gv);
+            var (gk, gv) = cache.Store(layer, write, keys, values, rows * chunk);
+            gk = gk.index_select(0, read).view(rows, keyCount, keys.shape[1], keys.shape[3]).transpose(1, 2);
+            gv = gv.index_select(0, read).view(rows, keyCount, values.shape[1], values.shape[3]).transpose(1, 2);
+            return Attention.Sdpa(queries, gk, gv, _mask ?? throw new InvalidOperationException("Begin was not called"));
+        }
+    }
+
+    /// <summary>Writes a layer's new keys and values [B,kvH,T,hd] to <paramref name="write"/> (row-major over
+    /// B and T) and returns the layer's pools.</summary>
+    private (Tensor Keys, Tensor Values) Store(int layer, Tensor write, Tensor keys, Tensor values, long count)
+    {
+        var k = keys.transpose(1, 2).reshape(count, keys.shape[1], keys.shape[3]);
+        var v = values.transpose(1, 2).reshape(count, values.shape[1], values.shape[3]);
+        _keys[layer].index_copy_(0, write, k);
+        _values[layer].index_copy_(0, write, v);
+        return (_keys[layer], _values[layer]);
+    }
+
+    private sealed class DecodeView(PagedKvCache cache, Tensor write, Tensor tables, Tensor lengths, int gatherBlocks) : IKvCache
+    {
+        private Tensor? _gatherSlots, _mask;   // the fallback's gather index [B*S] and mask [B,1,1,S], made once per pass
+        private ScalarType _dtype;
+
+        public void Begin(Tensor positions, ScalarType dtype) => _dtype = dtype;
+
+        public Tensor Attend(int layer, Tensor queries, Tensor keys, Tensor values)
+        {
+            long b = queries.shape[0], nq = queries.shape[1], hd = queries.shape[3], nkv = keys.shape[1];
+            var (pk, pv) = cache.Store(layer, write, keys, values, b);
+            var q = queries.reshape(b, nq, hd).contiguous();
+            if (PagedAttention.TryDecode(q, pk, pv, tables, lengths, cache.BlockSize) is { } direct)
+                return direct.view(b, 1, nq * hd);
+
+            if (_gatherSlots is null)
+            {
+                int bs = cache.BlockSize;
+                long s = (long)gatherBlocks * bs;
+                var within = torch.arange(bs, ScalarType.Int64, device: tables.device);
+                _gatherSlots = (tables.narrow(1, 0, gatherBlocks).unsqueeze(-1) * bs + within).reshape(-1);        // [B*S]
+                var visible = torch.arange(s, ScalarType.Int64, device: tables.device).unsqueeze(0).lt(lengths.unsqueeze(1));   // [B,S]
+                _mask = torch.where(visible, torch.zeros(1, _dtype, device: tables.device), torch.full(1, Attention.MinValue(_dtype), _dtype, device: tables.device))
+                    .view(b, 1, 1, s);
+            }
+            long keyCount = _gatherSlots.shape[0] / b;
+            var gk = pk.index_select(0, _gatherSlots).view(b, keyCount, nkv, hd).transpose(1, 2);
+            var gv = pv.index_select(0, _gatherSlots).view(b, keyCount, nkv, hd).transpose(1, 2);
+            return Attention.Sdpa(queries, gk, gv, _mask!);
         }
     }
 }

@@ -30,6 +30,13 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     public int Columns => Virtual + Tokens.Count;
     public int Cached { get; set; }
     public List<int> Blocks { get; } = [];
+    /// <summary>This sequence's row in the device penalty-count table, or -1 (see <see cref="PenaltyCounts"/>).</summary>
+    public int PenaltyRow { get; set; } = -1;
+    /// <summary>Set when a pass this sequence was in failed: it then runs alone until a pass succeeds (and is
+    /// failed if its lone pass fails), so one request's failure never ends the others.</summary>
+    public bool Suspect { get; set; }
+    /// <summary>Whether presence or frequency penalties apply to this sequence.</summary>
+    public bool UsesPenalties => Sampling.PresencePenalty != 0 || Sampling.FrequencyPenalty != 0;
     public volatile bool CancelRequested;
     public CancellationTokenRegistration Registration { get; set; }
     public DateTime Arrived { get; } = DateTime.UtcNow;

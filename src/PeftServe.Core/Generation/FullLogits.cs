@@ -19,9 +19,8 @@ public static class FullLogits
         adapters ??= new ResidentAdapter?[b];
         var layout = SequenceLayout.Build(rows, adapters.Select(a => a?.VirtualTokens ?? 0).ToArray());
         var (ids, positions) = layout.ToTensors(model.Device);
-        using var cache = new KvCache(model.Config, (int)b, layout.Length, model.DType, model.Device);
         using var adapterBatch = AdapterBatch.Create(adapters, layout.VirtualStart, model.Device);
-        var logits = model.Forward(ids, positions, cache, adapters: adapterBatch);
+        var logits = model.Forward(ids, positions, new ChunkKvCache(), adapters: adapterBatch);
         return logits[.., ^(int)t.., ..].to(ScalarType.Float32).cpu().MoveToOuterDisposeScope();
     }
 }

@@ -37,24 +37,27 @@ public static class Sampler
         IReadOnlyList<long> steps, Tensor? tokenCounts = null)
     {
         ArgumentNullException.ThrowIfNull(logits);
+        if (logits.dim() != 2)
+            throw new ArgumentException($"logits must be [B, V]; got shape [{string.Join(", ", logits.shape)}].", nameof(logits));
+        using var batch = Prepare(rows, seeds, steps, logits.shape[1], logits.device);
+        return Sample(logits, batch, tokenCounts);
+    }
+
+    /// <summary>
+    /// Validates and packs the per-row parameters and uploads them (two small copies), before the forward
+    /// pass whose logits they will sample is queued: nothing is uploaded after it.
+    /// </summary>
+    public static SamplingBatch Prepare(IReadOnlyList<SamplingParams> rows, IReadOnlyList<ulong> seeds, IReadOnlyList<long> steps, long vocab, Device device)
+    {
         ArgumentNullException.ThrowIfNull(rows);
         ArgumentNullException.ThrowIfNull(seeds);
         ArgumentNullException.ThrowIfNull(steps);
-        if (logits.dim() != 2)
-            throw new ArgumentException($"logits must be [B, V]; got shape [{string.Join(", ", logits.shape)}].", nameof(logits));
-        if (!is_floating_point(logits))
-            throw new ArgumentException($"logits must be a floating-point tensor; got {logits.dtype}.", nameof(logits));
-        int batch = checked((int)logits.shape[0]);
-        long vocab = logits.shape[1];
         if (vocab < 1)
-            throw new ArgumentException("logits must have at least one column.", nameof(logits));
-        if (rows.Count != batch || seeds.Count != batch || steps.Count != batch)
-            throw new ArgumentException($"rows ({rows.Count}), seeds ({seeds.Count}) and steps ({steps.Count}) must each have one entry per logits row ({batch}).");
-        if (tokenCounts is not null && (tokenCounts.dim() != 2 || tokenCounts.shape[0] != batch || tokenCounts.shape[1] != vocab))
-            throw new ArgumentException($"tokenCounts must be [{batch}, {vocab}]; got [{string.Join(", ", tokenCounts.shape)}].", nameof(tokenCounts));
+            throw new ArgumentException("logits must have at least one column.", nameof(vocab));
+        int batch = rows.Count;
+        if (seeds.Count != batch || steps.Count != batch)
+            throw new ArgumentException($"rows ({rows.Count}), seeds ({seeds.Count}) and steps ({steps.Count}) must each have one entry per logits row.");
 
-        // ---- Host side: validate and pack per-row parameters (no tensor ops here). ----
-        // Two arrays, so that moving them to the device costs two small copies per step.
         // floats: [0] temperature (0 = greedy), [1] top_p, [2] presence penalty, [3] frequency penalty
         // longs:  [0] top_k in [1, V] (V = off), [1] seed (bits of the ulong), [2] step
         var floats = new float[4 * batch];
@@ -83,28 +86,60 @@ public static class Sampler
             if (k < vocab) { anyTopK = true; maxTopK = Math.Max(maxTopK, k); }
             anyTopP |= topP < 1f;
         }
+        // Greedy-only batches need no parameters on the device at all.
+        var floatParams = anySampled || anyPenalty ? Upload(floats, [4, batch], device) : null;
+        var longParams = anySampled ? Upload(longs, [3, batch], device) : null;
+        return new SamplingBatch(batch, vocab, floatParams, longParams, anySampled, anyTopK, anyTopP, anyPenalty, maxTopK);
+    }
 
-        // ---- Device side: batched. ----
+    private static Tensor Upload(float[] values, long[] shape, Device device) => Upload(tensor(values, shape), device);
+    private static Tensor Upload(long[] values, long[] shape, Device device) => Upload(tensor(values, shape), device);
+
+    /// <summary>A host tensor on <paramref name="device"/>: on CUDA through pinned memory, asynchronously.</summary>
+    private static Tensor Upload(Tensor host, Device device)
+    {
+        using var _ = host;
+        if (device.type == DeviceType.CPU) return host.clone().DetachFromDisposeScope();
+        using var pinned = host.pin_memory();
+        return pinned.to(device, non_blocking: true).DetachFromDisposeScope();
+    }
+
+    /// <summary>Samples one token per row of <paramref name="logits"/> [B, V] with parameters made by
+    /// <see cref="Prepare"/>; <paramref name="tokenCounts"/>: optional [B, V] counts for the penalties.</summary>
+    public static Tensor Sample(Tensor logits, SamplingBatch batch, Tensor? tokenCounts = null)
+    {
+        ArgumentNullException.ThrowIfNull(logits);
+        ArgumentNullException.ThrowIfNull(batch);
+        if (logits.dim() != 2)
+            throw new ArgumentException($"logits must be [B, V]; got shape [{string.Join(", ", logits.shape)}].", nameof(logits));
+        if (!is_floating_point(logits))
+            throw new ArgumentException($"logits must be a floating-point tensor; got {logits.dtype}.", nameof(logits));
+        if (logits.shape[0] != batch.Rows || logits.shape[1] != batch.Vocab)
+            throw new ArgumentException($"logits are [{logits.shape[0]}, {logits.shape[1]}]; the sampling parameters are for [{batch.Rows}, {batch.Vocab}].", nameof(logits));
+        long vocab = batch.Vocab;
+        if (tokenCounts is not null && (tokenCounts.dim() != 2 || tokenCounts.shape[0] != batch.Rows || tokenCounts.shape[1] != vocab))
+            throw new ArgumentException($"tokenCounts must be [{batch.Rows}, {vocab}]; got [{string.Join(", ", tokenCounts.shape)}].", nameof(tokenCounts));
+
         using var scope = NewDisposeScope();
         var device = logits.device;
-        var floatParams = tensor(floats, [4, batch], device: device);
-        var longParams = tensor(longs, [3, batch], device: device);
         var x = logits.to_type(ScalarType.Float32); // all math in float32, even for bf16/fp16 logits
 
-        if (tokenCounts is not null && anyPenalty)
-            x = ApplyPenalties(x, tokenCounts.to(device), floatParams[2].unsqueeze(1), floatParams[3].unsqueeze(1));
+        if (tokenCounts is not null && batch.AnyPenalty)
+            x = ApplyPenalties(x, tokenCounts.to(device), batch.Floats![2].unsqueeze(1), batch.Floats[3].unsqueeze(1));
 
         var greedyIds = x.argmax(1);
-        if (!anySampled)
+        if (!batch.AnySampled)
             return greedyIds.MoveToOuterDisposeScope();
 
+        var floatParams = batch.Floats!;
+        var longParams = batch.Longs!;
         var temperature = floatParams[0];
         var isGreedy = temperature.eq(0f);
         var scaled = x / where(isGreedy, ones_like(temperature), temperature).unsqueeze(1); // [B, V]
         var kTensor = longParams[0]; // [B], in [1, V]
 
         Tensor? cutoff = null; // [B, 1]: keep tokens with scaled >= cutoff
-        if (anyTopP)
+        if (batch.AnyTopP)
         {
             var sorted = scaled.sort(1, descending: true).Values;
             var positions = arange(vocab, dtype: ScalarType.Int64, device: device).unsqueeze(0);
@@ -119,11 +154,11 @@ public static class Sampler
             var keep = minimum(prefix, kTensor); // top-k applies too (the probabilities above were top-k renormalised)
             cutoff = sorted.gather(1, (keep - 1L).unsqueeze(1));
         }
-        else if (anyTopK)
+        else if (batch.AnyTopK)
         {
             // Only top-k: a partial top-k is much cheaper than a full sort of the vocabulary.
-            var top = scaled.topk(checked((int)maxTopK), dim: 1).values; // [B, maxK], descending
-            var index = kTensor.clamp_max(maxTopK) - 1L;
+            var top = scaled.topk(checked((int)batch.MaxTopK), dim: 1).values; // [B, maxK], descending
+            var index = kTensor.clamp_max(batch.MaxTopK) - 1L;
             var kth = top.gather(1, index.unsqueeze(1));
             cutoff = where((kTensor < vocab).unsqueeze(1), kth, full_like(kth, float.NegativeInfinity));
         }
@@ -135,11 +170,6 @@ public static class Sampler
         return result.MoveToOuterDisposeScope();
     }
 
-    /// <summary>
-    /// OpenAI presence/frequency penalties: <c>logits - presence * (counts &gt; 0) - frequency * counts</c>,
-    /// with <paramref name="presence"/> and <paramref name="frequency"/> broadcastable to [B, V] (e.g. [B, 1]).
-    /// Returns a new float32 tensor.
-    /// </summary>
     internal static Tensor ApplyPenalties(Tensor logits, Tensor counts, Tensor presence, Tensor frequency)
     {
         using var scope = NewDisposeScope();
@@ -147,5 +177,27 @@ public static class Sampler
         var seen = c.gt(0f).to_type(ScalarType.Float32);
         var result = logits.to_type(ScalarType.Float32) - presence * seen - frequency * c;
         return result.MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>One step's sampling parameters, validated and already on the device (see <see cref="Sampler.Prepare"/>).</summary>
+public sealed class SamplingBatch(int rows, long vocab, Tensor? floats, Tensor? longs, bool anySampled, bool anyTopK, bool anyTopP, bool anyPenalty, long maxTopK) : IDisposable
+{
+    public int Rows { get; } = rows;
+    public long Vocab { get; } = vocab;
+    /// <summary>[4, B]: temperature, top_p, presence and frequency penalty (null when every row is greedy without penalties).</summary>
+    internal Tensor? Floats { get; } = floats;
+    /// <summary>[3, B]: top_k, seed bits, step (null when every row is greedy).</summary>
+    internal Tensor? Longs { get; } = longs;
+    public bool AnySampled { get; } = anySampled;
+    public bool AnyTopK { get; } = anyTopK;
+    public bool AnyTopP { get; } = anyTopP;
+    public bool AnyPenalty { get; } = anyPenalty;
+    public long MaxTopK { get; } = maxTopK;
+
+    public void Dispose()
+    {
+        Floats?.Dispose();
+        Longs?.Dispose();
     }
 }

@@ -1,3 +1,4 @@
+using PeftServe.Core.Kernels;
 using PeftServe.Core.Quantization;
 using PeftServe.Core.SafeTensors;
 using TorchSharp;
@@ -168,20 +169,22 @@ public sealed class LlamaModel : IDisposable
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var h = _embedTokens.index_select(0, inputIds.reshape(-1)).view(b, t, -1);
         if (adapters is not null) h = adapters.Embeddings(h);
-        var mask = cache.Reserve(positions, DType);                 // [B,1,T,S]
-        // Grouped-query attention runs with the G query heads of each KV head folded into the
-        // sequence axis, so keys and values are never copied G times: fold the mask the same way.
-        int groups = Config.KvGroups;
-        if (groups > 1)
-            mask = mask.unsqueeze(2).expand(b, 1, groups, t, mask.shape[^1]).reshape(b, 1, groups * t, mask.shape[^1]);
+        cache.Begin(positions, DType);
         var (cos, sin) = _rope.Tables(positions.clamp_min(0), DType);
 
+        // Each layer returns the residual stream and the delta it adds last (the MLP output); the next
+        // norm adds it in, so the residual add and the RMSNorm after it are one step (one kernel on CUDA).
+        Tensor? delta = null;
         for (int i = 0; i < _layers.Length; i++)
-            h = _layers[i].Forward(h, i, cache, mask, cos, sin, Config, adapters);
+            (h, delta) = _layers[i].Forward(h, delta, i, cache, cos, sin, Config, adapters);
 
-        if (lastTokenOnly) h = h[.., ^1.., ..];
-        h = RmsNorm(h, _finalNorm, Config.RmsNormEps);
-        var logits = nn.functional.linear(h, _lmHead);
+        if (lastTokenOnly && t > 1)
+        {
+            h = h[.., ^1.., ..].contiguous();
+            delta = delta?[.., ^1.., ..].contiguous();
+        }
+        var normed = delta is null ? FusedOps.RmsNorm(h, _finalNorm, Config.RmsNormEps) : FusedOps.AddRmsNorm(h, delta, _finalNorm, Config.RmsNormEps).Normed;
+        var logits = nn.functional.linear(normed, _lmHead);
         return logits.MoveToOuterDisposeScope();
     }
 
@@ -234,14 +237,6 @@ public sealed class LlamaModel : IDisposable
         return (both[0] - both[1]).MoveToOuterDisposeScope();
     }
 
-    /// <summary>RMSNorm computed in float32 whatever the compute dtype, as the reference does.</summary>
-    internal static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
-    {
-        var xf = x.to(ScalarType.Float32);
-        var normed = xf * torch.rsqrt(xf.pow(2).mean([-1], keepdim: true) + eps);
-        return weight * normed.to(x.dtype);
-    }
-
     /// <summary>Bytes of all weights on the device.</summary>
     public long WeightBytes =>
         Bytes(_embedTokens) + (Config.TieWordEmbeddings ? 0 : Bytes(_lmHead)) + Bytes(_finalNorm) +
@@ -289,12 +284,16 @@ public sealed class LlamaModel : IDisposable
         public required Tensor InputNorm, PostAttentionNorm;
         public required IFrozenLinear Qkv, O, GateUp, Down;
 
-        public Tensor Forward(Tensor h, int index, IKvCache cache, Tensor mask, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
+        /// <summary>One block over the residual stream <paramref name="h"/> [B,T,hidden], with the previous
+        /// block's last delta still to be added (null before the first block). Returns the residual stream
+        /// and this block's last delta (its MLP output).</summary>
+        public (Tensor Residual, Tensor Delta) Forward(Tensor h, Tensor? delta, int index, IKvCache cache, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
         {
             long b = h.shape[0], t = h.shape[1];
             int hd = c.HeadDim, nq = c.NumHeads, nkv = c.NumKvHeads;
 
-            var x = RmsNorm(h, InputNorm, c.RmsNormEps);
+            Tensor x;
+            (h, x) = delta is null ? (h, FusedOps.RmsNorm(h, InputNorm, c.RmsNormEps)) : FusedOps.AddRmsNorm(h, delta, InputNorm, c.RmsNormEps);
             var qkv = Qkv.Forward(x);
             if (adapters is not null) qkv = adapters.Qkv(index, x, qkv);
             qkv = qkv.view(b, t, nq + 2 * nkv, hd);                                        // [B,T,heads,hd]
@@ -304,26 +303,19 @@ public sealed class LlamaModel : IDisposable
             var v = qkv[.., .., (nq + nkv)..];
             if (adapters is not null) (k, v) = adapters.KeysValues(index, k, v);
             var q = qk[.., .., ..nq].transpose(1, 2);                                      // [B,nq,T,hd]
-            var (keys, values) = cache.Write(index, k.transpose(1, 2), v.transpose(1, 2)); // [B,nkv,S,hd]
-
-            var qGrouped = q.reshape(b, nkv, (nq / nkv) * t, hd);
-            var attn = nn.functional.scaled_dot_product_attention(qGrouped, keys, values, mask);
-            // reshape, not view: on CUDA the attention kernels may return a non-contiguous layout.
-            attn = attn.reshape(b, nq, t, hd).transpose(1, 2).reshape(b, t, nq * hd);
+            var attn = cache.Attend(index, q, k.transpose(1, 2), v.transpose(1, 2));      // [B,T,nq*hd]
             if (adapters?.ExtraAttention(index, q) is { } extra) attn = attn + extra;
             var o = O.Forward(attn);
             if (adapters is not null) o = adapters.AttentionOutput(index, attn, o);
-            h = h + o;
 
-            x = RmsNorm(h, PostAttentionNorm, c.RmsNormEps);
+            (h, x) = FusedOps.AddRmsNorm(h, o, PostAttentionNorm, c.RmsNormEps);
             var gateUp = GateUp.Forward(x);
             if (adapters is not null) gateUp = adapters.GateUp(index, x, gateUp);
-            var halves = gateUp.chunk(2, -1);
-            var act = nn.functional.silu(halves[0]) * halves[1];
+            var act = FusedOps.SiluMul(gateUp);
             if (adapters is not null) act = adapters.DownInput(index, act);
             var down = Down.Forward(act);
             if (adapters is not null) down = adapters.MlpOutput(index, act, down);
-            return h + down;
+            return (h, down);
         }
 
         public void Dispose()

@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Tests.Model;
 using PeftServe.Core.Tests.SafeTensors;
@@ -47,12 +48,12 @@ public sealed class AdaMixAdapterTests : IClassFixture<TinyLlamaFixture>, IDispo
 {
     private readonly TinyLlamaFixture _f;
     private readonly TempDir _dir = new();
-    private readonly AdapterSet _set;
+    private readonly AdapterManager _set;
 
     public AdaMixAdapterTests(TinyLlamaFixture fixture)
     {
         _f = fixture;
-        _set = new AdapterSet(fixture.Model, new AdapterLimits());
+        _set = new AdapterManager(fixture.Model, new AdapterLimits(), null, 1L << 30);
     }
 
     public void Dispose()
@@ -68,7 +69,7 @@ public sealed class AdaMixAdapterTests : IClassFixture<TinyLlamaFixture>, IDispo
     public void ServedLogitsMatchTheFormulaWithMeanWeights(int experts, string placement, string nonLinearity, int reductionFactor)
     {
         var spec = AdaMixSpec.Random(experts * 7 + reductionFactor, experts, reductionFactor, placement, nonLinearity);
-        var adapter = _set.Get(spec.Write(_dir.Path, "adamix"));
+        var adapter = _set.Acquire(spec.Write(_dir.Path, "adamix"));
         using var logits = FullLogits.Compute(_f.Model, _f.InputIds, [adapter, adapter]);
         var hooks = spec.Averaged().Hooks();
         for (int row = 0; row < 2; row++)
@@ -84,10 +85,10 @@ public sealed class AdaMixAdapterTests : IClassFixture<TinyLlamaFixture>, IDispo
     public void EqualsTheBottleneckAdapterMadeFromTheAveragedWeights()
     {
         var spec = AdaMixSpec.Random(11, 3, 4, "both", "silu", [0, 2]);
-        var adamix = _set.Get(spec.Write(_dir.Path, "adamix"));
+        var adamix = _set.Acquire(spec.Write(_dir.Path, "adamix"));
         var averaged = spec.Averaged();
         foreach (var key in averaged.Modules.Keys.ToArray()) averaged.Modules[key] = averaged.Modules[key].ToFloat32();
-        var bottleneck = _set.Get(averaged.Write(_dir.Path, "averaged"));
+        var bottleneck = _set.Acquire(averaged.Write(_dir.Path, "averaged"));
         Assert.Equal("adamix", adamix.Adapter.Method.Name);
         Assert.Equal("bottleneck", bottleneck.Adapter.Method.Name);
         using var ids = torch.stack([_f.InputIds[0], _f.InputIds[0], _f.InputIds[1], _f.InputIds[1]]);

@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Tests.Model;
 using PeftServe.Core.Tests.SafeTensors;
@@ -58,12 +59,12 @@ public sealed class BitFitAdapterTests : IClassFixture<TinyLlamaFixture>, IDispo
 {
     private readonly TinyLlamaFixture _f;
     private readonly TempDir _dir = new();
-    private readonly AdapterSet _set;
+    private readonly AdapterManager _set;
 
     public BitFitAdapterTests(TinyLlamaFixture fixture)
     {
         _f = fixture;
-        _set = new AdapterSet(fixture.Model, new AdapterLimits());
+        _set = new AdapterManager(fixture.Model, new AdapterLimits(), null, 1L << 30);
     }
 
     public void Dispose()
@@ -86,14 +87,14 @@ public sealed class BitFitAdapterTests : IClassFixture<TinyLlamaFixture>, IDispo
     public void ServedLogitsMatchTheBiasedReference(string name, string[] modules, int[] layers)
     {
         var spec = BitFitSpec.Random(name.Length * 13, modules, layers);
-        Check(_set.Get(spec.Write(_dir.Path, name)), spec);
+        Check(_set.Acquire(spec.Write(_dir.Path, name)), spec);
     }
 
     [Fact]
     public void NormBiasesFoldIntoTheFollowingProjections()
     {
         var spec = BitFitSpec.Random(21, ["input_layernorm", "post_attention_layernorm"], [0, 1, 2], scale: 1.0);
-        Check(_set.Get(spec.Write(_dir.Path, "norms")), spec);
+        Check(_set.Acquire(spec.Write(_dir.Path, "norms")), spec);
     }
 
     [Fact]
@@ -101,7 +102,7 @@ public sealed class BitFitAdapterTests : IClassFixture<TinyLlamaFixture>, IDispo
     {
         // Layer 1's q|k|v output gets the k bias and W_qkv b_input; its gate|up output gets the up bias and W_gateup b_post.
         var spec = BitFitSpec.Random(22, ["input_layernorm", "k_proj", "post_attention_layernorm", "up_proj", "down_proj"], [1], scale: 1.0);
-        Check(_set.Get(spec.Write(_dir.Path, "mixed")), spec);
+        Check(_set.Acquire(spec.Write(_dir.Path, "mixed")), spec);
     }
 
     [Fact]

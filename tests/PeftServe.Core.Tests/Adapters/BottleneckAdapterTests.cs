@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Tests.Model;
 using PeftServe.Core.Tests.SafeTensors;
@@ -7,18 +8,18 @@ using static TorchSharp.torch;
 
 namespace PeftServe.Core.Tests.Adapters;
 
-/// <summary>Bottleneck adapters written to disk, loaded through <see cref="AdapterSet"/> and served,
+/// <summary>Bottleneck adapters written to disk, loaded through <see cref="AdapterManager"/> and served,
 /// against the float64 reference forward with h + W_up act(W_down h + b_down) + b_up inserted.</summary>
 public sealed class BottleneckAdapterTests : IClassFixture<TinyLlamaFixture>, IDisposable
 {
     private readonly TinyLlamaFixture _f;
     private readonly TempDir _dir = new();
-    private readonly AdapterSet _set;
+    private readonly AdapterManager _set;
 
     public BottleneckAdapterTests(TinyLlamaFixture fixture)
     {
         _f = fixture;
-        _set = new AdapterSet(fixture.Model, new AdapterLimits());
+        _set = new AdapterManager(fixture.Model, new AdapterLimits(), null, 1L << 30);
     }
 
     public void Dispose()
@@ -39,7 +40,7 @@ public sealed class BottleneckAdapterTests : IClassFixture<TinyLlamaFixture>, ID
     {
         var spec = BottleneckSpec.Random(reductionFactor * 31 + placement.Length, reductionFactor, placement, nonLinearity,
             layers?.Split(',').Select(int.Parse).ToArray());
-        var adapter = _set.Get(spec.Write(_dir.Path, "bottleneck"));
+        var adapter = _set.Acquire(spec.Write(_dir.Path, "bottleneck"));
         using var logits = FullLogits.Compute(_f.Model, _f.InputIds, [adapter, adapter]);
         for (int row = 0; row < 2; row++)
         {
@@ -61,7 +62,7 @@ public sealed class BottleneckAdapterTests : IClassFixture<TinyLlamaFixture>, ID
             null,
             BottleneckSpec.Random(3, 2, "attention", "gelu"),
         };
-        var adapters = specs.Select((s, i) => s is null ? null : _set.Get(s.Write(_dir.Path, $"b{i}"))).ToArray();
+        var adapters = specs.Select((s, i) => s is null ? null : _set.Acquire(s.Write(_dir.Path, $"b{i}"))).ToArray();
         using var ids = torch.stack(specs.Select((_, i) => _f.InputIds[i % 2]).ToArray());
         using var logits = FullLogits.Compute(_f.Model, ids, adapters);
         for (int i = 0; i < specs.Length; i++)
@@ -98,8 +99,8 @@ public sealed class BottleneckAdapterTests : IClassFixture<TinyLlamaFixture>, ID
             foreach (var v in w.Down.Append(w.DownBias).Concat(w.Up).Append(w.UpBias))
                 for (int i = 0; i < v.Length; i++) v[i] = (double)(Half)v[i];
         }
-        var f32 = _set.Get(spec.Write(_dir.Path, "f32"));
-        var f16 = _set.Get(OurAdapterTesting.WriteAdapter(_dir.Path, "f16", spec.Config(),
+        var f32 = _set.Acquire(spec.Write(_dir.Path, "f32"));
+        var f16 = _set.Acquire(OurAdapterTesting.WriteAdapter(_dir.Path, "f16", spec.Config(),
             spec.Modules.SelectMany(kv => kv.Value.Tensors(BottleneckSpec.PlacementPrefix(kv.Key.Layer, kv.Key.Placement))), ScalarType.Float16));
         using var logits = FullLogits.Compute(_f.Model, _f.InputIds, [f32, f16]);
         var expected = ReferenceLlama.Tiny.Logits(Row(_f.InputIds, 1), spec.Hooks());

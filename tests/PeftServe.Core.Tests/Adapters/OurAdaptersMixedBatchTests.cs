@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Tests.Model;
 using PeftServe.Core.Tests.SafeTensors;
@@ -16,7 +17,7 @@ public sealed class OurAdaptersMixedBatchTests : IClassFixture<TinyLlamaFixture>
     private const string Lora = "lora-r4-qv";
     private readonly TinyLlamaFixture _f;
     private readonly TempDir _dir = new();
-    private readonly AdapterSet _set;
+    private readonly AdapterManager _set;
     private readonly BottleneckSpec _bottleneck = BottleneckSpec.Random(41, 8, "both", "gelu");
     private readonly AdaMixSpec _adamix = AdaMixSpec.Random(42, 3, 4, "mlp", "relu");
     private readonly BitFitSpec _bitfit = BitFitSpec.Random(43, ["q_proj", "up_proj", "input_layernorm"], [0, 1, 2]);
@@ -27,13 +28,13 @@ public sealed class OurAdaptersMixedBatchTests : IClassFixture<TinyLlamaFixture>
     public OurAdaptersMixedBatchTests(TinyLlamaFixture fixture)
     {
         _f = fixture;
-        _set = new AdapterSet(fixture.Model, new AdapterLimits());
+        _set = new AdapterManager(fixture.Model, new AdapterLimits(), null, 1L << 30);
         _rows =
         [
-            _set.Get(_bottleneck.Write(_dir.Path, "bottleneck")),
-            _set.Get(_adamix.Write(_dir.Path, "adamix")),
-            _set.Get(_bitfit.Write(_dir.Path, "bitfit")),
-            _set.Get(TestData.AdapterDir(Lora)),
+            _set.Acquire(_bottleneck.Write(_dir.Path, "bottleneck")),
+            _set.Acquire(_adamix.Write(_dir.Path, "adamix")),
+            _set.Acquire(_bitfit.Write(_dir.Path, "bitfit")),
+            _set.Acquire(TestData.AdapterDir(Lora)),
             null,
         ];
         _hooks = [_bottleneck.Hooks(), _adamix.Averaged().Hooks(), _bitfit.Hooks(), null, new ReferenceHooks()];
@@ -72,12 +73,11 @@ public sealed class OurAdaptersMixedBatchTests : IClassFixture<TinyLlamaFixture>
         var prompt = _f.Expected["prompt_ids"][0].data<long>().Select(x => (int)x).ToArray();
         var prompts = _rows.Select((_, i) => prompt[..(prompt.Length - i % 3)]).ToArray();
         const int n = 6;
-        var tokens = new BatchGenerator(_f.Model)
-            .Generate(prompts, prompts.Select(_ => SamplingParams.Greedy(n)).ToArray(), adapters: _rows).ToList();
+        var tokens = FixedBatch.Generate(_f.Model, prompts, prompts.Select(_ => SamplingParams.Greedy(n)).ToArray(), adapters: _rows).ToList();
         for (int i = 0; i < _rows.Length; i++)
         {
             var row = tokens.Where(t => t.Row == i).Select(t => t.TokenId).ToArray();
-            var alone = new BatchGenerator(_f.Model).Generate([prompts[i]], [SamplingParams.Greedy(n)], adapters: [_rows[i]])
+            var alone = FixedBatch.Generate(_f.Model, [prompts[i]], [SamplingParams.Greedy(n)], adapters: [_rows[i]])
                 .Select(t => t.TokenId).ToArray();
             Assert.Equal(alone, row);
             if (_hooks[i] is { } hooks) Assert.Equal(ReferenceLlama.Tiny.Greedy(prompts[i], n, hooks), row);

@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
 using PeftServe.Core.Tests.SafeTensors;
@@ -15,9 +16,9 @@ public sealed class OurAdaptersReducedPrecisionTests : IDisposable
 {
     private readonly LlamaModel _model = LlamaModel.Load(TestData.TinyLlamaDir, new ModelOptions { DType = ScalarType.BFloat16 });
     private readonly TempDir _dir = new();
-    private readonly AdapterSet _set;
+    private readonly AdapterManager _set;
 
-    public OurAdaptersReducedPrecisionTests() => _set = new AdapterSet(_model, new AdapterLimits());
+    public OurAdaptersReducedPrecisionTests() => _set = new AdapterManager(_model, new AdapterLimits(), null, 1L << 30);
 
     public void Dispose()
     {
@@ -34,9 +35,9 @@ public sealed class OurAdaptersReducedPrecisionTests : IDisposable
         var bitfit = BitFitSpec.Random(53, ["k_proj", "o_proj", "gate_proj", "input_layernorm", "post_attention_layernorm"], [0, 1, 2]);
         ResidentAdapter?[] rows =
         [
-            _set.Get(bottleneck.Write(_dir.Path, "bottleneck")),
-            _set.Get(adamix.Write(_dir.Path, "adamix")),
-            _set.Get(bitfit.Write(_dir.Path, "bitfit")),
+            _set.Acquire(bottleneck.Write(_dir.Path, "bottleneck")),
+            _set.Acquire(adamix.Write(_dir.Path, "adamix")),
+            _set.Acquire(bitfit.Write(_dir.Path, "bitfit")),
             null,
         ];
         ReferenceHooks?[] hooks = [bottleneck.Hooks(), adamix.Averaged().Hooks(), bitfit.Hooks(), null];

@@ -90,7 +90,7 @@ public sealed class EngineTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFix
     public async Task SampledRequestsMatchTheFixedBatchGenerator()
     {
         var p = new SamplingParams { Temperature = 0.8f, TopK = 50, TopP = 0.9f, Seed = 1234, MaxTokens = 20 };
-        var reference = new BatchGenerator(f.Model).Generate([Prompt], [p]).Select(t => t.TokenId).ToArray();
+        var reference = FixedBatch.Generate(f.Model, [Prompt], [p]).Select(t => t.TokenId).ToArray();
         await using var engine = NewEngine();
         // Other requests in the same batch change nothing for this one.
         var noise = Enumerable.Range(0, 4).Select(i => engine.Submit(new GenerationRequest { PromptIds = [1, 2, 3 + i], Sampling = p with { Seed = (ulong)i } })).ToList();

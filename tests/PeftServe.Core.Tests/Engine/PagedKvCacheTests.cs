@@ -47,7 +47,7 @@ public sealed class PagedKvCacheTests(TinyLlamaFixture f) : IClassFixture<TinyLl
                     pos[r * chunk + t] = t < pad ? -1 : col;
                 }
             using var scope = torch.NewDisposeScope();
-            var view = cache.ForBatch(tables, cached, count, chunk);
+            var view = cache.ForPrefill(tables, cached, count, chunk);
             return f.Model.Forward(torch.tensor(ids, [2, chunk]), torch.tensor(pos, [2, chunk]), view).MoveToOuterDisposeScope();
         }
 
@@ -61,6 +61,6 @@ public sealed class PagedKvCacheTests(TinyLlamaFixture f) : IClassFixture<TinyLl
             LlamaConformanceTests.AssertClose(expected[0, ..split], first[r, ^split..]);
             LlamaConformanceTests.AssertClose(expected[0, split..], second[r, ^(n - split)..]);
         }
-        Assert.Throws<InvalidOperationException>(() => cache.ForBatch([tables[0].Take(1).ToList()], [0], [3], 3));
+        Assert.Throws<InvalidOperationException>(() => cache.ForPrefill([tables[0].Take(1).ToList()], [0], [3], 3));
     }
 }

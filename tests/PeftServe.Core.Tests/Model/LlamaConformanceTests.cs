@@ -1,3 +1,4 @@
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
 using PeftServe.Core.SafeTensors;
@@ -35,18 +36,38 @@ public sealed class LlamaConformanceTests : IClassFixture<TinyLlamaFixture>
     }
 
     [Fact]
-    public void PrefillThenDecodeThroughKvCacheMatchesFullForward()
+    public void PrefillThenDecodeThroughThePagedCacheMatchesFullForward()
     {
+        // The serving path: a prefill chunk into the rows' blocks, then one decode step at a time reading the
+        // blocks through the block tables (the decode view's tensor-op path on CPU).
         var model = _f.Model;
-        long b = _f.InputIds.shape[0], t = _f.InputIds.shape[1];
-        const int prefill = 5;
-        using var cache = new KvCache(model.Config, (int)b, (int)t, model.DType, model.Device);
-        var positions = torch.arange(t).unsqueeze(0).expand(b, t).contiguous();
-        var pieces = new List<Tensor> { model.Forward(_f.InputIds[.., ..prefill], positions[.., ..prefill], cache) };
+        int b = (int)_f.InputIds.shape[0], t = (int)_f.InputIds.shape[1];
+        const int prefill = 5, blockSize = 4;
+        using var cache = new PagedKvCache(model.Config, 2 * ((t + blockSize - 1) / blockSize) + 1, blockSize, model.DType, model.Device);
+        var tables = Enumerable.Range(0, b).Select(_ => new List<int>()).ToArray();
+        foreach (var table in tables)
+            while (table.Count * blockSize < t) { Assert.True(cache.TryAllocate(out var block)); table.Add(block); }
+        var ids = _f.InputIds.data<long>().ToArray();
+        var pieces = new List<Tensor>();
+        using (var scope = torch.NewDisposeScope())
+        {
+            var positions = torch.arange(prefill).unsqueeze(0).expand(b, prefill).contiguous();
+            var view = cache.ForPrefill(tables, [0, 0], [prefill, prefill], prefill);
+            pieces.Add(model.Forward(_f.InputIds[.., ..prefill], positions, view).MoveToOuterDisposeScope());
+        }
+        int maxBlocks = tables[0].Count;
         for (int i = prefill; i < t; i++)
-            pieces.Add(model.Forward(_f.InputIds[.., i..(i + 1)], positions[.., i..(i + 1)], cache));
-        Assert.Equal(t, cache.Length);
+        {
+            using var scope = torch.NewDisposeScope();
+            var write = torch.tensor(tables.Select(table => cache.SlotOf(table, i)).ToArray());
+            var blockTable = torch.tensor(tables.SelectMany(table => table.Select(x => (long)x)).ToArray(), [b, maxBlocks]);
+            var lengths = torch.full([b], i + 1, ScalarType.Int64);
+            var view = cache.ForDecode(write, blockTable, lengths, (i + blockSize) / blockSize);
+            var stepIds = torch.tensor(Enumerable.Range(0, b).Select(r => ids[r * t + i]).ToArray(), [b, 1]);
+            pieces.Add(model.Forward(stepIds, torch.full([b, 1], i, ScalarType.Int64), view).MoveToOuterDisposeScope());
+        }
         using var stitched = torch.cat(pieces, 1);
+        foreach (var p in pieces) p.Dispose();
         AssertClose(_f.Expected["logits_base"], stitched);
     }
 
@@ -58,8 +79,7 @@ public sealed class LlamaConformanceTests : IClassFixture<TinyLlamaFixture>
         var shortRow = _f.InputIds[0, ..7].data<long>().Select(x => (int)x).ToArray();
         var longRow = _f.InputIds[1].data<long>().Select(x => (int)x).ToArray();
         var (ids, positions) = SequenceLayout.Build([shortRow, longRow], [0, 0]).ToTensors(model.Device);
-        using var cache = new KvCache(model.Config, 2, longRow.Length, model.DType, model.Device);
-        using var logits = model.Forward(ids, positions, cache);
+        using var logits = model.Forward(ids, positions, new ChunkKvCache());
         using var expectedLong = _f.Expected["logits_base"][1];
         AssertClose(expectedLong, logits[1]);
         using var expectedShort = _f.FullForward(_f.InputIds[0..1, ..7]);
@@ -71,7 +91,7 @@ public sealed class LlamaConformanceTests : IClassFixture<TinyLlamaFixture>
     {
         var prompt = _f.Expected["prompt_ids"][0].data<long>().Select(x => (int)x).ToArray();
         var expected = _f.Expected["greedy_base"][0].data<long>().Select(x => (int)x).ToArray();
-        var tokens = new BatchGenerator(_f.Model).Generate([prompt], [SamplingParams.Greedy(expected.Length)])
+        var tokens = FixedBatch.Generate(_f.Model, [prompt], [SamplingParams.Greedy(expected.Length)])
             .Select(t => t.TokenId).ToArray();
         Assert.Equal(expected, tokens);
     }
@@ -83,8 +103,7 @@ public sealed class LlamaConformanceTests : IClassFixture<TinyLlamaFixture>
         var prompt = _f.Expected["prompt_ids"][0].data<long>().Select(x => (int)x).ToArray();
         var other = _f.InputIds[1].data<long>().Select(x => (int)x).ToArray();
         var expected = _f.Expected["greedy_base"][0].data<long>().Select(x => (int)x).ToArray();
-        var rows = new BatchGenerator(_f.Model)
-            .Generate([prompt, other], [SamplingParams.Greedy(expected.Length), SamplingParams.Greedy(4)]).ToList();
+        var rows = FixedBatch.Generate(_f.Model, [prompt, other], [SamplingParams.Greedy(expected.Length), SamplingParams.Greedy(4)]).ToList();
         Assert.Equal(expected, rows.Where(t => t.Row == 0).Select(t => t.TokenId).ToArray());
         Assert.Equal(4, rows.Count(t => t.Row == 1));
         Assert.Equal(FinishReason.Length, rows.Last(t => t.Row == 1).Finish);
@@ -96,8 +115,7 @@ public sealed class LlamaConformanceTests : IClassFixture<TinyLlamaFixture>
         var prompt = _f.Expected["prompt_ids"][0].data<long>().Select(x => (int)x).ToArray();
         var expected = _f.Expected["greedy_base"][0].data<long>().Select(x => (int)x).ToArray();
         var stop = expected[3];
-        var tokens = new BatchGenerator(_f.Model)
-            .Generate([prompt], [SamplingParams.Greedy(16) with { StopTokenIds = [stop] }]).ToList();
+        var tokens = FixedBatch.Generate(_f.Model, [prompt], [SamplingParams.Greedy(16) with { StopTokenIds = [stop] }]).ToList();
         Assert.Equal(expected.Take(Array.IndexOf(expected, stop) + 1), tokens.Select(t => t.TokenId));
         Assert.Equal(FinishReason.Stop, tokens[^1].Finish);
     }
@@ -127,9 +145,8 @@ public sealed class TinyLlamaFixture : IDisposable
     public Tensor FullForward(Tensor ids)
     {
         long b = ids.shape[0], t = ids.shape[1];
-        using var cache = new KvCache(Model.Config, (int)b, (int)t, Model.DType, Model.Device);
         using var positions = torch.arange(t).unsqueeze(0).expand(b, t).contiguous();
-        return Model.Forward(ids, positions, cache).to(ScalarType.Float32);
+        return Model.Forward(ids, positions, new ChunkKvCache()).to(ScalarType.Float32);
     }
 
     public void Dispose()

@@ -87,12 +87,12 @@ public sealed class Nf4AdapterTests : IDisposable
     [Fact]
     public void EveryMethodInOneMixedBatchOnTheNf4BaseMatchesItsDenseTwin()
     {
-        using var onNf4 = new AdapterSet(_nf4, new AdapterLimits());
-        using var onTwin = new AdapterSet(_twin, new AdapterLimits());
+        using var onNf4 = new AdapterManager(_nf4, new AdapterLimits(), null, 1L << 30);
+        using var onTwin = new AdapterManager(_twin, new AdapterLimits(), null, 1L << 30);
         var rows = _adapters.Append(null).ToArray();
         using var ids = torch.stack(rows.Select((_, i) => _ids[i % 2]).ToArray());
-        using var nf4 = FullLogits.Compute(_nf4, ids, rows.Select(a => a is null ? null : onNf4.Get(a)).ToArray());
-        using var twin = FullLogits.Compute(_twin, ids, rows.Select(a => a is null ? null : onTwin.Get(a)).ToArray());
+        using var nf4 = FullLogits.Compute(_nf4, ids, rows.Select(a => a is null ? null : onNf4.Acquire(a)).ToArray());
+        using var twin = FullLogits.Compute(_twin, ids, rows.Select(a => a is null ? null : onTwin.Acquire(a)).ToArray());
         using var baseOnly = FullLogits.Compute(_nf4, ids);
         for (int i = 0; i < rows.Length; i++)
         {
@@ -110,10 +110,10 @@ public sealed class Nf4AdapterTests : IDisposable
         var prompt = promptTensor[0].data<long>().Select(x => (int)x).ToArray();
         await using var engine = new InferenceEngine(_nf4, null, new EngineOptions { AdapterStore = null, KvBlockSize = 4 });
         var streams = _adapters.Select(a => engine.Submit(new GenerationRequest { PromptIds = prompt, Adapter = a, Sampling = SamplingParams.Greedy(12) })).ToList();
-        using var onTwin = new AdapterSet(_twin, new AdapterLimits());
+        using var onTwin = new AdapterManager(_twin, new AdapterLimits(), null, 1L << 30);
         for (int i = 0; i < _adapters.Length; i++)
         {
-            var expected = new BatchGenerator(_twin).Generate([prompt], [SamplingParams.Greedy(12)], adapters: [onTwin.Get(_adapters[i])]).Select(t => t.TokenId).ToArray();
+            var expected = FixedBatch.Generate(_twin, [prompt], [SamplingParams.Greedy(12)], adapters: [onTwin.Acquire(_adapters[i])]).Select(t => t.TokenId).ToArray();
             Assert.Equal(expected, (await streams[i].CollectAsync().WaitAsync(TimeSpan.FromSeconds(60))).Ids);
         }
     }

@@ -1,3 +1,4 @@
+using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
 using PeftServe.Core.Quantization;
@@ -39,7 +40,7 @@ public sealed class Nf4ModelTests : IClassFixture<Nf4ModelFixture>
         var prompt = _f.Expected["prompt_ids"][0].data<long>().Select(x => (int)x).ToArray();
         var expected = _f.Expected["greedy_nf4"][0].data<long>().Select(x => (int)x).ToArray();
         Assert.Equal(16, expected.Length);
-        var tokens = new BatchGenerator(_f.Model).Generate([prompt], [SamplingParams.Greedy(16)])
+        var tokens = FixedBatch.Generate(_f.Model, [prompt], [SamplingParams.Greedy(16)])
             .Select(t => t.TokenId).ToArray();
         Assert.Equal(expected, tokens);
     }
@@ -107,9 +108,8 @@ public sealed class Nf4ModelFixture : IDisposable
     public Tensor FullForward(LlamaModel model, Tensor ids)
     {
         long b = ids.shape[0], t = ids.shape[1];
-        using var cache = new KvCache(model.Config, (int)b, (int)t, model.DType, model.Device);
         using var positions = torch.arange(t).unsqueeze(0).expand(b, t).contiguous();
-        return model.Forward(ids, positions, cache).to(ScalarType.Float32);
+        return model.Forward(ids, positions, new ChunkKvCache()).to(ScalarType.Float32);
     }
 
     public void Dispose()

@@ -1,3 +1,4 @@
+using static TorchSharp.torch;
 using PeftServe.Core.Adapters.Bottleneck;
 using PeftServe.Core.Model;
 
@@ -32,4 +33,6 @@ public sealed class AdaMixMethod : AdapterMethod
     }
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new BottleneckSlotPool(this, model, limits);
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) => BottleneckSlotPool.Bytes(c, limits, dtype);
 }

@@ -94,6 +94,9 @@ public sealed partial class BitFitMethod : AdapterMethod
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new BitFitSlotPool(this, model, limits);
 
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) =>
+        (long)c.NumLayers * (limits.SlotsPerMethod + 1) * ((long)(c.NumHeads + 2 * c.NumKvHeads) * c.HeadDim + 2L * c.HiddenSize + 2L * c.IntermediateSize) * ElementBytes(dtype);
+
     [GeneratedRegex(@"^model\.layers\.(\d{1,9})\.(self_attn\.\w+|mlp\.\w+|\w+_layernorm)\.bias$")]
     private static partial Regex BiasTensor();
 }
@@ -123,7 +126,7 @@ public sealed class BitFitSlotPool : AdapterSlotPool
         _tables = new Tensor[c.NumLayers, 4];
         _present = new bool[Capacity, c.NumLayers, 4];
         for (int l = 0; l < c.NumLayers; l++)
-            for (int s = 0; s < 4; s++) _tables[l, s] = torch.zeros([Capacity, widths[s]], model.DType, model.Device);
+            for (int s = 0; s < 4; s++) _tables[l, s] = torch.zeros([Capacity + 1, widths[s]], model.DType, model.Device);   // + the neutral slot (zeros)
     }
 
     public override void Store(int slot, Adapter adapter)
@@ -170,7 +173,11 @@ public sealed class BitFitSlotPool : AdapterSlotPool
     public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new BitFitBatchOp(this, rows);
 
     internal Tensor Table(int layer, BitFitSite site) => _tables[layer, (int)site];
-    internal bool AnyPresent(int[] slots, int layer, BitFitSite site) => slots.Any(s => _present[s, layer, (int)site]);
+    internal bool AnyPresent(IEnumerable<int> slots, int layer, BitFitSite site) => slots.Any(s => _present[s, layer, (int)site]);
+
+    /// <summary>The (layer, site) pairs where some slot's adapter has a bias, as a bit string.</summary>
+    public override string Signature => new(Enumerable.Range(0, NumLayers * 4)
+        .Select(i => AnyPresent(Enumerable.Range(0, Capacity), i / 4, (BitFitSite)(i % 4)) ? '1' : '0').ToArray());
     internal int NumLayers => _model.Config.NumLayers;
 
     public override void Dispose()
@@ -191,7 +198,7 @@ internal sealed class BitFitBatchOp : AdapterBatchOp
         _pool = pool;
         _active = new bool[pool.NumLayers, 4];
         for (int l = 0; l < pool.NumLayers; l++)
-            foreach (var s in Enum.GetValues<BitFitSite>()) _active[l, (int)s] = pool.AnyPresent(rows.Slots, l, s);
+            foreach (var s in Enum.GetValues<BitFitSite>()) _active[l, (int)s] = pool.AnyPresent(rows.PossibleSlots, l, s);
     }
 
     public override Tensor Qkv(int layer, Tensor x, Tensor qkv) => Apply(layer, BitFitSite.Qkv, qkv);
@@ -199,10 +206,20 @@ internal sealed class BitFitBatchOp : AdapterBatchOp
     public override Tensor GateUp(int layer, Tensor x, Tensor gateUp) => Apply(layer, BitFitSite.GateUp, gateUp);
     public override Tensor MlpOutput(int layer, Tensor x, Tensor output) => Apply(layer, BitFitSite.Down, output);
 
+    // Every row adds its adapter's bias; rows without a BitFit adapter read the neutral slot (zeros), so the
+    // op reads only the per-row slot tensor and serves any batch.
     private Tensor Apply(int layer, BitFitSite site, Tensor output)
     {
         if (!_active[layer, (int)site]) return output;
-        var bias = _pool.Table(layer, site).index_select(0, Rows.SlotIndex).unsqueeze(1);     // [n,1,W]
-        return AddToRows(output, bias.expand(bias.shape[0], output.shape[1], bias.shape[2]));
+        _index ??= Rows.PoolIndex(_pool.Capacity).DetachFromDisposeScope();
+        return output + _pool.Table(layer, site).index_select(0, _index).unsqueeze(1);     // [B,1,W] broadcast over T
+    }
+
+    private Tensor? _index;
+
+    public override void Dispose()
+    {
+        _index?.Dispose();
+        base.Dispose();
     }
 }

@@ -227,4 +227,6 @@ public sealed class BottleneckMethod : AdapterMethod
         BottleneckReader.Read(this, folder, name, model, BottleneckConfig.Read(folder, model, limits), experts: 0);
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new BottleneckSlotPool(this, model, limits);
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) => BottleneckSlotPool.Bytes(c, limits, dtype);
 }

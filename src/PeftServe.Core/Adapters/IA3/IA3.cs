@@ -43,6 +43,9 @@ public sealed class IA3Method : AdapterMethod
     }
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new IA3SlotPool(this, model, limits);
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) =>
+        (long)c.NumLayers * (limits.SlotsPerMethod + 1) * ((long)(c.NumHeads + 2 * c.NumKvHeads) * c.HeadDim + 2L * c.HiddenSize + 3L * c.IntermediateSize) * ElementBytes(dtype);
 }
 
 /// <summary>What an IA3 vector scales: a projection's output (q..down, as in <see cref="LoraTarget"/>) or the down projection's input.</summary>
@@ -78,7 +81,7 @@ internal sealed class IA3SlotPool : AdapterSlotPool
         _tables = new Tensor[_c.NumLayers, widths.Length];
         for (int l = 0; l < _c.NumLayers; l++)
             for (int p = 0; p < widths.Length; p++)
-                _tables[l, p] = torch.ones([Capacity, widths[p]], model.DType, model.Device);
+                _tables[l, p] = torch.ones([Capacity + 1, widths[p]], model.DType, model.Device);   // + the neutral slot (ones)
         _uses = new bool[Capacity, widths.Length];
     }
 
@@ -110,6 +113,9 @@ internal sealed class IA3SlotPool : AdapterSlotPool
 
     public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new IA3BatchOp(rows, this);
 
+    /// <summary>The hook points some slot's adapter scales (q|k|v, o, gate|up, down, down input).</summary>
+    public override string Signature => new(Enumerable.Range(0, 5).Select(p => Enumerable.Range(0, Capacity).Any(s => _uses[s, p]) ? "qogdi"[p] : '-').ToArray());
+
     public override void Dispose() { foreach (var t in _tables) t.Dispose(); }
 
     private sealed class IA3BatchOp : AdapterBatchOp
@@ -120,7 +126,7 @@ internal sealed class IA3SlotPool : AdapterSlotPool
         public IA3BatchOp(MethodRows rows, IA3SlotPool pool) : base(rows)
         {
             _pool = pool;
-            _active = Enumerable.Range(0, 5).Select(p => rows.Slots.Any(s => pool._uses[s, p])).ToArray();
+            _active = Enumerable.Range(0, 5).Select(p => rows.PossibleSlots.Any(s => pool._uses[s, p])).ToArray();
         }
 
         public override Tensor Qkv(int layer, Tensor x, Tensor qkv) => Scale(layer, 0, qkv);
@@ -129,12 +135,22 @@ internal sealed class IA3SlotPool : AdapterSlotPool
         public override Tensor MlpOutput(int layer, Tensor x, Tensor output) => Scale(layer, 3, output);
         public override Tensor DownInput(int layer, Tensor x) => Scale(layer, 4, x);
 
-        /// <summary>Multiplies the served rows of <paramref name="t"/> [B,T,width] by their slots' vectors.</summary>
+        // Every row is scaled by its adapter's vector; rows without an IA3 adapter read the neutral slot
+        // (ones), so the op reads only the per-row slot tensor and serves any batch.
         private Tensor Scale(int layer, int point, Tensor t)
         {
             if (!_active[point]) return t;
-            var scales = _pool._tables[layer, point].index_select(0, Rows.SlotIndex).unsqueeze(1);   // [n,1,width]
-            return ReplaceRows(t, SelectRows(t) * scales);
+            _index ??= Rows.PoolIndex(_pool.Capacity).DetachFromDisposeScope();
+            var scales = _pool._tables[layer, point].index_select(0, _index).unsqueeze(1);   // [B,1,width]
+            return t * scales;
+        }
+
+        private Tensor? _index;
+
+        public override void Dispose()
+        {
+            _index?.Dispose();
+            base.Dispose();
         }
     }
 }

@@ -50,6 +50,9 @@ public sealed class LlamaAdapterMethod : AdapterMethod
     }
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new LlamaAdapterSlotPool(this, model, limits);
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) =>
+        (limits.SlotsPerMethod + 1L) * ((2L * c.NumLayers * limits.MaxVirtualTokens * c.NumKvHeads * c.HeadDim) + c.NumLayers + limits.MaxVirtualTokens) * ElementBytes(dtype);
 }
 
 public sealed class LlamaAdapterAdapter(AdapterMethod method, Dictionary<int, (Tensor Prompt, float Gate)> layers, int length) : Adapter
@@ -84,18 +87,21 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
         _model = model;
         _maxLen = limits.MaxVirtualTokens;
         var c = model.Config;
-        _keys = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([Capacity, _maxLen, c.NumKvHeads, c.HeadDim], model.DType, model.Device)).ToArray();
-        _values = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([Capacity, _maxLen, c.NumKvHeads, c.HeadDim], model.DType, model.Device)).ToArray();
-        _gates = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([Capacity], model.DType, model.Device)).ToArray();
-        _mask = torch.zeros([Capacity, _maxLen], model.DType, model.Device);
-        _uses = new bool[Capacity, c.NumLayers];
+        // One slot past the capacity is neutral: zero keys, values and gate, and an open mask (so its softmax
+        // is finite), which adds exactly zero; rows without an adapter read it.
+        int slots = Capacity + 1;
+        _keys = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([slots, _maxLen, c.NumKvHeads, c.HeadDim], model.DType, model.Device)).ToArray();
+        _values = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([slots, _maxLen, c.NumKvHeads, c.HeadDim], model.DType, model.Device)).ToArray();
+        _gates = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([slots], model.DType, model.Device)).ToArray();
+        _mask = torch.zeros([slots, _maxLen], model.DType, model.Device);
+        _uses = new bool[slots, c.NumLayers];
     }
 
     public override void Store(int slot, Adapter adapter)
     {
         var a = (LlamaAdapterAdapter)adapter;
         using var _ = torch.no_grad();
-        _mask[slot].fill_(KvCache.MinValue(_model.DType));
+        _mask[slot].fill_(Attention.MinValue(_model.DType));
         _mask[slot, ..a.Length].fill_(0);
         for (int l = 0; l < _keys.Length; l++)
         {
@@ -115,32 +121,42 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
 
     public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new Op(rows, this);
 
+    /// <summary>The layers where some slot's adapter has an adaption prompt, as a bit string.</summary>
+    public override string Signature => new(Enumerable.Range(0, _keys.Length).Select(l => Enumerable.Range(0, Capacity).Any(s => _uses[s, l]) ? '1' : '0').ToArray());
+
     public override void Dispose()
     {
         foreach (var t in _keys.Concat(_values).Concat(_gates)) t.Dispose();
         _mask.Dispose();
     }
 
+    /// <summary>Gated attention of every row's queries over its adapter's adaption prompt at this layer;
+    /// rows without an adapter read the neutral slot (gate 0), so the op serves any batch.</summary>
     private sealed class Op(MethodRows rows, LlamaAdapterSlotPool pool) : AdapterBatchOp(rows)
     {
+        private Tensor? _index;
+
         public override Tensor? ExtraAttention(int layer, Tensor queries)
         {
-            if (!Rows.Slots.Any(s => pool._uses[s, layer])) return null;
+            if (!Rows.PossibleSlots.Any(s => pool._uses[s, layer])) return null;
             var c = pool._model.Config;
             long b = queries.shape[0], t = queries.shape[2];
             int nq = c.NumHeads, nkv = c.NumKvHeads, hd = c.HeadDim;
-            var q = SelectRows(queries);                                                      // [n,nq,T,hd]
-            long n = q.shape[0];
-            q = q.reshape(n, nkv, (nq / nkv) * t, hd);                                        // query heads grouped by their KV head
-            var keys = pool._keys[layer].index_select(0, Rows.SlotIndex).permute(0, 2, 1, 3);   // [n,nkv,len,hd]
-            var values = pool._values[layer].index_select(0, Rows.SlotIndex).permute(0, 2, 1, 3);
+            _index ??= Rows.PoolIndex(pool.Capacity).DetachFromDisposeScope();
+            var q = queries.reshape(b, nkv, (nq / nkv) * t, hd);                                 // query heads grouped by their KV head
+            var keys = pool._keys[layer].index_select(0, _index).permute(0, 2, 1, 3);            // [B,nkv,len,hd]
+            var values = pool._values[layer].index_select(0, _index).permute(0, 2, 1, 3);
             var scores = torch.matmul(q, keys.transpose(2, 3)) / Math.Sqrt(hd)
-                         + pool._mask.index_select(0, Rows.SlotIndex).view(n, 1, 1, -1);
+                         + pool._mask.index_select(0, _index).view(b, 1, 1, -1);
             var weights = torch.softmax(scores.to(ScalarType.Float32), -1).to(q.dtype)
-                          * pool._gates[layer].index_select(0, Rows.SlotIndex).view(n, 1, 1, 1);
-            var output = torch.matmul(weights, values).view(n, nq, t, hd).transpose(1, 2).reshape(n, t, nq * hd);
-            return ServesEveryRow(queries) ? output
-                : torch.zeros([b, t, nq * hd], output.dtype, output.device).index_copy_(0, Rows.RowIndex, output);
+                          * pool._gates[layer].index_select(0, _index).view(b, 1, 1, 1);
+            return torch.matmul(weights, values).view(b, nq, t, hd).transpose(1, 2).reshape(b, t, nq * hd);
+        }
+
+        public override void Dispose()
+        {
+            _index?.Dispose();
+            base.Dispose();
         }
     }
 }

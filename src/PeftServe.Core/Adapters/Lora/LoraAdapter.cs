@@ -113,4 +113,6 @@ public sealed class LoraMethod : AdapterMethod
         LoraAdapter.Read(this, folder, name, model, limits);
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new LoraSlotPool(this, model, limits);
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) => LoraSlotPool.Bytes(c, limits, dtype);
 }

@@ -62,6 +62,9 @@ public sealed class PrefixTuningMethod : AdapterMethod
     }
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new PrefixSlotPool(this, model, limits);
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) =>
+        2L * c.NumLayers * limits.SlotsPerMethod * limits.MaxVirtualTokens * c.NumKvHeads * c.HeadDim * ElementBytes(dtype);
 }
 
 public sealed class PrefixAdapter(AdapterMethod method, Tensor keysValues) : Adapter
@@ -111,6 +114,9 @@ internal sealed class PrefixSlotPool : AdapterSlotPool
         }
         _tokens[slot] = n;
     }
+
+    /// <summary>Its virtual tokens enter in the prefill; decode steps only read the KV cache.</summary>
+    public override bool ActsInDecode => false;
 
     public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new PrefixBatchOp(rows, new VirtualTokenIndex(rows, _tokens, _maxTokens), this);
 

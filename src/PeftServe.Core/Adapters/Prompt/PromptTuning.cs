@@ -27,6 +27,9 @@ public sealed class PromptTuningMethod : AdapterMethod
     }
 
     public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new PromptSlotPool(this, model, limits);
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) =>
+        (long)limits.SlotsPerMethod * limits.MaxVirtualTokens * c.HiddenSize * ElementBytes(dtype);
 }
 
 public sealed class PromptAdapter(AdapterMethod method, Tensor embeddings) : Adapter
@@ -64,6 +67,9 @@ internal sealed class PromptSlotPool : AdapterSlotPool
         _table[slot, ..p.VirtualTokens] = p.Embeddings;
         _tokens[slot] = p.VirtualTokens;
     }
+
+    /// <summary>Its virtual tokens enter in the prefill; decode steps only read the KV cache.</summary>
+    public override bool ActsInDecode => false;
 
     public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new PromptBatchOp(rows, new VirtualTokenIndex(rows, _tokens, (int)_table.shape[1]), _table);
 

@@ -1,0 +1,82 @@
+using PeftServe.Core.Cuda;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Kernels;
+
+/// <summary>Host side of Kernels/bgmv.cu: per-token adapter products read in place from a slot pool
+/// (see the file's header for the layouts). Every call takes the per-row slot tensor itself, never host
+/// copies of it, so a captured CUDA graph serves any assignment of adapters to rows.</summary>
+internal static class Bgmv
+{
+    private const string File = "bgmv.cu";
+
+    /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of
+    /// <paramref name="dtype"/> whose inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors).</summary>
+    public static bool Supports(Tensor x, params long[] widths)
+    {
+        if (x.device.type != DeviceType.CUDA || torch.is_grad_enabled()) return false;
+        if (KernelModule.TypeName(x.dtype) is null) return false;
+        long vec = 16 / x.ElementSize;
+        if (x.shape[^1] % vec != 0 || widths.Any(w => w % vec != 0)) return false;
+        return Module(x) is not null;
+    }
+
+    private static KernelModule? Module(Tensor x) =>
+        KernelModule.TryGet(File, x.device, ("ELEM_TYPE", KernelModule.TypeName(x.dtype) switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }));
+
+    /// <summary>d[n, j, r] = x[n] · A[s][j][r] for the K targets of pool <paramref name="a"/> [S, K, R, in],
+    /// where s = rowSlots[n / tokensPerRow]; float32 [N, K, R].</summary>
+    public static Tensor Shrink(Tensor x, Tensor rowSlots, int tokensPerRow, Tensor a, Tensor ranks, int rankColumn)
+    {
+        var module = Module(x)!;
+        long n = x.shape[0], inF = x.shape[1];
+        int k = (int)a.shape[1], r = (int)a.shape[2];
+        if (a.shape[3] != inF) throw new ArgumentException($"pool rows have {a.shape[3]} inputs, x has {inF}");
+        var xc = x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
+        var d = torch.empty([n, k, r], ScalarType.Float32, x.device);
+        const int warps = 4;
+        module.Launch("bgmv_shrink", ((uint)((k * r + warps - 1) / warps), (uint)n, 1), warps * 32, 0,
+            KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
+            KernelModule.Arg.Ptr(a), KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
+            KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r), KernelModule.Arg.Int(inF));
+        return d;
+    }
+
+    /// <summary>y[n, offsets[j] + o] += Σ_r d[n, j, r] · B_j[s][r][o] (+ bias[s][o] for j = 0), in place.
+    /// y: [N, width] with unit column stride; <paramref name="up"/>: up to three pools [S, R, out_j].</summary>
+    public static void Expand(Tensor y, Tensor rowSlots, int tokensPerRow, Tensor d, IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets,
+        Tensor ranks, int rankColumn, Tensor? bias = null)
+    {
+        var module = Module(y)!;
+        if (up.Count is < 1 or > 3) throw new ArgumentException("one to three up-projection pools");
+        if (y.stride(1) != 1) throw new ArgumentException("y must have contiguous columns");
+        long n = y.shape[0];
+        int k = (int)d.shape[1], r = (int)d.shape[2];
+        long vec = 16 / y.ElementSize;
+        long widest = up.Max(b => b.shape[2]);
+        const int threads = 128;
+        var outs = Enumerable.Range(0, 3).Select(j => j < up.Count ? up[j].shape[2] : 0).ToArray();
+        var offs = Enumerable.Range(0, 3).Select(j => j < offsets.Count ? offsets[j] : 0).ToArray();
+        var pools = Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])).ToArray();
+        module.Launch("bgmv_expand", ((uint)((widest + threads * vec - 1) / (threads * vec)), (uint)n, (uint)k), threads, 0,
+            KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
+            KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r),
+            pools[0], pools[1], pools[2],
+            KernelModule.Arg.Int(outs[0]), KernelModule.Arg.Int(outs[1]), KernelModule.Arg.Int(outs[2]),
+            KernelModule.Arg.Int(offs[0]), KernelModule.Arg.Int(offs[1]), KernelModule.Arg.Int(offs[2]),
+            KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
+            KernelModule.Arg.Ptr(bias, 0));
+    }
+
+    /// <summary>z[n, r] = act_s(z[n, r] + bias[s][r]) in place for rows with an adapter (bottleneck adapters).</summary>
+    public static void BottleneckActivate(Tensor z, Tensor rowSlots, int tokensPerRow, Tensor bias, Tensor activationCodes)
+    {
+        var module = Module(bias)!;
+        long n = z.shape[0], r = z.shape[^1];
+        long total = n * r;
+        module.Launch("bottleneck_activate", ((uint)((total + 255) / 256), 1, 1), 256, 0,
+            KernelModule.Arg.Ptr(z), KernelModule.Arg.Long(n), KernelModule.Arg.Int(r), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
+            KernelModule.Arg.Ptr(bias), KernelModule.Arg.Ptr(activationCodes));
+    }
+}

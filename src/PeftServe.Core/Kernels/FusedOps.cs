@@ -1,0 +1,77 @@
+using PeftServe.Core.Cuda;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Kernels;
+
+/// <summary>The decoder layer's elementwise steps: one kernel each on CUDA (Kernels/fused.cu) where eight
+/// or so tensor ops ran, the same tensor ops elsewhere (CPU, training with autograd, dtypes the kernels do
+/// not take). Both give the same roundings; only float32 summation order differs.</summary>
+public static class FusedOps
+{
+    private const string File = "fused.cu";
+
+    private static KernelModule? Module(Tensor x)
+    {
+        if (x.device.type != DeviceType.CUDA || torch.is_grad_enabled()) return null;
+        var type = KernelModule.TypeName(x.dtype);
+        return type is null ? null : KernelModule.TryGet(File, x.device, ("ELEM_TYPE", type switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }));
+    }
+
+    private static uint Threads(long width) => (uint)Math.Clamp((width / 4 + 31) / 32 * 32, 32, 1024);
+
+    /// <summary>RMSNorm over the last axis, computed in float32 whatever the dtype (as the reference does):
+    /// weight * (x * rsqrt(mean(x^2) + eps)).to(dtype).</summary>
+    public static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
+    {
+        if (Module(x) is { } module && weight.dtype == x.dtype && x.is_contiguous())
+        {
+            long h = x.shape[^1], rows = x.NumberOfElements / h;
+            var output = torch.empty_like(x);
+            module.Launch("rms_norm", ((uint)rows, 1, 1), Threads(h), 0,
+                KernelModule.Arg.Ptr(x), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(output), KernelModule.Arg.Int(h), KernelModule.Arg.Float((float)eps));
+            return output;
+        }
+        using var scope = torch.NewDisposeScope();
+        var xf = x.to(ScalarType.Float32);
+        var normed = xf * torch.rsqrt(xf.pow(2).mean([-1], keepdim: true) + eps);
+        return (weight * normed.to(x.dtype)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The residual stream after adding <paramref name="delta"/> (rounded to the dtype), and its RMSNorm.</summary>
+    public static (Tensor Residual, Tensor Normed) AddRmsNorm(Tensor h, Tensor delta, Tensor weight, double eps)
+    {
+        if (Module(h) is { } module && weight.dtype == h.dtype && delta.dtype == h.dtype && h.is_contiguous() && delta.is_contiguous()
+            && h.shape.SequenceEqual(delta.shape))
+        {
+            long width = h.shape[^1], rows = h.NumberOfElements / width;
+            var residual = torch.empty_like(h);
+            var normed = torch.empty_like(h);
+            module.Launch("add_rms_norm", ((uint)rows, 1, 1), Threads(width), 0,
+                KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
+                KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps));
+            return (residual, normed);
+        }
+        var sum = h + delta;
+        return (sum, RmsNorm(sum, weight, eps));
+    }
+
+    /// <summary>silu(gate) * up for the fused gate|up projection output [..., 2I]: [..., I].</summary>
+    public static Tensor SiluMul(Tensor gateUp)
+    {
+        long width = gateUp.shape[^1] / 2;
+        if (Module(gateUp) is { } module && gateUp.is_contiguous())
+        {
+            var shape = gateUp.shape.ToArray();
+            shape[^1] = width;
+            var output = torch.empty(shape, gateUp.dtype, gateUp.device);
+            long rows = gateUp.NumberOfElements / (2 * width), total = rows * width;
+            module.Launch("silu_mul", ((uint)((total + 255) / 256), 1, 1), 256, 0,
+                KernelModule.Arg.Ptr(gateUp), KernelModule.Arg.Ptr(output), KernelModule.Arg.Long(rows), KernelModule.Arg.Int(width));
+            return output;
+        }
+        using var scope = torch.NewDisposeScope();
+        var halves = gateUp.chunk(2, -1);
+        return (nn.functional.silu(halves[0]) * halves[1]).MoveToOuterDisposeScope();
+    }
+}

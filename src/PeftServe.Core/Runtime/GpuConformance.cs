@@ -1,0 +1,191 @@
+using PeftServe.Core.Adapters;
+using PeftServe.Core.Cuda;
+using PeftServe.Core.Engine;
+using PeftServe.Core.Generation;
+using PeftServe.Core.Kernels;
+using PeftServe.Core.Model;
+using PeftServe.Core.SafeTensors;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace PeftServe.Core.Runtime;
+
+/// <summary>The GPU test lane (the CI machine has no GPU, so these run as a program on the GPU machine:
+/// <c>./peftserve test --gpu</c> or the <c>selfcheck</c> verb). Three parts:
+/// <list type="number">
+/// <item>each CUDA kernel against the tensor ops it replaces, on fresh random inputs (relative error);</item>
+/// <item>Hugging Face conformance on the fixture model: float32 logits of the base and every PEFT fixture adapter
+/// within 1e-4, and greedy tokens in float32 and bfloat16, alone and all mixed in one batch, with decode steps
+/// eager and captured as CUDA graphs (the two must give the same tokens);</item>
+/// <item>our own methods (bottleneck, AdaMix, BitFit), which have no Hugging Face reference: the GPU's greedy
+/// tokens in float32 against the CPU's, which the CI tests hold to a float64 reference.</item>
+/// </list>
+/// Every line says PASS or FAIL; the return value is 0 only when all pass.</summary>
+public static class GpuConformance
+{
+    public static int Run(TextWriter log, string fixturesDir, string modelDir, int ordinal = 0)
+    {
+        if (!torch.cuda.is_available()) { log.WriteLine("selfcheck: CUDA is not available"); return 2; }
+        var device = new Device(DeviceType.CUDA, ordinal);
+        log.WriteLine($"selfcheck on {device}: native helper {(NativeHelper.IsAvailable ? "loaded" : "MISSING: " + NativeHelper.Unavailable)}");
+        int failures = 0;
+        void Report(bool pass, string what)
+        {
+            log.WriteLine($"{(pass ? "PASS" : "FAIL")}  {what}");
+            if (!pass) failures++;
+        }
+        try { Kernels(device, Report); }
+        catch (Exception e) { Report(false, $"kernel checks threw: {e.Message}"); }
+        try { Conformance(device, fixturesDir, modelDir, Report); }
+        catch (Exception e) { Report(false, $"conformance threw: {e}"); }
+        try { OurMethods(device, modelDir, Report); }
+        catch (Exception e) { Report(false, $"our-methods check threw: {e}"); }
+        log.WriteLine(failures == 0 ? "selfcheck: all passed" : $"selfcheck: {failures} FAILED");
+        return failures == 0 ? 0 : 1;
+    }
+
+    private static double RelativeError(Tensor actual, Tensor expected)
+    {
+        using var scope = torch.NewDisposeScope();
+        var a = actual.to(ScalarType.Float64).cpu();
+        var e = expected.to(ScalarType.Float64).cpu();
+        if (!torch.isfinite(a).all().item<bool>()) return double.PositiveInfinity;
+        double denominator = Math.Max(e.norm().item<double>(), 1e-30);
+        return (a - e).norm().item<double>() / denominator;
+    }
+
+    /// <summary>The same computation with our kernels on, then off (the tensor-op path).</summary>
+    private static (Tensor Kernel, Tensor Ops) Both(Func<Tensor> compute)
+    {
+        var kernel = compute();
+        bool was = KernelModule.Enabled;
+        KernelModule.Enabled = false;
+        try { return (kernel, compute()); }
+        finally { KernelModule.Enabled = was; }
+    }
+
+    private static void Kernels(Device device, Action<bool, string> report)
+    {
+        using var _ = torch.no_grad();
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+        {
+            double tol = dtype == ScalarType.Float32 ? 1e-5 : 1e-2;
+            using var scope = torch.NewDisposeScope();
+            foreach (var (rows, h) in new[] { (7, 4096), (3, 64), (33, 896) })
+            {
+                var x = torch.randn([rows, h], dtype, device);
+                var d = torch.randn([rows, h], dtype, device);
+                var w = (torch.randn([h], dtype, device) * 0.1 + 1).to(dtype);
+                var (k1, o1) = Both(() => FusedOps.RmsNorm(x, w, 1e-5));
+                report(RelativeError(k1, o1) <= tol, $"rms_norm {dtype} [{rows},{h}] rel.err {RelativeError(k1, o1):E2}");
+                var (k2, o2) = Both(() => FusedOps.AddRmsNorm(x, d, w, 1e-5).Normed);
+                report(RelativeError(k2, o2) <= tol, $"add_rms_norm {dtype} [{rows},{h}] rel.err {RelativeError(k2, o2):E2}");
+                var gu = torch.randn([rows, 2 * h], dtype, device);
+                var (k3, o3) = Both(() => FusedOps.SiluMul(gu));
+                report(RelativeError(k3, o3) <= tol, $"silu_mul {dtype} [{rows},{2 * h}] rel.err {RelativeError(k3, o3):E2}");
+            }
+            foreach (var (heads, kvHeads, hd) in new[] { (32, 32, 128), (32, 8, 128), (14, 2, 64), (4, 2, 16) })
+            {
+                int b = 5, bs = 16, maxBlocks = 24, slots = (b * maxBlocks + 1) * bs;
+                var keys = torch.randn([slots, kvHeads, hd], dtype, device);
+                var values = torch.randn([slots, kvHeads, hd], dtype, device);
+                var q = torch.randn([b, heads, hd], dtype, device);
+                var perm = torch.randperm(b * maxBlocks, device: device) + 1;               // scattered blocks, never block 0
+                var tables = perm.view(b, maxBlocks);
+                var lengths = torch.tensor(new long[] { 1, 17, 100, 0, 383 }, device: device);   // one padding row (0)
+                var cache = PagedAttention.TryDecode(q, keys, values, tables, lengths, bs);
+                if (cache is null) { report(false, $"paged attention {dtype} {heads}/{kvHeads}x{hd}: kernel unavailable ({KernelModule.LastError})"); continue; }
+                // Reference: gather every row's keys and mask past its length, in float32.
+                var gather = (tables.unsqueeze(-1) * bs + torch.arange(bs, device: device)).reshape(-1);
+                var gk = keys.index_select(0, gather).view(b, maxBlocks * bs, kvHeads, hd).transpose(1, 2).to(ScalarType.Float32);
+                var gv = values.index_select(0, gather).view(b, maxBlocks * bs, kvHeads, hd).transpose(1, 2).to(ScalarType.Float32);
+                var visible = torch.arange(maxBlocks * bs, device: device).unsqueeze(0).lt(lengths.unsqueeze(1));
+                var mask = torch.where(visible, torch.zeros(1, device: device), torch.full(1, -1e30f, device: device)).view(b, 1, 1, -1);
+                var qf = q.to(ScalarType.Float32).unsqueeze(2);
+                var reference = Attention.Sdpa(qf, gk, gv, mask).view(b, heads, hd);
+                reference[3].zero_();                                                       // the padding row's output is zero
+                double err = RelativeError(cache, reference);
+                report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"paged attention {dtype} heads {heads}/{kvHeads} dim {hd} rel.err {err:E2}");
+            }
+        }
+    }
+
+    private static void Conformance(Device device, string fixturesDir, string modelDir, Action<bool, string> report)
+    {
+        using var file = SafeTensorsFile.Open(Path.Combine(fixturesDir, "tiny-llama-expected.safetensors"));
+        var store = Path.Combine(fixturesDir, "tiny-llama-adapters");
+        var adapters = Directory.GetDirectories(store).Select(Path.GetFileName).Order(StringComparer.Ordinal).ToArray();
+        using var input = file.ToTensor("input_ids");
+        var prompt = file.ToTensor("prompt_ids")[0].data<long>().Select(x => (int)x).ToArray();
+        int[] Greedy(string tag) { using var t = file.ToTensor("greedy_" + tag); return t[0].data<long>().Select(x => (int)x).ToArray(); }
+
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+        {
+            using var model = LlamaModel.Load(modelDir, new ModelOptions { Device = device, DType = dtype });
+            if (dtype == ScalarType.Float32)
+            {
+                using var manager = new AdapterManager(model, new AdapterLimits(), store, 1L << 30);
+                foreach (var tag in adapters.Prepend("base"))
+                {
+                    var rows = Enumerable.Repeat(tag == "base" ? null : manager.Acquire(tag!), (int)input.shape[0]).ToArray();
+                    using var logits = FullLogits.Compute(model, input.to(device), rows);
+                    using var expected = file.ToTensor("logits_" + tag);
+                    double diff = (logits - expected).abs().max().item<float>();
+                    report(diff <= 1e-4, $"float32 logits {tag}: max|diff| {diff:E2} (<= 1e-4)");
+                }
+            }
+            foreach (bool graphs in new[] { false, true })
+            {
+                var options = new EngineOptions { CudaGraphs = graphs };
+                string mode = graphs ? "graphed" : "eager";
+                foreach (var tag in adapters.Prepend("base"))
+                {
+                    var tokens = FixedBatch.Generate(model, [prompt], [SamplingParams.Greedy(16)], [tag == "base" ? null : tag], store, options)
+                        .Select(t => t.TokenId).ToArray();
+                    report(tokens.SequenceEqual(Greedy(tag!)), $"{dtype} {mode} greedy {tag}: {(tokens.SequenceEqual(Greedy(tag!)) ? "equal" : $"ours {string.Join(",", tokens)} vs {string.Join(",", Greedy(tag!))}")}");
+                }
+                // Every adapter and the base in one batch, twice over (so graphs see repeated and distinct slots).
+                var tags = adapters.Prepend("base").Concat(adapters.Prepend("base")).ToArray();
+                var mixed = FixedBatch.Generate(model, tags.Select(_ => prompt).ToArray(), tags.Select(_ => SamplingParams.Greedy(16)).ToArray(),
+                    tags.Select(t => t == "base" ? null : t).ToArray(), store, options);
+                for (int r = 0; r < tags.Length; r++)
+                {
+                    var got = mixed.Where(t => t.Row == r).Select(t => t.TokenId).ToArray();
+                    report(got.SequenceEqual(Greedy(tags[r]!)), $"{dtype} {mode} mixed batch row {r} ({tags[r]}): {(got.SequenceEqual(Greedy(tags[r]!)) ? "equal" : "DIFFERENT")}");
+                }
+            }
+        }
+    }
+
+    private static void OurMethods(Device device, string modelDir, Action<bool, string> report)
+    {
+        var dir = Directory.CreateTempSubdirectory("peftserve-selfcheck-");
+        try
+        {
+            using var cpu = LlamaModel.Load(modelDir, new ModelOptions());
+            using var gpu = LlamaModel.Load(modelDir, new ModelOptions { Device = device, DType = ScalarType.Float32 });
+            var c = cpu.Config;
+            var names = new[] { "bottleneck", "adamix", "bitfit", "lora" };
+            SyntheticAdapters.Bottleneck(Path.Combine(dir.FullName, "bottleneck"), c, c.HiddenSize / 16, 1);
+            SyntheticAdapters.Bottleneck(Path.Combine(dir.FullName, "adamix"), c, c.HiddenSize / 16, 2, experts: 3);
+            SyntheticAdapters.BitFit(Path.Combine(dir.FullName, "bitfit"), c, 3);
+            SyntheticAdapters.Lora(Path.Combine(dir.FullName, "lora"), c, 8, 4);
+            var prompts = names.Select((_, i) => Enumerable.Range(0, 9 + i).Select(t => 3 + (t * 37 + i * 11) % (c.VocabSize - 3)).ToArray()).ToArray();
+            var sampling = names.Select(_ => SamplingParams.Greedy(12)).ToArray();
+            var expected = FixedBatch.Generate(cpu, prompts, sampling, names, dir.FullName);
+            foreach (bool graphs in new[] { false, true })
+            {
+                var got = FixedBatch.Generate(gpu, prompts, sampling, names, dir.FullName, new EngineOptions { CudaGraphs = graphs });
+                for (int r = 0; r < names.Length; r++)
+                {
+                    bool same = got.Where(t => t.Row == r).Select(t => t.TokenId).SequenceEqual(expected.Where(t => t.Row == r).Select(t => t.TokenId));
+                    report(same, $"float32 {(graphs ? "graphed" : "eager")} {names[r]} in a mixed batch: GPU tokens {(same ? "equal" : "DIFFER from")} the CPU's");
+                }
+            }
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+    }
+}
