@@ -36,7 +36,7 @@ internal static class Bgmv
         var xc = x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
         var d = torch.empty([n, k, r], ScalarType.Float32, x.device);
         const int warps = 4;
-        module.Launch("bgmv_shrink", ((uint)((k * r + warps - 1) / warps), (uint)n, 1), warps * 32, 0,
+        module.Launch("bgmv_shrink", ((uint)n, (uint)((k * r + warps - 1) / warps), 1), warps * 32, 0,
             KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(a), KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r), KernelModule.Arg.Int(inF));
@@ -59,7 +59,7 @@ internal static class Bgmv
         var outs = Enumerable.Range(0, 3).Select(j => j < up.Count ? up[j].shape[2] : 0).ToArray();
         var offs = Enumerable.Range(0, 3).Select(j => j < offsets.Count ? offsets[j] : 0).ToArray();
         var pools = Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])).ToArray();
-        module.Launch("bgmv_expand", ((uint)((widest + threads * vec - 1) / (threads * vec)), (uint)n, (uint)k), threads, 0,
+        module.Launch("bgmv_expand", ((uint)n, (uint)((widest + threads * vec - 1) / (threads * vec)), (uint)k), threads, 0,
             KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r),
             pools[0], pools[1], pools[2],

@@ -13,14 +13,14 @@
 
 // d[n][j][r] = sum_k x[n][k] * A[s][j][r][k] for r < rank(s, j); 0 elsewhere. s = slots[n / tokens_per_row].
 // x: [N, in] with row stride x_stride; A: [S, K, R, in]; d: float [N, K, R]. in % VEC == 0, rows 16-byte aligned.
-// One warp per (n, j, r).
+// One warp per (n, j, r): grid (N, ceil(K*R / WARPS)), tokens on x (y and z stop at 65535).
 extern "C" __global__ void __launch_bounds__(WARPS * 32) bgmv_shrink(
     const T* __restrict__ x, long long x_stride, const long long* __restrict__ slots, int tokens_per_row,
     const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,
     float* __restrict__ d, int K, int R, int in)
 {
-    const int n = blockIdx.y;
-    const int pair = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    const int n = blockIdx.x;
+    const int pair = blockIdx.y * WARPS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (pair >= K * R) return;
     const int j = pair / R, r = pair - j * R;
@@ -48,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) bgmv_shrink(
 
 // y[n][off_j + o] = T(y + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given))
 // for o < out_j, in place. y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
-// Grid (ceil(max out_j / (threads * VEC)), N, K); each thread owns VEC consecutive outputs.
+// Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs.
 extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
     T* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
     const float* __restrict__ d, int K, int R,
@@ -56,7 +56,7 @@ extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
     int out0, int out1, int out2, int off0, int off1, int off2,
     const int* __restrict__ ranks, int rank_stride, int rank_col, const T* __restrict__ bias)
 {
-    const int n = blockIdx.y, j = blockIdx.z;
+    const int n = blockIdx.x, j = blockIdx.z;
     const long long s = slots[n / tokens_per_row];
     if (s < 0) return;
     const int rank = ranks[s * rank_stride + rank_col + j];
@@ -64,7 +64,7 @@ extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
     const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
     const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
     const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
-    const int o0 = (blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    const int o0 = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if (o0 >= out) return;
 
     const float* dr = d + ((long long)n * K + j) * R;
