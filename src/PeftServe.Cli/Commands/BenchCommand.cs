@@ -88,6 +88,9 @@ internal static class BenchCommand
                             PrefillChunkTokens = engineMode ? Math.Max(512, promptLen + virtualTokens) : batch * (promptLen + virtualTokens),
                             AdapterLimits = new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, Math.Min(count, 64)) },
                             CudaGraphs = !parse.GetValue(graphs),
+                            // Every synthetic adapter fits in the host tier (S-LoRA keeps them all in host memory);
+                            // the device slots are fewer than the adapters when there are more than 64.
+                            HostCacheBytes = 24L << 30,
                         };
                         var names = adapterNames.Take(count).ToArray();
                         var r = engineMode
@@ -183,12 +186,14 @@ internal static class BenchCommand
                 Sampling = sampling,
                 Adapter = adapters.Length == 0 ? null : adapters[(wave * batch + r) % adapters.Length],
             })).ToArray();
-            var times = streams.Select(stream => Task.Run(async () =>
+            // Every stream is read as its tokens arrive (all readers start before any is awaited).
+            var readers = streams.Select(stream => Task.Run(async () =>
             {
                 var stamps = new List<long>();
                 await foreach (var e in stream) if (e.TokenId >= 0) stamps.Add(Stopwatch.GetTimestamp());
                 return stamps;
-            })).Select(t => t.Result).ToArray();
+            })).ToArray();
+            var times = readers.Select(t => t.Result).ToArray();
             long decodeStart = times.Max(t => t[0]), end = times.Max(t => t[^1]);
             foreach (var t in times)
             {

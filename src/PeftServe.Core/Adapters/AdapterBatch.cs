@@ -49,6 +49,13 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
         return ops.Length == 0 ? null : new AdapterBatch(ops);
     }
 
+    public void BeforeLinear(int layer, LinearSite site, Tensor x)
+    {
+        foreach (var op in _ops) op.BeforeLinear(layer, site, x);
+    }
+
+    public bool ChangesKeysValues => _ops.Any(op => op.ChangesKeysValues);
+
     public Tensor Embeddings(Tensor embeddings)
     {
         foreach (var op in _ops) embeddings = op.Embeddings(embeddings);

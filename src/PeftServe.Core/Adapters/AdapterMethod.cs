@@ -1,3 +1,4 @@
+using PeftServe.Core.Cuda;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -50,6 +51,13 @@ public abstract class Adapter : IDisposable
     public abstract long ByteSize { get; }
     /// <summary>Columns the adapter puts before a sequence's tokens (prefix, prompt and P-tuning).</summary>
     public virtual int VirtualTokens => 0;
+
+    /// <summary>Converts the host copy to the serving dtype and, for a GPU, into pinned memory, so that placing
+    /// it on the device is a plain asynchronous copy (<see cref="AdapterSlotPool.StoreAsync"/>). Called once, on
+    /// the loading thread, before the adapter enters the host cache; <see cref="ByteSize"/> then reports the new
+    /// size. Methods whose pools copy synchronously keep their float32 tensors.</summary>
+    public virtual void PrepareForDevice(ScalarType dtype, bool pin) { }
+
     public abstract void Dispose();
 
     protected static long Bytes(IEnumerable<Tensor?> tensors) => tensors.Sum(t => t is null ? 0 : t.NumberOfElements * t.ElementSize);
@@ -63,6 +71,14 @@ public abstract class AdapterSlotPool : IDisposable
     public abstract int Capacity { get; }
     /// <summary>Copies an adapter into a slot (overwriting what was there).</summary>
     public abstract void Store(int slot, Adapter adapter);
+
+    /// <summary>Starts copying an adapter into a slot without waiting for it: returns the pending copy (the slot
+    /// may be read once it is done), or null when the copy is already complete (the default: <see cref="Store"/>).</summary>
+    public virtual DeviceCopy? StoreAsync(int slot, Adapter adapter)
+    {
+        Store(slot, adapter);
+        return null;
+    }
     /// <summary>The batched operation for the rows of one forward pass that use this pool.</summary>
     public abstract AdapterBatchOp CreateBatchOp(MethodRows rows);
 

@@ -127,7 +127,11 @@ internal sealed unsafe class KernelModule
     /// <summary>Launches <paramref name="function"/> on libtorch's current stream. Each argument is one 8-byte
     /// slot: pointers as they are, 32-bit values through <see cref="Arg"/> (the driver reads only as many
     /// bytes as the parameter has, and this machine is little-endian).</summary>
-    public void Launch(string function, (uint X, uint Y, uint Z) grid, uint threads, uint sharedBytes, params ReadOnlySpan<ulong> args)
+    public void Launch(string function, (uint X, uint Y, uint Z) grid, uint threads, uint sharedBytes, params ReadOnlySpan<ulong> args) =>
+        LaunchOn(NativeHelper.CurrentStream(Ordinal), function, grid, threads, sharedBytes, args);
+
+    /// <summary>Like <see cref="Launch"/>, on <paramref name="stream"/> (a <see cref="SideStream"/>).</summary>
+    public void LaunchOn(IntPtr stream, string function, (uint X, uint Y, uint Z) grid, uint threads, uint sharedBytes, params ReadOnlySpan<ulong> args)
     {
         var cu = CudaDriver.Instance;
         cu.MakeCurrent(_context);
@@ -140,7 +144,7 @@ internal sealed unsafe class KernelModule
             values[i] = args[i];
             pointers[i] = &values[i];
         }
-        cu.Check(cu.LaunchKernel(fn, grid.X, grid.Y, grid.Z, threads, 1, 1, sharedBytes, NativeHelper.CurrentStream(Ordinal), pointers, null),
+        cu.Check(cu.LaunchKernel(fn, grid.X, grid.Y, grid.Z, threads, 1, 1, sharedBytes, stream, pointers, null),
             $"cuLaunchKernel({function}, grid {grid.X}x{grid.Y}x{grid.Z}, {threads} threads)");
     }
 

@@ -1,6 +1,9 @@
 using Microsoft.Extensions.Caching.Memory;
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Cuda;
 using PeftServe.Core.Model;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace PeftServe.Core.Engine;
 
@@ -62,6 +65,13 @@ public sealed class AdapterManager : IDisposable
         {
             if (_onDevice.TryGetValue(path, out var resident))
             {
+                // Still being copied to the device: come back later (the copy signals LoadFinished).
+                if (resident.Copy is { } copy)
+                {
+                    if (!copy.IsDone) return null;
+                    copy.Dispose();
+                    resident.Copy = null;
+                }
                 resident.Refs++;
                 resident.LastUsed = ++_tick;
                 if (firstAttempt) _deviceHits++;
@@ -84,8 +94,14 @@ public sealed class AdapterManager : IDisposable
         {
             if (TryAcquire(path, first) is { } resident) return resident;
             Task<Adapter>? load;
-            lock (_gate) _loads.TryGetValue(path, out load);
+            DeviceCopy? copy = null;
+            lock (_gate)
+            {
+                _loads.TryGetValue(path, out load);
+                if (_onDevice.TryGetValue(path, out var slot)) copy = slot.Copy;
+            }
             if (load is not null) { try { load.Wait(); } catch (AggregateException) { } continue; }
+            if (copy is not null) { try { copy.Wait(); } catch (CudaException) { } continue; }
             lock (_gate)
                 if (_pending.ContainsKey(path))
                     throw new AdapterException($"adapter '{nameOrPath}' is loaded but every device slot of its method is held; raise the slots per method");
@@ -152,7 +168,15 @@ public sealed class AdapterManager : IDisposable
             _diskLoads++;
             var name = _store is not null && Path.GetDirectoryName(path) == _store ? Path.GetFileName(path) : path;
             // Reading and validating is file and CPU work: off the engine thread, so decoding goes on.
-            var task = Task.Run(() => AdapterMethods.Load(path, name, _model.Config, _limits));
+            // Read, validated, and turned into the serving dtype (in pinned memory for a GPU) on this thread, so
+            // that placing it later is one asynchronous copy.
+            var task = Task.Run(() =>
+            {
+                var adapter = AdapterMethods.Load(path, name, _model.Config, _limits);
+                try { adapter.PrepareForDevice(_model.DType, pin: _model.Device.type == DeviceType.CUDA); }
+                catch { adapter.Dispose(); throw; }
+                return adapter;
+            });
             _loads[path] = task;
             task.ContinueWith(_ => LoadFinished?.Invoke(), TaskScheduler.Default);
             return null;
@@ -185,8 +209,10 @@ public sealed class AdapterManager : IDisposable
             _slots[method] = Enumerable.Range(0, pool.Capacity).Select(i => new Slot(i)).ToArray();
         }
         var slots = _slots[method];
-        var victim = slots.Where(s => s.Refs == 0).OrderBy(s => s.Entry is null ? 0 : 1).ThenBy(s => s.LastUsed).FirstOrDefault();
+        var victim = slots.Where(s => s.Refs == 0 && (s.Copy is null || s.Copy.IsDone)).OrderBy(s => s.Entry is null ? 0 : 1).ThenBy(s => s.LastUsed).FirstOrDefault();
         if (victim is null) return null;
+        victim.Copy?.Dispose();
+        victim.Copy = null;
         if (victim.Entry is { } old)
         {
             if (victim.Key is not null) { _onDevice.Remove(victim.Key); _deviceEvictions++; }
@@ -195,7 +221,8 @@ public sealed class AdapterManager : IDisposable
             victim.Entry = null;
             victim.Key = null;
         }
-        try { pool.Store(victim.Index, entry.Adapter); }
+        DeviceCopy? copy;
+        try { copy = pool.StoreAsync(victim.Index, entry.Adapter); }
         catch
         {
             _pending.Remove(path);
@@ -208,11 +235,23 @@ public sealed class AdapterManager : IDisposable
         entry.OnDevice = true;
         victim.Entry = entry;
         victim.Key = path;
-        victim.Refs = 1;
         victim.LastUsed = ++_tick;
         victim.Resident = new ResidentAdapter(entry.Adapter, pool, victim.Index);
         _onDevice[path] = victim;
         _deviceLoads++;
+        if (copy is not null)
+        {
+            // The copy runs beside the decode steps; the request waits for it without holding anyone up.
+            victim.Copy = copy;
+            Task.Run(() =>
+            {
+                try { copy.Wait(); }
+                catch (Exception) { }
+                LoadFinished?.Invoke();
+            });
+            return null;
+        }
+        victim.Refs = 1;
         return victim.Resident;
     }
 
@@ -235,6 +274,8 @@ public sealed class AdapterManager : IDisposable
         public int Refs { get; set; }
         public long LastUsed { get; set; }
         public ResidentAdapter Resident { get; set; } = null!;
+        /// <summary>The copy into this slot still under way, or null.</summary>
+        public DeviceCopy? Copy { get; set; }
     }
 
     /// <summary>A host copy of an adapter, disposed once no tier holds it (the host cache may evict it

@@ -165,8 +165,20 @@ public sealed class PagedKvCache : IDisposable
         return (_keys[layer], _values[layer]);
     }
 
-    private sealed class DecodeView(PagedKvCache cache, Tensor write, Tensor tables, Tensor lengths, int gatherBlocks) : IKvCache
+    private sealed class DecodeView(PagedKvCache cache, Tensor write, Tensor tables, Tensor lengths, int gatherBlocks) : IRotatingKvCache
     {
+        public (Tensor Attention, Tensor Queries)? AttendRotating(int layer, Tensor qkv, Tensor positions, RotaryEmbedding rope, int heads)
+        {
+            long b = qkv.shape[0];
+            if (qkv.shape[1] != 1) return null;
+            var flat = qkv.view(b, qkv.shape[2]);
+            var queries = PagedAttention.TryRotateAndWrite(flat, positions.view(b), rope.InverseFrequencies(), write, cache._keys[layer], cache._values[layer], heads);
+            if (queries is null) return null;
+            var direct = PagedAttention.TryDecode(queries, cache._keys[layer], cache._values[layer], tables, lengths, cache.BlockSize);
+            if (direct is null) return null;   // (not reached: both kernels serve the same shapes)
+            return (direct.view(b, 1, queries.shape[1] * queries.shape[2]), queries.unsqueeze(2));
+        }
+
         private Tensor? _gatherSlots, _mask;   // the fallback's gather index [B*S] and mask [B,1,1,S], made once per pass
         private ScalarType _dtype;
 

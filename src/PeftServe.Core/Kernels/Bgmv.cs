@@ -10,12 +10,15 @@ namespace PeftServe.Core.Kernels;
 internal static class Bgmv
 {
     private const string File = "bgmv.cu";
+    /// <summary>Ranks one warp of the shrink kernel computes (the pool's padded rank must be a multiple).</summary>
+    private const int RanksPerWarp = 4;
 
     /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of
     /// <paramref name="dtype"/> whose inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors).</summary>
-    public static bool Supports(Tensor x, params long[] widths)
+    public static bool Supports(Tensor x, long poolRank, params long[] widths)
     {
         if (x.device.type != DeviceType.CUDA || torch.is_grad_enabled()) return false;
+        if (poolRank % RanksPerWarp != 0) return false;
         if (KernelModule.TypeName(x.dtype) is null) return false;
         long vec = 16 / x.ElementSize;
         if (x.shape[^1] % vec != 0 || widths.Any(w => w % vec != 0)) return false;
@@ -27,7 +30,7 @@ internal static class Bgmv
 
     /// <summary>d[n, j, r] = x[n] · A[s][j][r] for the K targets of pool <paramref name="a"/> [S, K, R, in],
     /// where s = rowSlots[n / tokensPerRow]; float32 [N, K, R].</summary>
-    public static Tensor Shrink(Tensor x, Tensor rowSlots, int tokensPerRow, Tensor a, Tensor ranks, int rankColumn)
+    public static Tensor Shrink(Tensor x, Tensor rowSlots, int tokensPerRow, Tensor a, Tensor ranks, int rankColumn, SideStream? stream = null)
     {
         var module = Module(x)!;
         long n = x.shape[0], inF = x.shape[1];
@@ -36,7 +39,8 @@ internal static class Bgmv
         var xc = x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
         var d = torch.empty([n, k, r], ScalarType.Float32, x.device);
         const int warps = 4;
-        module.Launch("bgmv_shrink", ((uint)n, (uint)((k * r + warps - 1) / warps), 1), warps * 32, 0,
+        module.LaunchOn(stream?.Stream ?? NativeHelper.CurrentStream(module.Ordinal), "bgmv_shrink",
+            ((uint)n, (uint)((k * r + warps * RanksPerWarp - 1) / (warps * RanksPerWarp)), 1), warps * 32, 0,
             KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(a), KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r), KernelModule.Arg.Int(inF));
@@ -48,18 +52,35 @@ internal static class Bgmv
     public static void Expand(Tensor y, Tensor rowSlots, int tokensPerRow, Tensor d, IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets,
         Tensor ranks, int rankColumn, Tensor? bias = null)
     {
-        var module = Module(y)!;
-        if (up.Count is < 1 or > 3) throw new ArgumentException("one to three up-projection pools");
         if (y.stride(1) != 1) throw new ArgumentException("y must have contiguous columns");
+        LaunchExpand("bgmv_expand", NativeHelper.CurrentStream(Module(y)!.Ordinal), Module(y)!, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn, bias);
+    }
+
+    /// <summary>The same sum written (not added) into a new float32 [N, <paramref name="width"/>] buffer, zeros
+    /// for rows without an adapter, on <paramref name="stream"/>: to be added to the projection's output
+    /// once both are done.</summary>
+    public static Tensor ExpandToFloat32(long width, Tensor rowSlots, int tokensPerRow, Tensor d, IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets,
+        Tensor ranks, int rankColumn, SideStream stream)
+    {
+        var module = Module(up[0])!;
+        var y = torch.empty([d.shape[0], width], ScalarType.Float32, d.device);
+        LaunchExpand("bgmv_expand_to_f32", stream.Stream, module, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn, null);
+        return y;
+    }
+
+    private static void LaunchExpand(string kernel, IntPtr stream, KernelModule module, Tensor y, Tensor rowSlots, int tokensPerRow, Tensor d,
+        IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets, Tensor ranks, int rankColumn, Tensor? bias)
+    {
+        if (up.Count is < 1 or > 3) throw new ArgumentException("one to three up-projection pools");
         long n = y.shape[0];
         int k = (int)d.shape[1], r = (int)d.shape[2];
-        long vec = 16 / y.ElementSize;
+        long vec = 16 / up[0].ElementSize;
         long widest = up.Max(b => b.shape[2]);
         const int threads = 128;
         var outs = Enumerable.Range(0, 3).Select(j => j < up.Count ? up[j].shape[2] : 0).ToArray();
         var offs = Enumerable.Range(0, 3).Select(j => j < offsets.Count ? offsets[j] : 0).ToArray();
         var pools = Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])).ToArray();
-        module.Launch("bgmv_expand", ((uint)n, (uint)((widest + threads * vec - 1) / (threads * vec)), (uint)k), threads, 0,
+        module.LaunchOn(stream, kernel, ((uint)n, (uint)((widest + threads * vec - 1) / (threads * vec)), (uint)k), threads, 0,
             KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r),
             pools[0], pools[1], pools[2],

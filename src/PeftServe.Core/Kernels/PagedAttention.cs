@@ -12,6 +12,32 @@ internal static class PagedAttention
     private const int MaxGroup = 16;
     private const int MaxHeadDim = 256;
 
+    private static KernelModule? Module(Tensor like, long headDim, long group)
+    {
+        var type = KernelModule.TypeName(like.dtype);
+        if (type is null || group > MaxGroup || headDim > MaxHeadDim || headDim % 2 != 0) return null;
+        return KernelModule.TryGet(File, like.device,
+            ("ELEM_TYPE", type switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }), ("HEAD_DIM", headDim.ToString()), ("GROUP", group.ToString()));
+    }
+
+    /// <summary>A decode step's rotary embedding and KV write in one kernel: from the fused projection
+    /// <paramref name="qkv"/> [N, (nq+2nkv)*hd] at <paramref name="positions"/> [N], writes the rotated keys and
+    /// the values to the pools at <paramref name="writeSlots"/> [N] and returns the rotated queries [N, nq, hd];
+    /// null where the kernel does not apply.</summary>
+    public static Tensor? TryRotateAndWrite(Tensor qkv, Tensor positions, Tensor inverseFrequencies, Tensor writeSlots, Tensor keys, Tensor values, int heads)
+    {
+        if (qkv.device.type != DeviceType.CUDA || torch.is_grad_enabled() || !qkv.is_contiguous() || keys.dtype != qkv.dtype) return null;
+        long n = qkv.shape[0], nkv = keys.shape[1], hd = keys.shape[2];
+        if (qkv.shape[1] != (heads + 2 * nkv) * hd || heads % nkv != 0) return null;
+        var module = Module(qkv, hd, heads / nkv);
+        if (module is null) return null;
+        var queries = torch.empty([n, heads, hd], qkv.dtype, qkv.device);
+        module.Launch("rope_write_kv", ((uint)n, 1, 1), 128, 0,
+            KernelModule.Arg.Ptr(qkv), KernelModule.Arg.Ptr(positions), KernelModule.Arg.Ptr(inverseFrequencies), KernelModule.Arg.Ptr(writeSlots),
+            KernelModule.Arg.Ptr(queries), KernelModule.Arg.Ptr(keys), KernelModule.Arg.Ptr(values), KernelModule.Arg.Int(heads), KernelModule.Arg.Int(nkv));
+        return queries;
+    }
+
     /// <summary>Attention output [B, nq, hd] for one query token per row, or null where the kernel does not
     /// apply (CPU, autograd, other dtypes or shapes): the caller then gathers and runs SDPA.</summary>
     /// <param name="queries">[B, nq, hd], contiguous.</param>
@@ -24,10 +50,9 @@ internal static class PagedAttention
         if (queries.device.type != DeviceType.CUDA || torch.is_grad_enabled()) return null;
         var type = KernelModule.TypeName(queries.dtype);
         long b = queries.shape[0], nq = queries.shape[1], hd = queries.shape[2], nkv = keys.shape[1];
-        if (type is null || keys.dtype != queries.dtype || nq % nkv != 0 || nq / nkv > MaxGroup || hd > MaxHeadDim || !queries.is_contiguous())
+        if (type is null || keys.dtype != queries.dtype || nq % nkv != 0 || !queries.is_contiguous())
             return null;
-        var module = KernelModule.TryGet(File, queries.device,
-            ("ELEM_TYPE", type switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }), ("HEAD_DIM", hd.ToString()), ("GROUP", (nq / nkv).ToString()));
+        var module = Module(queries, hd, nq / nkv);
         if (module is null) return null;
         var output = torch.empty_like(queries);
         module.Launch("paged_decode_attention", ((uint)b, (uint)nkv, 1), 128, 0,

@@ -13,44 +13,67 @@
 
 // d[n][j][r] = sum_k x[n][k] * A[s][j][r][k] for r < rank(s, j); 0 elsewhere. s = slots[n / tokens_per_row].
 // x: [N, in] with row stride x_stride; A: [S, K, R, in]; d: float [N, K, R]. in % VEC == 0, rows 16-byte aligned.
-// One warp per (n, j, r): grid (N, ceil(K*R / WARPS)), tokens on x (y and z stop at 65535).
+// Each warp takes RANKS_PER_WARP consecutive ranks of one target for one token, so every x load serves all of
+// them and several independent loads are in flight per lane. Grid (N, ceil(K * R / (WARPS * RANKS_PER_WARP))):
+// tokens on x (y and z stop at 65535).
+#define RANKS_PER_WARP 4
 extern "C" __global__ void __launch_bounds__(WARPS * 32) bgmv_shrink(
     const T* __restrict__ x, long long x_stride, const long long* __restrict__ slots, int tokens_per_row,
     const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,
     float* __restrict__ d, int K, int R, int in)
 {
     const int n = blockIdx.x;
-    const int pair = blockIdx.y * WARPS + (threadIdx.x >> 5);
+    const int group = blockIdx.y * WARPS + (threadIdx.x >> 5);       // which run of RANKS_PER_WARP (j, r) pairs
     const int lane = threadIdx.x & 31;
-    if (pair >= K * R) return;
-    const int j = pair / R, r = pair - j * R;
+    const int first = group * RANKS_PER_WARP;
+    if (first >= K * R) return;
     const long long s = slots[n / tokens_per_row];
-    float* dst = d + ((long long)n * K + j) * R + r;
-    if (s < 0 || r >= ranks[s * rank_stride + rank_col + j])
+    // R is a multiple of RANKS_PER_WARP (the pool's rank is padded so), so a run never crosses targets.
+    const int j = first / R, r0 = first - j * R;
+    const int rank = s < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
+    float* dst = d + ((long long)n * K + j) * R + r0;
+    const int live = min(RANKS_PER_WARP, max(0, rank - r0));
+    if (live == 0)
     {
-        if (lane == 0) *dst = 0.0f;
+        if (lane < RANKS_PER_WARP) dst[lane] = 0.0f;
         return;
     }
-    const T* a = A + ((s * K + j) * (long long)R + r) * (long long)in;
+    const T* a = A + ((s * K + j) * (long long)R + r0) * (long long)in;
     const T* xr = x + (long long)n * x_stride;
-    float sum = 0.0f;
+    float sum[RANKS_PER_WARP];
+    #pragma unroll
+    for (int q = 0; q < RANKS_PER_WARP; q++) sum[q] = 0.0f;
     for (int k = lane * VEC; k < in; k += 32 * VEC)
     {
-        float av[VEC], xv[VEC];
-        load_vec(a + k, av);
+        float xv[VEC];
         load_vec(xr + k, xv);
         #pragma unroll
-        for (int i = 0; i < VEC; i++) sum = fmaf(av[i], xv[i], sum);
+        for (int q = 0; q < RANKS_PER_WARP; q++)
+        {
+            if (q >= live) break;
+            float av[VEC];
+            load_vec(a + (long long)q * in + k, av);
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) sum[q] = fmaf(av[i], xv[i], sum[q]);
+        }
     }
-    sum = warp_sum(sum);
-    if (lane == 0) *dst = sum;
+    #pragma unroll
+    for (int q = 0; q < RANKS_PER_WARP; q++)
+    {
+        const float total = warp_sum(sum[q]);
+        if (lane == 0) dst[q] = q < live ? total : 0.0f;
+    }
 }
 
-// y[n][off_j + o] = T(y + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given))
-// for o < out_j, in place. y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
+// The up-projection: acc[o] = sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given),
+// for o < out_j, and then either (ACCUMULATE) y[n][off_j + o] = T(y + acc) in place in the layer's output, or
+// y[n][off_j + o] = acc into a float32 buffer, zeros included (tokens without an adapter write 0), so the
+// buffer can be computed beside the base projection on another stream and added after it.
+// y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
 // Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs.
-extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
-    T* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
+template <bool ACCUMULATE, typename Y>
+__device__ __forceinline__ void bgmv_expand_impl(
+    Y* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
     const float* __restrict__ d, int K, int R,
     const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
     int out0, int out1, int out2, int off0, int off1, int off2,
@@ -58,37 +81,63 @@ extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
 {
     const int n = blockIdx.x, j = blockIdx.z;
     const long long s = slots[n / tokens_per_row];
-    if (s < 0) return;
-    const int rank = ranks[s * rank_stride + rank_col + j];
-    if (rank == 0) return;
+    const int rank = s < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
+    if (ACCUMULATE && rank == 0) return;
     const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
     const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
     const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
     const int o0 = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if (o0 >= out) return;
 
-    const float* dr = d + ((long long)n * K + j) * R;
     float acc[VEC];
     #pragma unroll
     for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
-    const T* b = B + s * (long long)R * out + o0;
-    for (int r = 0; r < rank; r++)
+    if (rank > 0)
     {
-        float bv[VEC];
-        load_vec(b + (long long)r * out, bv);
-        const float coefficient = dr[r];
-        #pragma unroll
-        for (int i = 0; i < VEC; i++) acc[i] = fmaf(coefficient, bv[i], acc[i]);
+        const float* dr = d + ((long long)n * K + j) * R;
+        const T* b = B + s * (long long)R * out + o0;
+        int r = 0;
+        // Two ranks per step: both loads go out before either is used.
+        for (; r + 1 < rank; r += 2)
+        {
+            float b0[VEC], b1[VEC];
+            load_vec(b + (long long)r * out, b0);
+            load_vec(b + (long long)(r + 1) * out, b1);
+            const float c0 = dr[r], c1 = dr[r + 1];
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c1, b1[i], fmaf(c0, b0[i], acc[i]));
+        }
+        if (r < rank)
+        {
+            float b0[VEC];
+            load_vec(b + (long long)r * out, b0);
+            const float c0 = dr[r];
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c0, b0[i], acc[i]);
+        }
+        if (bias != nullptr && j == 0)
+        {
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) acc[i] += to_f32(bias[s * (long long)out + o0 + i]);
+        }
     }
-    if (bias != nullptr && j == 0)
-    {
-        #pragma unroll
-        for (int i = 0; i < VEC; i++) acc[i] += to_f32(bias[s * (long long)out + o0 + i]);
-    }
-    T* yr = y + (long long)n * y_stride + off + o0;
+    Y* yr = y + (long long)n * y_stride + off + o0;
     #pragma unroll
-    for (int i = 0; i < VEC; i++) yr[i] = from_f32<T>(to_f32(yr[i]) + acc[i]);
+    for (int i = 0; i < VEC; i++)
+    {
+        if constexpr (ACCUMULATE) yr[i] = from_f32<Y>(to_f32(yr[i]) + acc[i]);
+        else yr[i] = acc[i];
+    }
 }
+
+#define EXPAND_PARAMS(Y) \
+    Y* y, long long y_stride, const long long* slots, int tokens_per_row, const float* d, int K, int R, \
+    const T* B0, const T* B1, const T* B2, int out0, int out1, int out2, int off0, int off1, int off2, \
+    const int* ranks, int rank_stride, int rank_col, const T* bias
+#define EXPAND_ARGS y, y_stride, slots, tokens_per_row, d, K, R, B0, B1, B2, out0, out1, out2, off0, off1, off2, ranks, rank_stride, rank_col, bias
+
+extern "C" __global__ void __launch_bounds__(128) bgmv_expand(EXPAND_PARAMS(T)) { bgmv_expand_impl<true, T>(EXPAND_ARGS); }
+extern "C" __global__ void __launch_bounds__(128) bgmv_expand_to_f32(EXPAND_PARAMS(float)) { bgmv_expand_impl<false, float>(EXPAND_ARGS); }
 
 // Bottleneck adapters between their two products: z[n][r] = act_s(z[n][r] + bias[s][r]) in place, for the
 // tokens that have an adapter (float32 throughout). codes[s]: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.

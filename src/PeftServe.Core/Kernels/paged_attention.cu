@@ -125,3 +125,45 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_decode_attention(
         out[((long long)b * nq + kvh * GROUP + g) * HEAD_DIM + dim] = from_f32<T>(sum > 0.0f ? value / sum : 0.0f);
     }
 }
+
+// A decode step's rotary embedding and KV write in one pass, from the fused q|k|v projection
+// qkv [N, (nq + 2 nkv) * HEAD_DIM]: queries and keys rotated at their token's position (q_out [N, nq, HEAD_DIM]),
+// keys and values written to the cache pools at write_slots[n]. The roundings are the tensor-op path's
+// (RotaryEmbedding): cos and sin of position * inv_freq rounded to T, then x*cos and rotate_half(x)*sin each
+// rounded, then their sum. One block per token.
+extern "C" __global__ void rope_write_kv(
+    const T* __restrict__ qkv, const long long* __restrict__ positions, const float* __restrict__ inv_freq,
+    const long long* __restrict__ write_slots, T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache,
+    int nq, int nkv)
+{
+    const int n = blockIdx.x;
+    const int half = HEAD_DIM / 2;
+    const long long width = (long long)(nq + 2 * nkv) * HEAD_DIM;
+    const T* row = qkv + n * width;
+    const float position = (float)positions[n];
+    const long long slot = write_slots[n];
+    // Rotated heads: nq query heads, then nkv key heads; each thread takes (head, d < half) pairs.
+    for (int i = threadIdx.x; i < (nq + nkv) * half; i += blockDim.x)
+    {
+        const int head = i / half, d = i - head * half;
+        const float angle = position * inv_freq[d];
+        const float c = round_to<T>(cosf(angle)), s = round_to<T>(sinf(angle));
+        const float x1 = to_f32(row[head * HEAD_DIM + d]), x2 = to_f32(row[head * HEAD_DIM + d + half]);
+        const T lo = from_f32<T>(round_to<T>(x1 * c) + round_to<T>(-x2 * s));
+        const T hi = from_f32<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
+        if (head < nq)
+        {
+            T* q = q_out + ((long long)n * nq + head) * HEAD_DIM;
+            q[d] = lo;
+            q[d + half] = hi;
+        }
+        else
+        {
+            T* k = k_cache + (slot * nkv + (head - nq)) * HEAD_DIM;
+            k[d] = lo;
+            k[d + half] = hi;
+        }
+    }
+    for (int i = threadIdx.x; i < nkv * HEAD_DIM; i += blockDim.x)
+        v_cache[slot * nkv * HEAD_DIM + i] = row[(nq + nkv) * HEAD_DIM + i];
+}

@@ -8,6 +8,15 @@ namespace PeftServe.Core.Model;
 /// about adapter methods or files. Every method returns its input unchanged when it has nothing to do.</summary>
 public interface IAdapterHooks
 {
+    /// <summary>Called with the input of each of layer <paramref name="layer"/>'s frozen projections just before the
+    /// projection runs (its result then reaches the matching hook below): an op may start work that only
+    /// needs the input, to overlap with the projection.</summary>
+    void BeforeLinear(int layer, LinearSite site, Tensor x);
+
+    /// <summary>Whether <see cref="KeysValues"/> may change anything in this pass (prefix tuning's virtual
+    /// columns); when not, the cache may rotate and store keys itself.</summary>
+    bool ChangesKeysValues { get; }
+
     /// <summary>Token embeddings [B,T,hidden] of this chunk: virtual-token adapters replace their columns.</summary>
     Tensor Embeddings(Tensor embeddings);
 
@@ -39,6 +48,8 @@ public interface IAdapterHooks
 /// batched ops and of the training modules, which override only the hooks where their method acts.</summary>
 public abstract class IdentityAdapterHooks : IAdapterHooks
 {
+    public virtual void BeforeLinear(int layer, LinearSite site, Tensor x) { }
+    public virtual bool ChangesKeysValues => false;
     public virtual Tensor Embeddings(Tensor embeddings) => embeddings;
     public virtual Tensor Qkv(int layer, Tensor x, Tensor qkv) => qkv;
     public virtual (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) => (keys, values);
@@ -48,3 +59,6 @@ public abstract class IdentityAdapterHooks : IAdapterHooks
     public virtual Tensor DownInput(int layer, Tensor x) => x;
     public virtual Tensor MlpOutput(int layer, Tensor x, Tensor output) => output;
 }
+
+/// <summary>The decoder layer's frozen projections, in the order they run.</summary>
+public enum LinearSite { Qkv, O, GateUp, Down }

@@ -20,6 +20,16 @@ public interface IKvCache
     Tensor Attend(int layer, Tensor queries, Tensor keys, Tensor values);
 }
 
+/// <summary>A cache that can also rotate a decode step's queries and keys and store the keys and values
+/// itself (one kernel on CUDA), from the fused q|k|v projection.</summary>
+public interface IRotatingKvCache : IKvCache
+{
+    /// <summary>For the projection <paramref name="qkv"/> [B,T,(nq+2nkv)*hd] of tokens at <paramref name="positions"/>
+    /// [B,T]: rotates queries and keys, stores keys and values, and returns the attention output [B,T,nq*hd]
+    /// and the rotated queries [B,nq,T,hd]; null where it cannot (the model then rotates and calls Attend).</summary>
+    (Tensor Attention, Tensor Queries)? AttendRotating(int layer, Tensor qkv, Tensor positions, RotaryEmbedding rope, int heads);
+}
+
 /// <summary>Masked scaled-dot-product attention with grouped-query heads, shared by the caches that
 /// gather keys into [B,kvHeads,S,headDim].</summary>
 public static class Attention

@@ -176,7 +176,7 @@ public sealed class LlamaModel : IDisposable
         // norm adds it in, so the residual add and the RMSNorm after it are one step (one kernel on CUDA).
         Tensor? delta = null;
         for (int i = 0; i < _layers.Length; i++)
-            (h, delta) = _layers[i].Forward(h, delta, i, cache, cos, sin, Config, adapters);
+            (h, delta) = _layers[i].Forward(h, delta, i, cache, positions, _rope, cos, sin, Config, adapters);
 
         if (lastTokenOnly && t > 1)
         {
@@ -287,32 +287,44 @@ public sealed class LlamaModel : IDisposable
         /// <summary>One block over the residual stream <paramref name="h"/> [B,T,hidden], with the previous
         /// block's last delta still to be added (null before the first block). Returns the residual stream
         /// and this block's last delta (its MLP output).</summary>
-        public (Tensor Residual, Tensor Delta) Forward(Tensor h, Tensor? delta, int index, IKvCache cache, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
+        public (Tensor Residual, Tensor Delta) Forward(Tensor h, Tensor? delta, int index, IKvCache cache, Tensor positions, RotaryEmbedding rope,
+            Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
         {
             long b = h.shape[0], t = h.shape[1];
             int hd = c.HeadDim, nq = c.NumHeads, nkv = c.NumKvHeads;
 
             Tensor x;
             (h, x) = delta is null ? (h, FusedOps.RmsNorm(h, InputNorm, c.RmsNormEps)) : FusedOps.AddRmsNorm(h, delta, InputNorm, c.RmsNormEps);
+            adapters?.BeforeLinear(index, LinearSite.Qkv, x);
             var qkv = Qkv.Forward(x);
             if (adapters is not null) qkv = adapters.Qkv(index, x, qkv);
-            qkv = qkv.view(b, t, nq + 2 * nkv, hd);                                        // [B,T,heads,hd]
-            // Queries and keys are rotated together in one pass; values are a view of the projection.
-            var qk = RotaryEmbedding.Apply(qkv[.., .., ..(nq + nkv)], cos, sin);
-            var k = qk[.., .., nq..];                                                      // [B,T,nkv,hd]
-            var v = qkv[.., .., (nq + nkv)..];
-            if (adapters is not null) (k, v) = adapters.KeysValues(index, k, v);
-            var q = qk[.., .., ..nq].transpose(1, 2);                                      // [B,nq,T,hd]
-            var attn = cache.Attend(index, q, k.transpose(1, 2), v.transpose(1, 2));      // [B,T,nq*hd]
+            Tensor attn, q;
+            if (cache is IRotatingKvCache rotating && adapters?.ChangesKeysValues != true
+                && rotating.AttendRotating(index, qkv, positions, rope, nq) is { } fused)
+                (attn, q) = fused;
+            else
+            {
+                var heads = qkv.view(b, t, nq + 2 * nkv, hd);                                   // [B,T,heads,hd]
+                // Queries and keys are rotated together in one pass; values are a view of the projection.
+                var qk = RotaryEmbedding.Apply(heads[.., .., ..(nq + nkv)], cos, sin);
+                var k = qk[.., .., nq..];                                                      // [B,T,nkv,hd]
+                var v = heads[.., .., (nq + nkv)..];
+                if (adapters is not null) (k, v) = adapters.KeysValues(index, k, v);
+                q = qk[.., .., ..nq].transpose(1, 2);                                          // [B,nq,T,hd]
+                attn = cache.Attend(index, q, k.transpose(1, 2), v.transpose(1, 2));          // [B,T,nq*hd]
+            }
             if (adapters?.ExtraAttention(index, q) is { } extra) attn = attn + extra;
+            adapters?.BeforeLinear(index, LinearSite.O, attn);
             var o = O.Forward(attn);
             if (adapters is not null) o = adapters.AttentionOutput(index, attn, o);
 
             (h, x) = FusedOps.AddRmsNorm(h, o, PostAttentionNorm, c.RmsNormEps);
+            adapters?.BeforeLinear(index, LinearSite.GateUp, x);
             var gateUp = GateUp.Forward(x);
             if (adapters is not null) gateUp = adapters.GateUp(index, x, gateUp);
             var act = FusedOps.SiluMul(gateUp);
             if (adapters is not null) act = adapters.DownInput(index, act);
+            adapters?.BeforeLinear(index, LinearSite.Down, act);
             var down = Down.Forward(act);
             if (adapters is not null) down = adapters.MlpOutput(index, act, down);
             return (h, down);

@@ -48,6 +48,9 @@ public sealed class RotaryEmbedding : IDisposable
     /// <summary>cos and sin tables for the given positions [B,T]: each [B,T,1,headDim] in
     /// <paramref name="dtype"/>, ready to broadcast over the heads of a [B,T,H,D] tensor. Computed in
     /// float32 as the reference does, then cast.</summary>
+    /// <summary>The inverse frequencies [headDim/2] float32 on the device (for the fused decode kernel).</summary>
+    internal Tensor InverseFrequencies() => _invFreq;
+
     public (Tensor Cos, Tensor Sin) Tables(Tensor positions, ScalarType dtype)
     {
         var angles = positions.to(ScalarType.Float32).unsqueeze(-1) * _invFreq; // [B,T,D/2]

@@ -19,14 +19,20 @@ public sealed class LoraAdapter : Adapter
     /// <summary>[layer, target] -> (A, scaled B), null where the adapter does not touch that layer.</summary>
     public (Tensor A, Tensor B)?[,] Weights { get; }
     public int MaxRank { get; }
-    public override long ByteSize { get; }
+    public override long ByteSize => _byteSize;
+    private long _byteSize;
+    /// <summary>After <see cref="PrepareForDevice"/>: one host block (pinned for a GPU) in the serving dtype that
+    /// holds every A and every B transposed ([r, out]), the layouts of the slot pool, so storing is one copy each.</summary>
+    private Tensor? _hostBlock;
+    /// <summary>Per [layer, target] after preparation: B transposed, a view of the host block.</summary>
+    internal Tensor?[,]? UpRows { get; private set; }
 
     internal LoraAdapter(AdapterMethod method, (Tensor, Tensor)?[,] weights)
     {
         Method = method;
         Weights = weights;
         MaxRank = weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).Select(w => (int)w!.Value.A.shape[0]).DefaultIfEmpty(0).Max();
-        ByteSize = Bytes(weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).SelectMany(w => new[] { w!.Value.A, w.Value.B }));
+        _byteSize = Bytes(weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).SelectMany(w => new[] { w!.Value.A, w.Value.B }));
     }
 
     public static string ModuleName(LoraTarget t) => t switch
@@ -96,10 +102,42 @@ public sealed class LoraAdapter : Adapter
         return t;
     }
 
+    public override void PrepareForDevice(ScalarType dtype, bool pin)
+    {
+        if (_hostBlock is not null) return;
+        long total = Weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).Sum(w => w!.Value.A.NumberOfElements + w.Value.B.NumberOfElements);
+        using (var plain = torch.empty([total], dtype))
+            _hostBlock = pin ? plain.pin_memory() : plain.clone();
+        UpRows = new Tensor?[Weights.GetLength(0), Weights.GetLength(1)];
+        long offset = 0;
+        Tensor Take(Tensor source, long rows, long cols)
+        {
+            var view = _hostBlock.narrow(0, offset, rows * cols).view(rows, cols);
+            view.copy_(source);
+            offset += rows * cols;
+            return view;
+        }
+        for (int l = 0; l < Weights.GetLength(0); l++)
+            for (int t = 0; t < Weights.GetLength(1); t++)
+            {
+                if (Weights[l, t] is not { } w) continue;
+                long r = w.A.shape[0];
+                var a = Take(w.A, r, w.A.shape[1]);
+                var up = Take(w.B.t(), r, w.B.shape[0]);
+                w.A.Dispose();
+                w.B.Dispose();
+                UpRows[l, t] = up;
+                Weights[l, t] = (a, up.t());
+            }
+        _byteSize = total * _hostBlock.ElementSize;
+    }
+
     public override void Dispose()
     {
         foreach (var w in Weights)
             if (w is { } pair) { pair.A.Dispose(); pair.B.Dispose(); }
+        if (UpRows is not null) foreach (var u in UpRows) u?.Dispose();
+        _hostBlock?.Dispose();
     }
 }
 

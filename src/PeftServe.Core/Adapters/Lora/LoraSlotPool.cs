@@ -1,3 +1,4 @@
+using PeftServe.Core.Cuda;
 using PeftServe.Core.Kernels;
 using PeftServe.Core.Model;
 using TorchSharp;
@@ -85,6 +86,41 @@ public sealed class LoraSlotPool : AdapterSlotPool
         _ranks[slot] = torch.tensor(ranks, device: _ranks.device);
     }
 
+    /// <summary>On a GPU with a prepared (pinned, serving-dtype) adapter: the slot is zeroed and the adapter copied
+    /// on the copy stream, beside running decode steps; the rank table (read only by rows using this slot,
+    /// and none does until the copy is done) is updated at once.</summary>
+    public override DeviceCopy? StoreAsync(int slot, Adapter adapter)
+    {
+        var lora = (LoraAdapter)adapter;
+        if (_ranks.device.type != DeviceType.CUDA || lora.UpRows is null || lora.Weights.Cast<(Tensor A, Tensor B)?>().Any(w => w is { } p && (!p.A.is_pinned() || p.A.dtype != _a[0, 0].dtype)))
+            return base.StoreAsync(slot, adapter);
+        if (lora.MaxRank > _rank) throw new AdapterException($"adapter '{lora.Name}' has rank {lora.MaxRank}, the LoRA slots hold at most {_rank}");
+        var copies = CopyStream.For(_ranks.device);
+        var ranks = new int[7];
+        using var scope = torch.NewDisposeScope();
+        for (int l = 0; l < _config.NumLayers; l++)
+            for (int g = 0; g < Groups.Length; g++)
+            {
+                var a = _a[l, g][slot];
+                copies.Zero(a);
+                for (int j = 0; j < Groups[g].Length; j++)
+                {
+                    var target = Groups[g][j];
+                    var b = _b[l, (int)target][slot];
+                    copies.Zero(b);
+                    if (lora.Weights[l, (int)target] is not { } w) continue;
+                    int r = (int)w.A.shape[0];
+                    copies.Copy(a[j].narrow(0, 0, r), w.A);
+                    copies.Copy(b.narrow(0, 0, r), lora.UpRows![l, (int)target]!);
+                    ranks[(int)target] = Math.Max(ranks[(int)target], r);
+                }
+            }
+        var done = copies.Mark();
+        for (int t = 0; t < 7; t++) _rankHost[slot, t] = ranks[t];
+        _ranks[slot] = torch.tensor(ranks, device: _ranks.device);
+        return done;
+    }
+
     public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new LoraBatchOp(this, rows);
 
     /// <summary>The targets some slot's adapter touches ("QKVOGUD" letters).</summary>
@@ -121,6 +157,8 @@ internal sealed class LoraBatchOp : AdapterBatchOp
 
     private readonly LoraSlotPool _pool;
     private readonly bool[] _active;   // per target: may any row's adapter use it?
+    private Tensor? _pending;          // the group's delta being computed on the side stream (float32 [N, width])
+    private int _pendingGroup = -1;
     private Tensor? _distinct;         // masked form: the distinct slots [u]
     private Tensor? _mask;             // masked form: [n,1,u,1]
 
@@ -128,6 +166,26 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     {
         _pool = pool;
         _active = Enum.GetValues<LoraTarget>().Select(t => pool.AnyUses(rows.PossibleSlots, t)).ToArray();
+    }
+
+    /// <summary>On CUDA, starts the group's delta on the side stream as soon as the projection's input is there:
+    /// shrink and expand then run beside the base projection, and <see cref="Apply"/> only joins and adds.</summary>
+    public override void BeforeLinear(int layer, LinearSite site, Tensor x)
+    {
+        int group = (int)site;
+        var targets = LoraSlotPool.Groups[group];
+        if (!targets.Any(t => _active[(int)t])) return;
+        var layout = Layout(group);
+        long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
+        var x2 = x.reshape(b * t, inF);
+        if (!Bgmv.Supports(x2, _pool.Rank, [.. layout.Select(l => l.Width)])) return;
+        var side = SideStream.For(x.device.index < 0 ? 0 : x.device.index);
+        side.Fork();
+        var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0], side);
+        _pending = Bgmv.ExpandToFloat32(layout[^1].Offset + layout[^1].Width, Rows.RowSlots, (int)t, d,
+            targets.Select(tg => _pool.B(layer, tg)).ToArray(), layout.Select(l => l.Offset).ToArray(), _pool.Ranks, (int)targets[0], side);
+        side.MarkDone();
+        _pendingGroup = group;
     }
 
     public override Tensor Qkv(int layer, Tensor x, Tensor qkv) => Apply(layer, 0, x, qkv);
@@ -154,10 +212,17 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     {
         var targets = LoraSlotPool.Groups[group];
         if (!targets.Any(t => _active[(int)t])) return output;
+        if (_pendingGroup == group && _pending is { } delta)
+        {
+            SideStream.For(x.device.index < 0 ? 0 : x.device.index).Join();
+            _pending = null;
+            _pendingGroup = -1;
+            return output.add_(delta.view(output.shape));
+        }
         var layout = Layout(group);
         long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
         var x2 = x.reshape(b * t, inF);
-        if (output.is_contiguous() && Bgmv.Supports(x2, [.. layout.Select(l => l.Width)]))
+        if (output.is_contiguous() && Bgmv.Supports(x2, _pool.Rank, [.. layout.Select(l => l.Width)]))
         {
             var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0]);
             Bgmv.Expand(output.view(b * t, output.shape[^1]), Rows.RowSlots, (int)t, d,

@@ -128,6 +128,8 @@ internal sealed class PrefixSlotPool : AdapterSlotPool
 
     private sealed class PrefixBatchOp(MethodRows rows, VirtualTokenIndex index, PrefixSlotPool pool) : AdapterBatchOp(rows)
     {
+        public override bool ChangesKeysValues => !index.IsEmpty;
+
         public override (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) =>
             index.IsEmpty ? (keys, values) : (index.Scatter(keys, pool._keys[layer]), index.Scatter(values, pool._values[layer]));
 
