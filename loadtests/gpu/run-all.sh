@@ -28,11 +28,13 @@ has floor && { stamp "graph floor"; PYTHONUNBUFFERED=1 timeout 240 python3 .gpu/
 b7() { cli bench --model $shape --random-weights --prompt-tokens 128 --max-tokens 128 --device cuda --dtype bfloat16 "$@"; }
 if has base; then
   stamp "base"
-  b7 --mode waves --concurrency 1,32 --requests 32 --json "$OUT/bench-base.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-base.txt"
+  b7 --mode waves --concurrency 1 --requests 4 --json "$OUT/bench-base1.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-base.txt"
+  b7 --mode waves --concurrency 32 --requests 32 --json "$OUT/bench-base.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-base.txt"
 fi
 if has lora; then
   stamp "lora"
-  b7 --mode waves --concurrency 32 --adapters 0,1,32,128 --requests 128 --json "$OUT/bench-lora.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora.txt"
+  b7 --mode waves --concurrency 32 --adapters 0,1,32 --requests 32 --json "$OUT/bench-lora.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora.txt"
+  b7 --mode waves --concurrency 32 --adapters 128 --requests 128 --json "$OUT/bench-lora128.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-lora.txt"
 fi
 if has mix; then
   stamp "mix"
@@ -41,11 +43,12 @@ if has mix; then
 fi
 if has nf4; then
   stamp "nf4"
-  b7 --mode waves --quantize nf4 --concurrency 1,32 --requests 32 --json "$OUT/bench-nf4.json" 2>&1 | grep -E "^bench:|error|weights" | tee "$OUT/bench-nf4.txt"
+  b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nf4-1.json" 2>&1 | grep -E "^bench:|error|weights" | tee "$OUT/bench-nf4.txt"
+  b7 --mode waves --quantize nf4 --concurrency 32 --requests 32 --json "$OUT/bench-nf4.json" 2>&1 | grep -E "^bench:|error|weights" | tee -a "$OUT/bench-nf4.txt"
 fi
 if has engine; then
   stamp "engine"
-  b7 --concurrency 32 --requests 256 --adapters 0,128 --json "$OUT/bench-engine.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-engine.txt"
+  b7 --concurrency 32 --requests 128 --adapters 0,128 --json "$OUT/bench-engine.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-engine.txt"
 fi
 if has peft; then
   stamp "hf peft"
