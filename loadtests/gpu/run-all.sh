@@ -5,7 +5,9 @@
 # Builds the native helper (CUDA graphs) first, against the machine's own libtorch. Figures land in $OUT
 # (the device tool brings them back); the tail of the output is the summary table (loadtests/gpu/summarize.py).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Everything is written to RES; at the end it is packed into $OUT/results.tgz beside the summary (the device
+# tool brings back only a few files).
+FINAL=${OUT:-/tmp/out}; OUT=${RES:-/tmp/peftserve-results}; mkdir -p "$FINAL" "$OUT"
 sections=${*:-selfcheck floor base lora mix nf4 engine}
 has() { [[ " $sections " == *" $1 "* ]]; }
 export PEFTSERVE_KERNEL_CACHE=/tmp/peftserve-kernels
@@ -56,3 +58,5 @@ if has peft; then
 fi
 stamp "done"
 python3 loadtests/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"
+cp "$OUT/summary.md" "$FINAL/"; [ -f "$OUT/selfcheck.txt" ] && cp "$OUT/selfcheck.txt" "$FINAL/"
+tar czf "$FINAL/results.tgz" -C "$OUT" .
