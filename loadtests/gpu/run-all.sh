@@ -27,30 +27,34 @@ if has selfcheck; then
 fi
 # The python floor: a minimal decoder, eager and CUDA-graphed, with per-row gathered LoRAs.
 has floor && { stamp "graph floor"; PYTHONUNBUFFERED=1 timeout 240 python3 .gpu/graph_floor.py "$OUT/floor.json" 2>&1 | grep -v -i warn | tail -8; }
-b7() { cli bench --model $shape --random-weights --prompt-tokens 128 --max-tokens 128 --device cuda --dtype bfloat16 "$@"; }
+b7() { cli bench --model $shape --random-weights --prompt-tokens 128 --max-tokens 128 --device cuda --dtype bfloat16 ${BENCH_ARGS:-} "$@"; }
 if has base; then
   stamp "base"
-  b7 --mode waves --concurrency 1 --requests 4 --json "$OUT/bench-base1.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-base.txt"
+  PEFTSERVE_PROFILE=1 b7 --mode waves --concurrency 1 --requests 4 --json "$OUT/bench-base1.json" 2>&1 | grep -E "^bench:|error|^profile" | tail -4 | tee "$OUT/bench-base.txt"
   b7 --mode waves --concurrency 32 --requests 32 --json "$OUT/bench-base.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-base.txt"
 fi
 if has lora; then
   stamp "lora"
   b7 --mode waves --concurrency 32 --adapters 0,1,32 --requests 32 --json "$OUT/bench-lora.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora.txt"
-  b7 --mode waves --concurrency 32 --adapters 128 --requests 128 --json "$OUT/bench-lora128.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-lora.txt"
+  b7 --mode waves --concurrency 32 --adapters 128 --requests 96 --json "$OUT/bench-lora128.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-lora.txt"
+fi
+if has lora-overlap; then
+  stamp "lora, shrink and expand beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
+  PEFTSERVE_LORA_OVERLAP=1 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-overlap.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-overlap.txt"
 fi
 if has mix; then
   stamp "mix"
-  b7 --mode waves --concurrency 32 --adapters 0,9 --requests 32 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit \
+  b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit \
     --json "$OUT/bench-mix.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-mix.txt"
 fi
 if has nf4; then
   stamp "nf4"
-  b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nf4-1.json" 2>&1 | grep -E "^bench:|error|weights" | tee "$OUT/bench-nf4.txt"
+  PEFTSERVE_PROFILE=1 b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nf4-1.json" 2>&1 | grep -E "^bench:|error|^profile" | tail -4 | tee "$OUT/bench-nf4.txt"
   b7 --mode waves --quantize nf4 --concurrency 32 --requests 32 --json "$OUT/bench-nf4.json" 2>&1 | grep -E "^bench:|error|weights" | tee -a "$OUT/bench-nf4.txt"
 fi
 if has engine; then
   stamp "engine"
-  b7 --concurrency 32 --requests 128 --adapters 0,128 --json "$OUT/bench-engine.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-engine.txt"
+  b7 --concurrency 32 --requests ${ENGINE_REQUESTS:-128} --adapters 0,128 --json "$OUT/bench-engine.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-engine.txt"
 fi
 if has peft; then
   stamp "hf peft"

@@ -14,7 +14,7 @@ if floor:
         if key in floor:
             rows.append(("python floor (graph)", label, floor[key]["graph_tok_s"], "", ""))
             rows.append(("python floor (eager)", label, floor[key]["eager_tok_s"], "", ""))
-for name in ["bench-base1.json", "bench-base.json", "bench-lora.json", "bench-lora128.json", "bench-mix.json", "bench-nf4-1.json", "bench-nf4.json", "bench-engine.json"]:
+for name in ["bench-base1.json", "bench-base.json", "bench-lora.json", "bench-lora128.json", "bench-lora-overlap.json", "bench-mix.json", "bench-nf4-1.json", "bench-nf4.json", "bench-engine.json"]:
     data = load(name)
     if not data:
         continue

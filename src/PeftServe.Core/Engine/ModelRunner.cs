@@ -37,6 +37,11 @@ internal sealed class ModelRunner : IDisposable
     public long GraphCaptures { get; private set; }
     public long GraphReplays { get; private set; }
 
+    /// <summary>PEFTSERVE_PROFILE=1: each new graph's replay time is measured back to back (GPU time alone), and
+    /// the host time of decode steps is summed, both logged: what separates a step from its GPU floor.</summary>
+    private static readonly bool Profile = Environment.GetEnvironmentVariable("PEFTSERVE_PROFILE") == "1";
+    private long _profiledSteps, _hostTicks, _totalTicks;
+
     /// <summary>Captured graphs kept at most (least recently used ones are released beyond).</summary>
     private const int MaxGraphs = 96;
 
@@ -123,6 +128,7 @@ internal sealed class ModelRunner : IDisposable
     /// table already covers it). Returns each row's sampled token.</summary>
     public long[] Decode(IReadOnlyList<Sequence> rows)
     {
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
         int b = rows.Count;
         int size = UsesGraphs ? Bucket(b) : b;
         var inputs = Inputs(size);
@@ -149,6 +155,7 @@ internal sealed class ModelRunner : IDisposable
             var key = $"{size}|{string.Join(";", pools.Select(p => p.Method.Name + ":" + p.Signature))}";
             if (_graphs.TryGetValue(key, out var step))
             {
+                if (Profile) _hostTicks += System.Diagnostics.Stopwatch.GetTimestamp() - start;
                 step.Graph.Replay();
                 step.LastUsed = ++_tick;
                 GraphReplays++;
@@ -166,7 +173,15 @@ internal sealed class ModelRunner : IDisposable
             int longest = rows.Max(s => s.Cached + 1);
             logits = DecodeForward(inputs, pools, rows, (longest + _cache.BlockSize - 1) / _cache.BlockSize);
         }
-        return Sample(logits.narrow(0, 0, b), sampling, penalties);
+        var sampled = Sample(logits.narrow(0, 0, b), sampling, penalties);
+        if (Profile)
+        {
+            _totalTicks += System.Diagnostics.Stopwatch.GetTimestamp() - start;
+            if (++_profiledSteps % 500 == 0)
+                Console.Error.WriteLine($"profile: {_profiledSteps} decode steps, {_totalTicks * 1000.0 / System.Diagnostics.Stopwatch.Frequency / _profiledSteps:F3} ms " +
+                    $"per step of which {_hostTicks * 1000.0 / System.Diagnostics.Stopwatch.Frequency / _profiledSteps:F3} ms host work before the replay");
+        }
+        return sampled;
     }
 
     /// <summary>The decode forward over <paramref name="inputs"/>: eager with the rows' host-side adapters,
@@ -202,6 +217,15 @@ internal sealed class ModelRunner : IDisposable
             });
             _graphs[key] = new CapturedStep(graph, logits) { LastUsed = ++_tick };
             GraphCaptures++;
+            if (Profile)
+            {
+                torch.cuda.synchronize();
+                long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
+                for (int i = 0; i < 20; i++) graph.Replay();
+                torch.cuda.synchronize();
+                Console.Error.WriteLine($"profile: graph {key} replays in " +
+                    $"{(System.Diagnostics.Stopwatch.GetTimestamp() - t0) * 1000.0 / System.Diagnostics.Stopwatch.Frequency / 20:F3} ms (GPU, back to back)");
+            }
             _log.LogDebug("Captured a decode graph for {Key}", key);
         }
         catch

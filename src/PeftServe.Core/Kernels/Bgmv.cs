@@ -10,8 +10,14 @@ namespace PeftServe.Core.Kernels;
 internal static class Bgmv
 {
     private const string File = "bgmv.cu";
-    /// <summary>Ranks one warp of the shrink kernel computes (the pool's padded rank must be a multiple).</summary>
-    private const int RanksPerWarp = 4;
+    /// <summary>Ranks one warp of the shrink kernel computes (PEFTSERVE_BGMV_RANKS: 1, 2 or 4; the pool's padded
+    /// rank must be a multiple).</summary>
+    private static readonly int RanksPerWarp = Environment.GetEnvironmentVariable("PEFTSERVE_BGMV_RANKS") is "2" ? 2
+        : Environment.GetEnvironmentVariable("PEFTSERVE_BGMV_RANKS") is "4" ? 4 : 1;
+
+    /// <summary>Whether LoRA's shrink and expand run on a side stream beside the base projection (PEFTSERVE_LORA_OVERLAP=1)
+    /// instead of after it.</summary>
+    internal static readonly bool Overlap = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_OVERLAP") == "1";
 
     /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of
     /// <paramref name="dtype"/> whose inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors).</summary>
@@ -26,7 +32,8 @@ internal static class Bgmv
     }
 
     private static KernelModule? Module(Tensor x) =>
-        KernelModule.TryGet(File, x.device, ("ELEM_TYPE", KernelModule.TypeName(x.dtype) switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }));
+        KernelModule.TryGet(File, x.device, ("ELEM_TYPE", KernelModule.TypeName(x.dtype) switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }),
+            ("RANKS_PER_WARP", RanksPerWarp.ToString()));
 
     /// <summary>d[n, j, r] = x[n] · A[s][j][r] for the K targets of pool <paramref name="a"/> [S, K, R, in],
     /// where s = rowSlots[n / tokensPerRow]; float32 [N, K, R].</summary>

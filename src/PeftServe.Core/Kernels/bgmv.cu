@@ -13,10 +13,12 @@
 
 // d[n][j][r] = sum_k x[n][k] * A[s][j][r][k] for r < rank(s, j); 0 elsewhere. s = slots[n / tokens_per_row].
 // x: [N, in] with row stride x_stride; A: [S, K, R, in]; d: float [N, K, R]. in % VEC == 0, rows 16-byte aligned.
-// Each warp takes RANKS_PER_WARP consecutive ranks of one target for one token, so every x load serves all of
-// them and several independent loads are in flight per lane. Grid (N, ceil(K * R / (WARPS * RANKS_PER_WARP))):
+// Each warp takes RANKS_PER_WARP consecutive ranks of one target for one token (compile-time, default 1: more
+// warps in flight measured faster than sharing the x loads across ranks at batch 32). Grid (N, ceil(K * R / (WARPS * RANKS_PER_WARP))):
 // tokens on x (y and z stop at 65535).
-#define RANKS_PER_WARP 4
+#ifndef RANKS_PER_WARP
+#define RANKS_PER_WARP 1
+#endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32) bgmv_shrink(
     const T* __restrict__ x, long long x_stride, const long long* __restrict__ slots, int tokens_per_row,
     const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,

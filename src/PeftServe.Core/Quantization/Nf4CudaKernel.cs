@@ -22,8 +22,13 @@ namespace PeftServe.Core.Quantization;
 /// Set PEFTSERVE_NF4_KERNEL=0 to turn it off.</para></summary>
 public static class Nf4CudaKernel
 {
-    /// <summary>Largest number of activation rows (B*T) the kernel takes; more go the plain path.</summary>
+    /// <summary>Largest number of activation rows (B*T) one launch takes.</summary>
     public const int MaxRows = 16;
+
+    /// <summary>Largest number of rows the kernel serves, in launches of up to <see cref="MaxRows"/> rows (each
+    /// reads the packed weights again, which stays cheaper than dequantizing the whole weight for a dense
+    /// product up to about this many rows); more go the plain path.</summary>
+    public const int MaxSplitRows = 32;
 
     /// <summary>Output rows per thread block (one warp each).</summary>
     private const int WarpsPerBlock = 8;
@@ -50,7 +55,7 @@ public static class Nf4CudaKernel
         long k = weight.Columns, n = weight.Rows;
         if (k % Nf4.BlockSize != 0 || x.shape[^1] != k || n > int.MaxValue || k > int.MaxValue) return null;
         long rows = x.NumberOfElements / k;
-        if (rows < 1 || rows > MaxRows) return null;
+        if (rows < 1 || rows > MaxSplitRows) return null;
         if (weight.Device.type != DeviceType.CUDA || weight.Device.index != x.device.index) return null;
         var module = KernelModule.TryGet(File, x.device);
         if (module is null) return null;
@@ -60,11 +65,15 @@ public static class Nf4CudaKernel
         if (KernelModule.Arg.Ptr(x2) % 16 != 0) x2 = x2.clone();   // a view at an odd offset: 16-byte loads need alignment
         var absmax = weight.Absmax ?? weight.DoubleQuant!.ToFloat32();
         var y = torch.empty([rows, n], x.dtype, x.device);
-        string name = $"nf4_gemv_{(x.dtype == ScalarType.BFloat16 ? "bf16" : "f16")}_m{rows}";
-        module.Launch(name, ((uint)((n + WarpsPerBlock - 1) / WarpsPerBlock), 1, 1), 32 * WarpsPerBlock, 0,
-            KernelModule.Arg.Ptr(x2), KernelModule.Arg.Ptr(weight.Packed), KernelModule.Arg.Ptr(absmax), KernelModule.Arg.Ptr(y),
-            KernelModule.Arg.Int(n), KernelModule.Arg.Int(k));
-        Interlocked.Increment(ref _launches);
+        for (long first = 0; first < rows; first += MaxRows)
+        {
+            long count = Math.Min(MaxRows, rows - first);
+            string name = $"nf4_gemv_{(x.dtype == ScalarType.BFloat16 ? "bf16" : "f16")}_m{count}";
+            module.Launch(name, ((uint)((n + WarpsPerBlock - 1) / WarpsPerBlock), 1, 1), 32 * WarpsPerBlock, 0,
+                KernelModule.Arg.Ptr(x2) + (ulong)(first * k * x2.ElementSize), KernelModule.Arg.Ptr(weight.Packed), KernelModule.Arg.Ptr(absmax),
+                KernelModule.Arg.Ptr(y) + (ulong)(first * n * y.ElementSize), KernelModule.Arg.Int(n), KernelModule.Arg.Int(k));
+            Interlocked.Increment(ref _launches);
+        }
         var shape = x.shape.ToArray();
         shape[^1] = n;
         return y.view(shape).MoveToOuterDisposeScope();

@@ -105,7 +105,7 @@ public static class Nf4KernelSelfCheck
             using var scope = torch.NewDisposeScope();
             var w = torch.randn([256, 512], ScalarType.Float32, device);
             using var layer = new Nf4Linear(Nf4Weight.Quantize(w), null);
-            bool declinesLarge = Nf4CudaKernel.TryForward(torch.randn([Nf4CudaKernel.MaxRows + 1, 512], ScalarType.BFloat16, device), layer.Weight) is null;
+            bool declinesLarge = Nf4CudaKernel.TryForward(torch.randn([Nf4CudaKernel.MaxSplitRows + 1, 512], ScalarType.BFloat16, device), layer.Weight) is null;
             bool declinesF32 = Nf4CudaKernel.TryForward(torch.randn([1, 512], ScalarType.Float32, device), layer.Weight) is null;
             bool was = Nf4CudaKernel.Enabled;
             Nf4CudaKernel.Enabled = false;
@@ -119,7 +119,7 @@ public static class Nf4KernelSelfCheck
             double dqErr = k is null ? double.NaN : RelErr(k, dq.PlainForward(odd, tensorOpsOnly: true).to(ScalarType.Float32));
             bool ok = declinesLarge && declinesF32 && declinesOff && dqErr < Tolerance;
             allPass &= ok;
-            log.WriteLine($"fallbacks: >{Nf4CudaKernel.MaxRows} rows {(declinesLarge ? "plain" : "KERNEL")}, float32 {(declinesF32 ? "plain" : "KERNEL")}, " +
+            log.WriteLine($"fallbacks: >{Nf4CudaKernel.MaxSplitRows} rows {(declinesLarge ? "plain" : "KERNEL")}, float32 {(declinesF32 ? "plain" : "KERNEL")}, " +
                           $"disabled {(declinesOff ? "plain" : "KERNEL")}; double-quant + unaligned view rel.err {dqErr:E2}  {(ok ? "ok" : "FAIL")}");
         }
         log.WriteLine(allPass ? "nf4-kernel self-check: PASS" : "nf4-kernel self-check: FAIL");

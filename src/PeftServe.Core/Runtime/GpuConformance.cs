@@ -34,7 +34,7 @@ public static class GpuConformance
             log.WriteLine($"{(pass ? "PASS" : "FAIL")}  {what}");
             if (!pass) failures++;
         }
-        try { Kernels(device, Report); }
+        try { Kernels(device, Report); Nf4(device, Report); }
         catch (Exception e) { Report(false, $"kernel checks threw: {e.Message}"); }
         try { Conformance(device, fixturesDir, modelDir, Report); }
         catch (Exception e) { Report(false, $"conformance threw: {e}"); }
@@ -107,6 +107,21 @@ public static class GpuConformance
                 double err = RelativeError(cache, reference);
                 report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"paged attention {dtype} heads {heads}/{kvHeads} dim {hd} rel.err {err:E2}");
             }
+        }
+    }
+
+    private static void Nf4(Device device, Action<bool, string> report)
+    {
+        using var _ = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        using var layer = new Quantization.Nf4Linear(Quantization.Nf4Weight.Quantize(torch.randn([768, 1024], ScalarType.Float32, device) * 0.02), null);
+        foreach (int rows in new[] { 1, 16, 24, 32 })
+        {
+            var x = torch.randn([rows, 1024], ScalarType.BFloat16, device);
+            var fused = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight);
+            var plain = layer.PlainForward(x, tensorOpsOnly: true);
+            double err = fused is null ? double.PositiveInfinity : RelativeError(fused, plain);
+            report(err <= 1e-2, $"nf4 fused kernel, {rows} rows (launches of up to {Quantization.Nf4CudaKernel.MaxRows}): rel.err {err:E2}");
         }
     }
 

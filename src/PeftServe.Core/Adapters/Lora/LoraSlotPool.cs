@@ -168,13 +168,14 @@ internal sealed class LoraBatchOp : AdapterBatchOp
         _active = Enum.GetValues<LoraTarget>().Select(t => pool.AnyUses(rows.PossibleSlots, t)).ToArray();
     }
 
-    /// <summary>On CUDA, starts the group's delta on the side stream as soon as the projection's input is there:
-    /// shrink and expand then run beside the base projection, and <see cref="Apply"/> only joins and adds.</summary>
+    /// <summary>With PEFTSERVE_LORA_OVERLAP=1 on CUDA, starts the group's delta on the side stream as soon as the
+    /// projection's input is there: shrink and expand then run beside the base projection, and <see cref="Apply"/>
+    /// only joins and adds.</summary>
     public override void BeforeLinear(int layer, LinearSite site, Tensor x)
     {
         int group = (int)site;
         var targets = LoraSlotPool.Groups[group];
-        if (!targets.Any(t => _active[(int)t])) return;
+        if (!Bgmv.Overlap || !targets.Any(t => _active[(int)t])) return;
         var layout = Layout(group);
         long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
         var x2 = x.reshape(b * t, inF);
