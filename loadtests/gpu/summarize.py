@@ -23,6 +23,8 @@ for name in ["bench-base1.json", "bench-base.json", "bench-lora.json", "bench-lo
         label = f"{r['mode']}, batch {r['concurrency']}, " + ("base" if r["adapters"] == 0 else f"{r['adapters']} adapters ({r['adapter_methods']})")
         if quant != "None":
             label = "NF4 " + label
+        if "overlap" in name:
+            label += ", LoRA beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
         lo, hi = r.get("decode_range", [0, 0])
         ttft = r["ttft_ms"]
         rows.append(("PeftServe", label, round(r["decode_tokens_per_second"]),
