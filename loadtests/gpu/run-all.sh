@@ -14,7 +14,9 @@ export PEFTSERVE_KERNEL_CACHE=/tmp/peftserve-kernels
 cli() { bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll "$@"; }
 shape=loadtests/shapes/llama-2-7b
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+t0=$(date +%s)
+# Each section's start also packs what the earlier ones left, so a run cut short still brings its figures back.
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; tar czf "$FINAL/results.tgz" -C "$OUT" . 2>/dev/null; }
 
 stamp "native helper"
 bash native/build.sh .gpu/native 2>&1 | tail -3
