@@ -15,7 +15,7 @@ namespace PeftServe.Server.Tests;
 /// adapter is served fresh by both within a second; a deleted one is refused by both within a second;
 /// the gateway's metrics on each replica are true; a replica killed mid-stream gives its clients a
 /// clean error and retries land on the other.</summary>
-public sealed class ReplicaClusterTests
+public sealed class ReplicaClusterTests(Xunit.Abstractions.ITestOutputHelper output)
 {
     private static string Example(string name) => Path.Combine(TestData.RepoRoot, "adapters", name);
 
@@ -121,14 +121,14 @@ public sealed class ReplicaClusterTests
     public async Task TwoReplicasBehindAProxyServeShareAndSurviveOneDying()
     {
         await using var cluster = await ReplicaCluster.StartAsync();
-        try { await Scenario(cluster); }
+        try { await Scenario(cluster, output); }
         catch (Exception e) when (e is not OperationCanceledException)
         {
             throw new Xunit.Sdk.XunitException($"{e.Message}\n\n{cluster.Logs()}\n\n{e}");
         }
     }
 
-    private static async Task Scenario(ReplicaCluster cluster)
+    private static async Task Scenario(ReplicaCluster cluster, Xunit.Abstractions.ITestOutputHelper output)
     {
         using var proxy = Client(cluster.ProxyUrl);
         using var admin = Client(cluster.ProxyUrl, ReplicaCluster.AdminKey);
@@ -202,13 +202,21 @@ public sealed class ReplicaClusterTests
             // held the old ones; the version file is polled only once a minute here, so this is Redis).
             using (var del = await admin.DeleteAsync("v1/adapters/fleet-lora")) Assert.Equal(HttpStatusCode.OK, del.StatusCode);
             using (var up = await admin.PostAsync("v1/adapters", Folder("fleet-lora", Example("tiny-lora-r8-all")))) Assert.Equal(HttpStatusCode.Created, up.StatusCode);
+            var clock = System.Diagnostics.Stopwatch.StartNew();
             foreach (var (replica, http) in direct)
+            {
                 Assert.True(await Within(TimeSpan.FromSeconds(1), async () => (await Greedy(http, "fleet-lora")).Text == v2), $"replica {replica} still served the old fleet-lora");
+                output.WriteLine($"replaced fleet-lora served by replica {replica} {clock.Elapsed.TotalMilliseconds:F0} ms after the upload returned");
+            }
 
             // Deleted through the proxy: both replicas refuse it within a second.
             using (var del = await admin.DeleteAsync("v1/adapters/fleet-lora")) Assert.Equal(HttpStatusCode.OK, del.StatusCode);
+            clock.Restart();
             foreach (var (replica, http) in direct)
+            {
                 Assert.True(await Within(TimeSpan.FromSeconds(1), async () => (await Greedy(http, "fleet-lora")).Status == HttpStatusCode.NotFound), $"replica {replica} still served the deleted fleet-lora");
+                output.WriteLine($"deleted fleet-lora refused by replica {replica} {clock.Elapsed.TotalMilliseconds:F0} ms after the delete returned");
+            }
             foreach (var hub in hubs.Values)
                 await Assert.ThrowsAsync<HubException>(() => Chat(hub, "fleet-lora", 4));
 
