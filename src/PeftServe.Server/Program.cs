@@ -2,6 +2,7 @@ using System.Net;
 using PeftServe.Server.Api;
 using PeftServe.Server.Hosting;
 using PeftServe.Server.Hubs;
+using PeftServe.Server.Replication;
 using PeftServe.Server.Serving;
 using Prometheus;
 using Serilog;
@@ -32,6 +33,8 @@ public sealed class Program
         ["--host-cache-bytes"] = "PeftServe:HostCacheBytes",
         ["--slots-per-method"] = "PeftServe:SlotsPerMethod",
         ["--max-upload-bytes"] = "PeftServe:MaxUploadBytes",
+        ["--redis"] = "PeftServe:Redis",
+        ["--adapter-roots"] = "PeftServe:AdapterRoots",
     };
 
     /// <summary>Switches that may stand alone (meaning true).</summary>
@@ -103,7 +106,8 @@ public sealed class Program
         builder.Services.AddHostedService(sp => sp.GetRequiredService<ModelHost>());
         builder.Services.AddSingleton<ServerMetrics>();
         builder.Services.AddSingleton<GenerationService>();
-        builder.Services.AddSignalR(o => o.MaximumReceiveMessageSize = 1 << 20);
+        var signalR = builder.Services.AddSignalR(o => o.MaximumReceiveMessageSize = 1 << 20);
+        ReplicaServices.Add(builder.Services, signalR, serverOptions);
 
         var app = builder.Build();
         if (localOnlyNotice is not null)
@@ -125,9 +129,10 @@ public sealed class Program
             ? Results.Ok(new { status = "ok", model = host.ModelName })
             : Results.Json(new { status = "loading" }, statusCode: StatusCodes.Status503ServiceUnavailable));
         var metrics = app.Services.GetRequiredService<ServerMetrics>();
-        app.MapMetrics("/metrics", metrics.Registry);
+        GatewayMetrics.Map(app, metrics.Registry);   // ours, then the inference gateway's vllm:* metrics
         OpenAiEndpoints.Map(app);
         AdapterEndpoints.Map(app);
+        ReplicaServices.Map(app);
         app.MapHub<ChatHub>("/hubs/chat");
         app.Map("/v1/{**rest}", (HttpContext ctx) =>
             OpenAiError.Result(404, $"no such endpoint: {ctx.Request.Method} {ctx.Request.Path}", code: "unknown_url"));

@@ -11,10 +11,13 @@ public sealed class TestServer : IAsyncDisposable
 {
     public static readonly string[] StoreAdapters = ["tiny-lora-r4-qv", "tiny-lora-r8-all", "tiny-ia3", "tiny-prefix-6"];
 
-    private TestServer(WebApplication app, string store)
+    private readonly bool _ownsStore;
+
+    private TestServer(WebApplication app, string store, bool ownsStore = true)
     {
         App = app;
         Store = store;
+        _ownsStore = ownsStore;
         Url = app.Urls.First().TrimEnd('/');
         Http = new HttpClient { BaseAddress = new Uri(Url + "/"), Timeout = TimeSpan.FromSeconds(60) };
     }
@@ -32,6 +35,15 @@ public sealed class TestServer : IAsyncDisposable
         var app = Program.BuildApp(args);
         await app.StartAsync();
         return new TestServer(app, store);
+    }
+
+    /// <summary>A server on an existing store that other servers share (a replica); the store is left in place.</summary>
+    public static async Task<TestServer> StartOnStoreAsync(string store, params string[] extraArgs)
+    {
+        string[] args = ["--urls", "http://127.0.0.1:0", "--adapter-store", store, "--kv-cache-blocks", "256", .. extraArgs];
+        var app = Program.BuildApp(args);
+        await app.StartAsync();
+        return new TestServer(app, store, ownsStore: false);
     }
 
     public static void CopyDir(string from, string to)
@@ -63,7 +75,7 @@ public sealed class TestServer : IAsyncDisposable
         Http.Dispose();
         await App.StopAsync();
         await App.DisposeAsync();
-        try { Directory.Delete(Store, true); } catch (IOException) { }
+        if (_ownsStore) try { Directory.Delete(Store, true); } catch (IOException) { }
     }
 }
 

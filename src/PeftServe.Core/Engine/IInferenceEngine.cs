@@ -75,6 +75,14 @@ public sealed record EngineStats
     public long GeneratedTokens { get; init; }
     public long Preemptions { get; init; }
     public AdapterCacheStats Adapters { get; init; } = new();
+
+    // --- Adapter names of running and waiting requests (read-only snapshot; issue 14: the gateway's
+    //     vllm:lora_requests_info). Names as the requests gave them, distinct and sorted.
+    /// <summary>Adapters of the sequences in the running batch.</summary>
+    public IReadOnlyList<string> RunningAdapters { get; init; } = [];
+    /// <summary>Adapters of the requests not yet admitted (queued, or preempted and waiting again).</summary>
+    public IReadOnlyList<string> WaitingAdapters { get; init; } = [];
+    // --- end of the adapter-name snapshot
 }
 
 /// <summary>The three-tier adapter cache's counters: a device hit finds the adapter in a device slot,

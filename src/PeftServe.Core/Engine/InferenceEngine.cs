@@ -150,6 +150,8 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         GeneratedTokens = Interlocked.Read(ref _generatedTokens),
         Preemptions = Interlocked.Read(ref _preemptions),
         Adapters = _adapters.Stats,
+        RunningAdapters = Volatile.Read(ref _adapterNames).Running,
+        WaitingAdapters = Volatile.Read(ref _adapterNames).Waiting,
     };
     private int _runningSnapshot;
 
@@ -221,7 +223,26 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
     {
         Volatile.Write(ref _runningSnapshot, _running.Count);
         Volatile.Write(ref _freeBlocksSnapshot, _cache.FreeBlocks);
+        PublishAdapterNames();
     }
+
+    // --- Adapter-name snapshot for EngineStats (issue 14): written by the scheduler thread after each
+    //     iteration, read by any thread. Rebuilt only when the running or waiting set may have changed.
+    private sealed record AdapterNameSnapshot(IReadOnlyList<string> Running, IReadOnlyList<string> Waiting);
+    private AdapterNameSnapshot _adapterNames = new([], []);
+    private (int Running, int Waiting, long Order, long Retired) _adapterNamesKey = (-1, -1, -1, -1);
+
+    private void PublishAdapterNames()
+    {
+        var key = (_running.Count, Volatile.Read(ref _queued), Interlocked.Read(ref _order),
+                   Interlocked.Read(ref _finished) + Interlocked.Read(ref _cancelled) + Interlocked.Read(ref _failed) + Interlocked.Read(ref _preemptions));
+        if (key == _adapterNamesKey) return;
+        _adapterNamesKey = key;
+        static string[] Names(IEnumerable<Sequence> seqs) =>
+            seqs.Select(s => s.Request.Adapter).OfType<string>().Where(a => a.Length > 0).Distinct(StringComparer.Ordinal).Order(StringComparer.Ordinal).ToArray();
+        Volatile.Write(ref _adapterNames, new AdapterNameSnapshot(Names(_running), Names(_waiting.Concat(_incoming))));
+    }
+    // --- end of the adapter-name snapshot
 
     private void TakeIncoming()
     {

@@ -101,8 +101,16 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
             var target = Path.Combine(Directory, name);
             lock (_lock)
             {
-                if (System.IO.Directory.Exists(target)) throw new ApiException(409, $"adapter '{name}' already exists; delete it first", "name", "adapter_exists");
-                System.IO.Directory.Move(staging, target);   // atomic within one file system
+                if (System.IO.Directory.Exists(target)) throw Exists(name);
+                // The rename claims the name. Another replica on a shared volume (no lock in common) may
+                // claim it between the check above and this rename: rename(2) of a folder onto an existing,
+                // non-empty folder fails (ENOTEMPTY/EEXIST), and .NET's own existence check throws too, so
+                // exactly one of two replicas wins and the other answers 409. On NFS the rename is one
+                // RENAME call carried out atomically by the server; what NFS does not promise is the answer
+                // to a retransmitted RENAME whose first reply was lost (the server's duplicate-request cache
+                // normally covers it) - docs/deploy.md.
+                try { System.IO.Directory.Move(staging, target); }
+                catch (IOException) when (System.IO.Directory.Exists(target)) { throw Exists(name); }
             }
             return Find(name)!;
         }
@@ -111,6 +119,8 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
             if (System.IO.Directory.Exists(staging)) System.IO.Directory.Delete(staging, recursive: true);
         }
     }
+
+    private static ApiException Exists(string name) => new(409, $"adapter '{name}' already exists; delete it first", "name", "adapter_exists");
 
     /// <summary>Removes an adapter from the store (running requests keep the copy they hold).</summary>
     public bool Delete(string name)
@@ -121,7 +131,9 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         {
             if (!System.IO.Directory.Exists(dir)) return false;
             var trash = Path.Combine(Directory, $".deleted-{Guid.NewGuid():N}");
-            System.IO.Directory.Move(dir, trash);
+            // Another replica may delete it between the check and the rename: then it is gone, and that one deleted it.
+            try { System.IO.Directory.Move(dir, trash); }
+            catch (IOException) when (!System.IO.Directory.Exists(dir)) { return false; }
             System.IO.Directory.Delete(trash, recursive: true);
         }
         return true;

@@ -2,6 +2,7 @@ using Microsoft.AspNetCore.Http.Features;
 using Microsoft.Extensions.Options;
 using PeftServe.Server.Adapters;
 using PeftServe.Server.Hosting;
+using PeftServe.Server.Replication;
 
 namespace PeftServe.Server.Api;
 
@@ -15,11 +16,11 @@ public static class AdapterEndpoints
         app.MapGet("/v1/adapters", (ModelHost host) => Results.Ok(new { @object = "list", data = host.Store.List().Select(Dto) }));
         app.MapGet("/v1/adapters/{name}", (string name, ModelHost host) =>
             host.Store.Find(name) is { } e ? Results.Ok(Dto(e)) : NotFound(name));
-        app.MapDelete("/v1/adapters/{name}", (string name, ModelHost host, ILogger<AdapterStore> log) =>
+        app.MapDelete("/v1/adapters/{name}", async (string name, ModelHost host, AdapterChanges changes, ILogger<AdapterStore> log) =>
         {
             if (!host.Store.Delete(name)) return NotFound(name);
-            // Requests already running keep the copy they hold; later ones no longer find it.
-            host.Engine.InvalidateAdapter(name);
+            // Requests already running keep the copy they hold; later ones, on any replica, no longer find it.
+            await changes.PublishAsync(name, "deleted");
             log.LogInformation("Deleted adapter {Adapter}", name);
             return Results.Ok(new { id = name, @object = "adapter", deleted = true });
         });
@@ -34,7 +35,7 @@ public static class AdapterEndpoints
         id = e.Name, @object = "adapter", peft_type = e.PeftType, bytes = e.Bytes, created = e.Created.ToUnixTimeSeconds(),
     };
 
-    private static async Task<IResult> Upload(HttpContext context, ModelHost host, IOptions<ServerOptions> options, ILogger<AdapterStore> log)
+    private static async Task<IResult> Upload(HttpContext context, ModelHost host, AdapterChanges changes, IOptions<ServerOptions> options, ILogger<AdapterStore> log)
     {
         var o = options.Value;
         if (!context.Request.HasFormContentType)
@@ -65,7 +66,7 @@ public static class AdapterEndpoints
         try
         {
             var entry = host.Store.Save(name, streams);
-            host.Engine.InvalidateAdapter(name);
+            await changes.PublishAsync(name, "stored");
             log.LogInformation("Stored adapter {Adapter} ({PeftType}, {Bytes} bytes, {Files} files uploaded)", entry.Name, entry.PeftType, entry.Bytes, files.Count);
             return Results.Json(Dto(entry), statusCode: StatusCodes.Status201Created);
         }

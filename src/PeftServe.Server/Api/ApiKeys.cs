@@ -25,7 +25,8 @@ public sealed class ApiKeyMiddleware(RequestDelegate next, IOptions<ServerOption
             await OpenAiError.Result(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code: "invalid_api_key").ExecuteAsync(context);
             return;
         }
-        bool changesAdapters = path.StartsWithSegments("/v1/adapters") && (HttpMethods.IsPost(context.Request.Method) || HttpMethods.IsDelete(context.Request.Method));
+        bool changesAdapters = path.StartsWithSegments("/v1/adapters") && (HttpMethods.IsPost(context.Request.Method) || HttpMethods.IsDelete(context.Request.Method))
+            || path.StartsWithSegments("/v1/load_lora_adapter") || path.StartsWithSegments("/v1/unload_lora_adapter");
         if (changesAdapters && !admin)
         {
             await OpenAiError.Result(403, "uploading or deleting adapters needs an admin key", code: "admin_key_required").ExecuteAsync(context);

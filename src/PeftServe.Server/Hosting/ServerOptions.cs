@@ -42,5 +42,15 @@ public sealed class ServerOptions
     /// <summary>max_tokens when a chat request gives none (bounded by what the KV cache holds).</summary>
     public int DefaultChatMaxTokens { get; set; } = 256;
 
+    // Replicas (docs/deploy.md).
+    /// <summary>StackExchange.Redis configuration ("host:port", ...): adapter-store changes go out over
+    /// Redis pub/sub and SignalR uses the Redis backplane. Empty: the store's version file is polled.</summary>
+    public string? Redis { get; set; }
+    /// <summary>Folders that POST /v1/load_lora_adapter may read adapters from, separated by ':'
+    /// (as in PATH). Empty: that endpoint refuses every path.</summary>
+    public string? AdapterRoots { get; set; }
+    /// <summary>How often, without Redis, the store's version file is read to notice other replicas' changes.</summary>
+    public int StorePollMilliseconds { get; set; } = 250;
+
     public bool AuthEnabled => ApiKeys.Count > 0 || AdminKeys.Count > 0;
 }

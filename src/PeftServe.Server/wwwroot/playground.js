@@ -17,6 +17,8 @@
   connection.onreconnecting(() => setStatus("reconnecting…", "connecting"));
   connection.onreconnected(() => setStatus("connected", "connected"));
   connection.onclose(() => setStatus("disconnected", "error"));
+  // An adapter was stored or deleted (through any replica, with the Redis backplane): refresh the picker.
+  connection.on("adaptersChanged", () => loadModels());
 
   async function connect() {
     try { await connection.start(); setStatus("connected", "connected"); }
