@@ -24,7 +24,7 @@ public sealed record ModelOptions
 /// embedding, N pre-norm blocks of grouped-query attention with rotary positions and a SwiGLU MLP,
 /// a final RMSNorm and the LM head. The weights are frozen and live on the device. q/k/v are fused into
 /// one projection and gate/up into another, so a block runs four matrix products instead of seven.</summary>
-public sealed class LlamaModel : IDisposable
+public sealed partial class LlamaModel : IDisposable
 {
     public ModelConfig Config { get; }
     public ModelOptions Options { get; }
@@ -165,6 +165,17 @@ public sealed class LlamaModel : IDisposable
     {
         using var scope = torch.NewDisposeScope();
         using var _ = trainable ? null : torch.no_grad();
+        var h = DecoderStack(inputIds, positions, cache, adapters, trainable ? LayerRun.Scoped : LayerRun.Plain);
+        if (lastTokenOnly) h = h[.., ^1.., ..];
+        h = RmsNorm(h, _finalNorm, Config.RmsNormEps);
+        var logits = nn.functional.linear(h, _lmHead);
+        return logits.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The embeddings through every decoder layer (before the final norm), each layer run as
+    /// <paramref name="run"/> says (see LlamaModel.Training.cs).</summary>
+    private Tensor DecoderStack(Tensor inputIds, Tensor positions, IKvCache cache, IAdapterHooks? adapters, LayerRun run)
+    {
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var h = _embedTokens.index_select(0, inputIds.reshape(-1)).view(b, t, -1);
         if (adapters is not null) h = adapters.Embeddings(h);
@@ -177,12 +188,8 @@ public sealed class LlamaModel : IDisposable
         var (cos, sin) = _rope.Tables(positions.clamp_min(0), DType);
 
         for (int i = 0; i < _layers.Length; i++)
-            h = _layers[i].Forward(h, i, cache, mask, cos, sin, Config, adapters);
-
-        if (lastTokenOnly) h = h[.., ^1.., ..];
-        h = RmsNorm(h, _finalNorm, Config.RmsNormEps);
-        var logits = nn.functional.linear(h, _lmHead);
-        return logits.MoveToOuterDisposeScope();
+            h = RunLayer(i, h, cache, mask, cos, sin, adapters, run);
+        return h;
     }
 
     /// <summary>Keys and values [n,kvHeads,headDim] that layer <paramref name="layer"/>'s own k and v
