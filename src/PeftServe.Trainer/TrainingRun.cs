@@ -142,8 +142,8 @@ public sealed class TrainingRun : IDisposable
             _ownsModel = true;
         }
         else Model = model;
-        if (Tokenizer.VocabSize > Model.Config.VocabSize)
-            throw new ArgumentException($"the tokenizer in {TokenizerDir} has {Tokenizer.VocabSize} tokens, more than the model's vocabulary of {Model.Config.VocabSize}");
+        if (TokenizerDir != dir && Tokenizer.VocabSize > Model.Config.VocabSize)
+            throw new ArgumentException($"--random-weights: {dir} has no tokenizer.json and the built-in one has {Tokenizer.VocabSize} tokens, more than the shape's vocabulary of {Model.Config.VocabSize}");
         if (Method.QuantizedBase && Model.DecoderLinearFormat.StartsWith("NF4", StringComparison.Ordinal) is false)
             throw new ArgumentException("qlora trains on an NF4-quantized base; the given model is not quantized");
 
