@@ -75,6 +75,7 @@ public interface ITrainingObserver
 /// <see cref="Train"/> runs the steps; <see cref="Logits"/> evaluates the trained adapter in memory.</summary>
 public sealed class TrainingRun : IDisposable
 {
+    private static readonly object GlobalGeneratorLock = new();
     private readonly bool _ownsModel;
     private readonly Dictionary<int, int[]> _epochOrders = [];
 
@@ -138,7 +139,9 @@ public sealed class TrainingRun : IDisposable
                 DType = DeviceSelection.ParseDType(options.DType, device),
                 Quantization = Method.QuantizedBase ? QuantizationMode.Nf4 : QuantizationMode.None,
             };
-            Model = options.RandomWeights ? LlamaModel.CreateRandom(ModelConfig.Load(dir), modelOptions, options.Seed) : LlamaModel.Load(dir, modelOptions);
+            if (options.RandomWeights)
+                lock (GlobalGeneratorLock) Model = LlamaModel.CreateRandom(ModelConfig.Load(dir), modelOptions, options.Seed);
+            else Model = LlamaModel.Load(dir, modelOptions);
             _ownsModel = true;
         }
         else Model = model;
@@ -147,9 +150,14 @@ public sealed class TrainingRun : IDisposable
         if (Method.QuantizedBase && Model.DecoderLinearFormat.StartsWith("NF4", StringComparison.Ordinal) is false)
             throw new ArgumentException("qlora trains on an NF4-quantized base; the given model is not quantized");
 
-        torch.manual_seed(options.Seed);
         var baseName = options.ModelDir is null ? "peftserve-default-tiny-llama" : Path.GetFileName(dir.TrimEnd('/'));
-        Adapter = Method.Create(Model, options.Method with { Tokenizer = Tokenizer, BaseModelName = options.Method.BaseModelName is "" ? baseName : options.Method.BaseModelName });
+        // The methods initialise from torch's global generator: seeded and drawn under one lock, so that
+        // runs made at the same time on other threads (tests) cannot interleave their draws.
+        lock (GlobalGeneratorLock)
+        {
+            torch.manual_seed(options.Seed);
+            Adapter = Method.Create(Model, options.Method with { Tokenizer = Tokenizer, BaseModelName = options.Method.BaseModelName is "" ? baseName : options.Method.BaseModelName });
+        }
         Optimizer = new AdamW(Adapter.Parameters) { WeightDecay = options.WeightDecay };
         int warmup = options.WarmupSteps ?? options.MaxSteps / 10;
         Schedule = new LrSchedule(options.LearningRate ?? DefaultLearningRate(Method.Name), warmup, options.MaxSteps, options.Schedule);

@@ -16,7 +16,9 @@ namespace PeftServe.Core.Model;
 /// What the recomputation must reproduce, the callers guarantee: the layer reads only its inputs
 /// (passed through here and saved), the frozen weights and the adapter's leaf parameters; anything
 /// random in it is drawn from a seed fixed for the forward pass (TrainableAdapter.ForwardSeed), never
-/// from a stream that advances; the KV cache stores nothing (the training ChunkKvCache).</summary>
+/// from a stream that advances; the KV cache stores nothing (the training ChunkKvCache).
+/// backward is called from libtorch's autograd engine (on CUDA, from its device thread): an exception
+/// there cannot travel back through the engine and ends the process, so nothing in it may throw by design.</summary>
 internal sealed class LayerCheckpoint : torch.autograd.SingleTensorFunction<LayerCheckpoint>
 {
     /// <summary>One layer's forward: hidden states [B,T,hidden] in, hidden states out.</summary>
@@ -29,10 +31,11 @@ internal sealed class LayerCheckpoint : torch.autograd.SingleTensorFunction<Laye
     {
         if (!torch.is_grad_enabled()) return layer(hidden, mask, cos, sin);
         // The function is part of the graph only if one of its inputs requires grad; the first layer's
-        // input is the frozen embedding, so it is made a leaf that does (transformers'
-        // enable_input_require_grads does the same for its checkpointing).
-        if (!hidden.requires_grad) hidden = hidden.detach().requires_grad_(true);
-        return apply(hidden, mask, cos, sin, layer);
+        // input is the frozen embedding, so it is made a leaf that does (as transformers'
+        // enable_input_require_grads does for its checkpointing), but backward computes no gradient for it.
+        bool inputGrad = hidden.requires_grad;
+        if (!inputGrad) hidden = hidden.detach().requires_grad_(true);
+        return apply(hidden, mask, cos, sin, layer, inputGrad);
     }
 
     public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
@@ -41,6 +44,7 @@ internal sealed class LayerCheckpoint : torch.autograd.SingleTensorFunction<Laye
         var (hidden, mask, cos, sin, layer) = ((Tensor)vars[0], (Tensor)vars[1], (Tensor)vars[2], (Tensor)vars[3], (LayerForward)vars[4]);
         ctx.save_for_backward([hidden, mask, cos, sin]);
         ctx.save_data("layer", layer);
+        ctx.save_data("inputGrad", vars[5]);
         using var scope = torch.NewDisposeScope();
         return layer(hidden, mask, cos, sin).MoveToOuterDisposeScope();
     }
@@ -48,22 +52,24 @@ internal sealed class LayerCheckpoint : torch.autograd.SingleTensorFunction<Laye
     public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor gradOutput)
     {
         var layer = (LayerForward)ctx.get_data("layer");
-        Tensor inputGrad;
+        bool wantInputGrad = (bool)ctx.get_data("inputGrad");
+        Tensor? inputGrad = null;
         using (var scope = torch.NewDisposeScope())
         {
             var saved = ctx.get_saved_variables();
             // The engine runs backward with autograd off; the recomputation must record.
             using var _ = torch.enable_grad();
-            var hidden = saved[0].detach().requires_grad_(true);
+            var hidden = saved[0].detach().requires_grad_(wantInputGrad);
             var output = layer(hidden, saved[1], saved[2], saved[3]);
-            torch.autograd.backward([output], [gradOutput]);
-            inputGrad = hidden.grad!.MoveToOuterDisposeScope();
+            // Nothing in it may need a gradient (a layer without adapter parameters, above the embedding).
+            if (output.requires_grad) torch.autograd.backward([output], [gradOutput]);
+            if (wantInputGrad) inputGrad = hidden.grad!.MoveToOuterDisposeScope();
         }
         // On CUDA the engine calls this from its own thread, where no dispose scope owns the incoming
         // gradient: free it now rather than when the GC gets to it.
         gradOutput.Dispose();
         // One entry per forward argument: the hidden states' gradient; none for the mask, the rotary
-        // tables (no gradient) or the layer delegate.
-        return [inputGrad, null!, null!, null!, null!];
+        // tables (no gradient), the layer delegate or the flag.
+        return [inputGrad!, null!, null!, null!, null!, null!];
     }
 }
