@@ -17,8 +17,11 @@ namespace PeftServe.Core.Model;
 /// (passed through here and saved), the frozen weights and the adapter's leaf parameters; anything
 /// random in it is drawn from a seed fixed for the forward pass (TrainableAdapter.ForwardSeed), never
 /// from a stream that advances; the KV cache stores nothing (the training ChunkKvCache).
-/// backward is called from libtorch's autograd engine (on CUDA, from its device thread): an exception
-/// there cannot travel back through the engine and ends the process, so nothing in it may throw by design.</summary>
+/// backward is called by libtorch's autograd engine (on CUDA, from the engine's device thread): an
+/// exception there cannot travel back through the engine and ends the process. Call it inside a
+/// dispose scope (the model's per-layer one): TorchSharp's apply keeps an empty_like copy of each output
+/// in the graph node (to make zero gradients for outputs that get none), which the scope frees at once;
+/// the output always gets a gradient here, so the copy is never needed.</summary>
 internal sealed class LayerCheckpoint : torch.autograd.SingleTensorFunction<LayerCheckpoint>
 {
     /// <summary>One layer's forward: hidden states [B,T,hidden] in, hidden states out.</summary>

@@ -12,6 +12,8 @@ internal sealed class Nf4TrainingMatMul : torch.autograd.SingleTensorFunction<Nf
 {
     public override string Name => "Nf4TrainingMatMul";
 
+    /// <summary>x W^T with autograd to x. Call it inside a dispose scope (Nf4Linear.Forward's): TorchSharp's
+    /// apply keeps an empty_like copy of the output in the graph node, which the scope frees at once.</summary>
     public static Tensor Apply(Nf4Linear layer, Tensor x) => apply(x, layer);
 
     public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
