@@ -56,10 +56,11 @@ public sealed class AdamW : IDisposable
         }
     }
 
+    /// <summary>Drops the gradients (as zero_grad(set_to_none=True)): no buffer is kept or cleared
+    /// between steps, and the next backward allocates them afresh.</summary>
     public void ZeroGrad()
     {
-        foreach (var (_, p) in _params)
-            if (p.grad is { } g) { g.detach_(); g.zero_(); }
+        foreach (var (_, p) in _params) p.grad = null;
     }
 
     /// <summary>Moment tensors by name, for checkpoints.</summary>

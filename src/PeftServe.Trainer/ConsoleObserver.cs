@@ -13,7 +13,7 @@ public sealed class LineObserver(TextWriter writer, int every) : ITrainingObserv
     public void OnStep(StepInfo s)
     {
         if (s.Step % Math.Max(1, every) == 0 || s.Step == s.MaxSteps || s.Step == 1)
-            writer.WriteLine($"step={s.Step}/{s.MaxSteps} loss={F(s.Loss)} lr={F(s.LearningRate)} grad_norm={F(s.GradNorm)} tokens_per_s={s.TokensPerSecond:F0}");
+            writer.WriteLine($"step={s.Step}/{s.MaxSteps} loss={F(s.Loss)} lr={F(s.LearningRate)} grad_norm={F(s.GradNorm)} tokens_per_s={s.TokensPerSecond:F0} memory_mib={s.MemoryBytes / 1048576.0:F0}");
     }
 
     public void OnEval(EvalInfo e) => writer.WriteLine($"eval step={e.Step} val_loss={F(e.Loss)} val_ppl={F(e.Perplexity)}");
@@ -25,7 +25,8 @@ public sealed class LineObserver(TextWriter writer, int every) : ITrainingObserv
         var (p, total, pct) = run.ParameterShare;
         return
         [
-            $"method={run.Method.Name} model={run.ModelDir} device={run.Model.Device} dtype={run.Model.DType} base={run.Model.DecoderLinearFormat}",
+            $"method={run.Method.Name} model={run.ModelDir}{(run.Options.RandomWeights ? " (random weights)" : "")} device={run.Model.Device} dtype={run.Model.DType} base={run.Model.DecoderLinearFormat}" +
+                (run.Options.GradientCheckpointing ? " gradient_checkpointing=on" : ""),
             $"train_examples={run.TrainSet.Count} validation_examples={run.ValidationSet.Count} batch={run.Options.BatchSize}x{run.Options.GradientAccumulation} lr={F(run.Schedule.Peak)} schedule={run.Schedule.Kind} warmup={run.Schedule.WarmupSteps}",
             $"trainable parameters: {p:N0} of {total:N0} ({pct.ToString("F4", CultureInfo.InvariantCulture)}% of the model)",
             firstStep > 1 ? $"continuing at step {firstStep}" : "starting at step 1",
@@ -33,8 +34,8 @@ public sealed class LineObserver(TextWriter writer, int every) : ITrainingObserv
     }
 }
 
-/// <summary>A live Spectre.Console progress bar with step, loss, learning rate and tokens/s; evaluation
-/// results and messages are printed above it.</summary>
+/// <summary>A live Spectre.Console progress bar with step, loss, learning rate, tokens/s and the memory
+/// in use (the device's on CUDA, the process's on CPU); evaluation results and messages are printed above it.</summary>
 public static class ProgressBarTraining
 {
     public static void Run(TrainingRun run)
@@ -61,7 +62,7 @@ public static class ProgressBarTraining
         {
             task.Value = s.Step;
             task.Description = Markup.Escape(string.Create(CultureInfo.InvariantCulture,
-                $"step {s.Step}/{s.MaxSteps}  loss {s.Loss:F4}  lr {s.LearningRate:E2}  {s.TokensPerSecond:F0} tok/s"));
+                $"step {s.Step}/{s.MaxSteps}  loss {s.Loss:F4}  lr {s.LearningRate:E2}  {s.TokensPerSecond:N0} tok/s  mem {s.MemoryBytes / 1073741824.0:F2} GiB"));
         }
 
         public void OnEval(EvalInfo e) =>

@@ -48,9 +48,12 @@ public static class TrainCommand
         var noPlot = new Option<bool>("--no-plot") { Description = "do not write loss.png" };
         var upload = new Option<string?>("--upload") { Description = "after training, POST the adapter to a running server's upload endpoint at this URL (API key from PEFTSERVE_API_KEY)" };
         var uploadName = new Option<string?>("--upload-name") { Description = "name to upload under (default: the output folder's name)" };
+        var checkpointing = new Option<bool>("--gradient-checkpointing") { Description = "recompute each decoder layer in backward instead of keeping its activations (same losses; far less memory, about a third more compute)" };
+        var randomWeights = new Option<bool>("--random-weights") { Description = "random weights of the shape in --model's config.json (no checkpoint needed; for measurements); the tokenizer is the folder's, or the built-in model's if it has none" };
         // Method options.
         var rank = new Option<int>("--rank") { Description = "lora/qlora: rank r", DefaultValueFactory = _ => 8 };
         var alpha = new Option<double?>("--lora-alpha") { Description = "lora/qlora: alpha (scale alpha/r; default 2r)" };
+        var loraDropout = new Option<double>("--lora-dropout") { Description = "lora/qlora: dropout on the LoRA inputs while training (saved as lora_dropout; never applied when serving)", DefaultValueFactory = _ => 0.0 };
         var targets = new Option<string>("--lora-targets") { Description = "lora/qlora: comma-separated modules among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ => "q_proj,v_proj" };
         var virtualTokens = new Option<int>("--num-virtual-tokens") { Description = "prompt/prefix/ptuning: virtual tokens", DefaultValueFactory = _ => 8 };
         var initText = new Option<string?>("--prompt-init-text") { Description = "prompt: initialise from this text's token embeddings (default: random)" };
@@ -68,8 +71,8 @@ public static class TrainCommand
         var command = new Command("train", "Train an adapter (LoRA, QLoRA, prefix, prompt, P-tuning, IA3, LLaMA-Adapter, bottleneck, AdaMix, BitFit) on a frozen base model")
         {
             method, model, data, output, maxSteps, lr, batch, accum, maxLength, packing, valFraction, evalEvery, saveEvery, resume,
-            warmup, schedule, clip, wd, device, dtype, seed, logEvery, noPlot, upload, uploadName,
-            rank, alpha, targets, virtualTokens, initText, encoderHidden, encoderType, noProjection, adapterLen, adapterLayers,
+            warmup, schedule, clip, wd, device, dtype, seed, logEvery, noPlot, upload, uploadName, checkpointing, randomWeights,
+            rank, alpha, loraDropout, targets, virtualTokens, initText, encoderHidden, encoderType, noProjection, adapterLen, adapterLayers,
             reduction, placement, nonLinearity, experts, bitfitSubset,
         };
         command.SetAction(parse => Run(() =>
@@ -98,10 +101,13 @@ public static class TrainCommand
                 DType = parse.GetValue(dtype),
                 Seed = parse.GetValue(seed),
                 Plot = !parse.GetValue(noPlot),
+                GradientCheckpointing = parse.GetValue(checkpointing),
+                RandomWeights = parse.GetValue(randomWeights),
                 Method = new TrainingOptions
                 {
                     Rank = parse.GetValue(rank),
                     Alpha = parse.GetValue(alpha),
+                    LoraDropout = parse.GetValue(loraDropout),
                     LoraTargets = parse.GetValue(targets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries),
                     NumVirtualTokens = parse.GetValue(virtualTokens),
                     PromptInitText = parse.GetValue(initText),
@@ -119,6 +125,7 @@ public static class TrainCommand
             };
             if (options.ModelDir is null) Console.Error.WriteLine("note: no --model given: training on the built-in tiny Llama (random weights)");
             using var run = new TrainingRun(options);
+            if (run.TokenizerDir != run.ModelDir) Console.Error.WriteLine($"note: {run.ModelDir} has no tokenizer.json: using the built-in tiny model's tokenizer");
             if (Console.IsOutputRedirected || Console.IsErrorRedirected) run.Train(new LineObserver(Console.Error, parse.GetValue(logEvery)));
             else ProgressBarTraining.Run(run);
             var last = run.History[^1];

@@ -46,9 +46,20 @@ public sealed record TrainerOptions
     public bool Resume { get; init; }
     /// <summary>Write loss.png beside the adapter.</summary>
     public bool Plot { get; init; } = true;
+    /// <summary>Recompute each decoder layer in backward instead of keeping its activations (same
+    /// losses and gradients; about a third more compute; activation memory of one layer instead of all).</summary>
+    public bool GradientCheckpointing { get; init; }
+    /// <summary>Random weights of the shape in ModelDir's config.json instead of a checkpoint (for
+    /// measurements at real sizes); the tokenizer is the folder's, or the built-in model's if it has none.</summary>
+    public bool RandomWeights { get; init; }
+    /// <summary>Loss tokens whose logits are computed at once (null: about 64 MiB of float32 logits per chunk).</summary>
+    public int? LossChunkTokens { get; init; }
 }
 
-public sealed record StepInfo(int Step, int MaxSteps, double Loss, double LearningRate, double GradNorm, double TokensPerSecond, int Tokens);
+/// <summary>One optimizer step: loss, learning rate, gradient norm before clipping, throughput, and
+/// <paramref name="MemoryBytes"/> in use after the step (<see cref="DeviceMemory.UsedBytes"/>: device
+/// used memory on CUDA, the process's working set on CPU).</summary>
+public sealed record StepInfo(int Step, int MaxSteps, double Loss, double LearningRate, double GradNorm, double TokensPerSecond, int Tokens, long MemoryBytes = 0);
 public sealed record EvalInfo(int Step, double Loss, double Perplexity);
 
 /// <summary>What a training run reports as it goes (the console shows a progress bar; tests listen).</summary>
@@ -64,6 +75,7 @@ public interface ITrainingObserver
 /// <see cref="Train"/> runs the steps; <see cref="Logits"/> evaluates the trained adapter in memory.</summary>
 public sealed class TrainingRun : IDisposable
 {
+    private static readonly object GlobalGeneratorLock = new();
     private readonly bool _ownsModel;
     private readonly Dictionary<int, int[]> _epochOrders = [];
 
@@ -81,6 +93,10 @@ public sealed class TrainingRun : IDisposable
     /// <summary>The last step done (0 before training).</summary>
     public int Step { get; private set; }
     public string ModelDir { get; }
+    /// <summary>Where the tokenizer came from (ModelDir, or the built-in model's folder for a shape-only --random-weights folder).</summary>
+    public string TokenizerDir { get; }
+    /// <summary>The most memory in use after any step so far (<see cref="StepInfo.MemoryBytes"/>).</summary>
+    public long PeakMemoryBytes { get; private set; }
 
     /// <summary>Peak learning rates that train each method well from scratch in a few hundred steps.</summary>
     public static double DefaultLearningRate(string method) => method switch
@@ -100,10 +116,13 @@ public sealed class TrainingRun : IDisposable
         if (options.BatchSize < 1) throw new ArgumentException("--batch-size must be at least 1");
         if (options.GradientAccumulation < 1) throw new ArgumentException("--grad-accum must be at least 1");
         if (options.MaxLength < 2) throw new ArgumentException("--max-length must be at least 2");
+        if (options.LossChunkTokens is < 1) throw new ArgumentException("the loss chunk must hold at least one token");
         var (dir, _) = DefaultModel.Resolve(options.ModelDir);
         ModelDir = dir;
         if (!Directory.Exists(dir)) throw new ModelLoadException($"--model {dir}: no such folder");
-        Tokenizer = Tokenizer.FromDirectory(dir);
+        // A shape folder for --random-weights may hold only config.json: any tokenizer then does.
+        TokenizerDir = options.RandomWeights && !File.Exists(Path.Combine(dir, "tokenizer.json")) ? DefaultModel.Directory : dir;
+        Tokenizer = Tokenizer.FromDirectory(TokenizerDir);
 
         var all = TrainingData.Load(options.DataPath, Tokenizer, options.MaxLength);
         var (train, val) = TrainingData.Split(all, options.ValidationFraction, options.Seed);
@@ -120,16 +139,25 @@ public sealed class TrainingRun : IDisposable
                 DType = DeviceSelection.ParseDType(options.DType, device),
                 Quantization = Method.QuantizedBase ? QuantizationMode.Nf4 : QuantizationMode.None,
             };
-            Model = LlamaModel.Load(dir, modelOptions);
+            if (options.RandomWeights)
+                lock (GlobalGeneratorLock) Model = LlamaModel.CreateRandom(ModelConfig.Load(dir), modelOptions, options.Seed);
+            else Model = LlamaModel.Load(dir, modelOptions);
             _ownsModel = true;
         }
         else Model = model;
+        if (TokenizerDir != dir && Tokenizer.VocabSize > Model.Config.VocabSize)
+            throw new ArgumentException($"--random-weights: {dir} has no tokenizer.json and the built-in one has {Tokenizer.VocabSize} tokens, more than the shape's vocabulary of {Model.Config.VocabSize}");
         if (Method.QuantizedBase && Model.DecoderLinearFormat.StartsWith("NF4", StringComparison.Ordinal) is false)
             throw new ArgumentException("qlora trains on an NF4-quantized base; the given model is not quantized");
 
-        torch.manual_seed(options.Seed);
         var baseName = options.ModelDir is null ? "peftserve-default-tiny-llama" : Path.GetFileName(dir.TrimEnd('/'));
-        Adapter = Method.Create(Model, options.Method with { Tokenizer = Tokenizer, BaseModelName = options.Method.BaseModelName is "" ? baseName : options.Method.BaseModelName });
+        // The methods initialise from torch's global generator: seeded and drawn under one lock, so that
+        // runs made at the same time on other threads (tests) cannot interleave their draws.
+        lock (GlobalGeneratorLock)
+        {
+            torch.manual_seed(options.Seed);
+            Adapter = Method.Create(Model, options.Method with { Tokenizer = Tokenizer, BaseModelName = options.Method.BaseModelName is "" ? baseName : options.Method.BaseModelName });
+        }
         Optimizer = new AdamW(Adapter.Parameters) { WeightDecay = options.WeightDecay };
         int warmup = options.WarmupSteps ?? options.MaxSteps / 10;
         Schedule = new LrSchedule(options.LearningRate ?? DefaultLearningRate(Method.Name), warmup, options.MaxSteps, options.Schedule);
@@ -181,17 +209,22 @@ public sealed class TrainingRun : IDisposable
     {
         var watch = Stopwatch.StartNew();
         Adapter.Training = true;
-        Adapter.Random = new Random(Seeds.Mix(Options.Seed, step, 1));
         Optimizer.ZeroGrad();
-        var micro = Enumerable.Range(0, Options.GradientAccumulation)
-            .Select(i => MicroBatch((long)(step - 1) * Options.GradientAccumulation + i)).ToArray();
+        long first = (long)(step - 1) * Options.GradientAccumulation;
+        var micro = Enumerable.Range(0, Options.GradientAccumulation).Select(i => MicroBatch(first + i)).ToArray();
         int lossTokens = micro.Sum(m => m.Sum(e => e.LossTokens));
         int tokens = micro.Sum(m => m.Sum(e => e.Ids.Length));
         double lossSum = 0;
-        foreach (var batch in micro)
+        for (int i = 0; i < micro.Length; i++)
         {
             using var scope = torch.NewDisposeScope();
-            var (sum, _) = LossSum(batch, trainable: true);
+            // Random draws (dropout, AdaMix routing) are seeded per micro-batch, so a resumed run and a
+            // layer recomputed in backward draw the same.
+            Adapter.ForwardSeed = Seeds.Mix(Options.Seed, first + i, 1);
+            Tensor sum;
+            // The forward pass's own tensors are released before backward starts: autograd then holds
+            // the only references to the activations, and frees each as backward passes it.
+            using (var forward = torch.NewDisposeScope()) sum = LossSum(micro[i]).Sum.MoveToOuterDisposeScope();
             (sum / lossTokens).backward();
             lossSum += sum.item<float>();
         }
@@ -199,7 +232,9 @@ public sealed class TrainingRun : IDisposable
         double lr = Schedule.At(step);
         Optimizer.Update(lr);
         double seconds = Math.Max(watch.Elapsed.TotalSeconds, 1e-9);
-        return new StepInfo(step, Options.MaxSteps, lossSum / lossTokens, lr, norm, tokens / seconds, tokens);
+        long memory = DeviceMemory.UsedBytes(Model.Device);
+        PeakMemoryBytes = Math.Max(PeakMemoryBytes, memory);
+        return new StepInfo(step, Options.MaxSteps, lossSum / lossTokens, lr, norm, tokens / seconds, tokens, memory);
     }
 
     /// <summary>Micro-batch number <paramref name="index"/> of an endless stream of seeded epochs.</summary>
@@ -216,15 +251,16 @@ public sealed class TrainingRun : IDisposable
         return order.Skip(j * Options.BatchSize).Take(Options.BatchSize).Select(i => TrainSet[i]).ToArray();
     }
 
-    /// <summary>Summed cross-entropy over the batch's loss tokens (float32) and their count.</summary>
-    private (Tensor Sum, int Count) LossSum(IReadOnlyList<Example> batch, bool trainable)
+    /// <summary>Summed cross-entropy over the batch's loss tokens (float32) and their count; records
+    /// autograd when grad mode is on. Only the loss tokens' hidden states go through the LM head, in
+    /// chunks (<see cref="LlamaModel.LmHeadLossSum"/>): the logits of the whole batch never exist at once.</summary>
+    private (Tensor Sum, int Count) LossSum(IReadOnlyList<Example> batch)
     {
         int n = Adapter.VirtualTokens, t = batch.Max(e => e.Ids.Length), b = batch.Count;
         var ids = new long[b * (n + t)];
         var pos = new long[b * (n + t)];
-        var targets = new long[b * (t - 1)];
-        var mask = new float[b * (t - 1)];
-        int count = 0;
+        var rows = new List<long>();    // flat [B*(n+t)] index of the column that predicts each loss token
+        var targets = new List<long>();
         for (int r = 0; r < b; r++)
         {
             var e = batch[r];
@@ -235,22 +271,22 @@ public sealed class TrainingRun : IDisposable
                 ids[r * (n + t) + c] = j >= 0 && real ? e.Ids[j] : 0;
                 pos[r * (n + t) + c] = real ? c : -1;
             }
-            for (int j = 1; j < t; j++)
-            {
-                bool learn = j < e.Ids.Length && e.Loss[j];
-                targets[r * (t - 1) + j - 1] = learn ? e.Ids[j] : 0;
-                mask[r * (t - 1) + j - 1] = learn ? 1 : 0;
-                if (learn) count++;
-            }
+            for (int j = 1; j < e.Ids.Length; j++)
+                if (e.Loss[j])
+                {
+                    rows.Add((long)r * (n + t) + n + j - 1);
+                    targets.Add(e.Ids[j]);
+                }
         }
         var dev = Model.Device;
-        var idT = torch.tensor(ids, [b, n + t], device: dev);
-        var posT = torch.tensor(pos, [b, n + t], device: dev);
-        var logits = Model.Forward(idT, posT, new ChunkKvCache(), adapters: Adapter, trainable: trainable);
-        var predict = logits[.., n..(n + t - 1), ..].to(ScalarType.Float32).reshape(-1, logits.shape[^1]);
-        var ce = nn.functional.cross_entropy(predict, torch.tensor(targets, device: dev), reduction: nn.Reduction.None);
-        return ((ce * torch.tensor(mask, device: dev)).sum(), count);
+        var hidden = Model.FinalHiddenStates(torch.tensor(ids, [b, n + t], device: dev), torch.tensor(pos, [b, n + t], device: dev),
+            Adapter, checkpointLayers: Options.GradientCheckpointing && torch.is_grad_enabled());
+        var picked = hidden.reshape(-1, hidden.shape[^1]).index_select(0, torch.tensor(rows.ToArray(), device: dev));
+        var sum = Model.LmHeadLossSum(picked, torch.tensor(targets.ToArray(), device: dev), LossChunkRows);
+        return (sum, targets.Count);
     }
+
+    private int LossChunkRows => Options.LossChunkTokens ?? Model.DefaultLossChunkRows;
 
     /// <summary>Mean validation loss and perplexity with the adapter as served (AdaMix averaged).</summary>
     public EvalInfo Evaluate(ITrainingObserver? observer = null)
@@ -272,7 +308,7 @@ public sealed class TrainingRun : IDisposable
             for (int i = 0; i < examples.Count; i += Options.BatchSize)
             {
                 using var scope = torch.NewDisposeScope();
-                var (s, c) = LossSum(examples.Skip(i).Take(Options.BatchSize).ToList(), trainable: false);
+                var (s, c) = LossSum(examples.Skip(i).Take(Options.BatchSize).ToList());
                 sum += s.item<float>();
                 count += c;
             }
@@ -310,6 +346,7 @@ public sealed class TrainingRun : IDisposable
 
     public string SaveCheckpoint()
     {
+        using var scope = torch.NewDisposeScope();
         var dir = Path.Combine(CheckpointsDir, $"step-{Step:D6}");
         Directory.CreateDirectory(dir);
         using (torch.no_grad())
@@ -361,8 +398,17 @@ public sealed class TrainingRun : IDisposable
             trainable_percent = share.Percent,
             train_examples = TrainSet.Count,
             validation_examples = ValidationSet.Count,
+            device = Model.Device.ToString(),
+            dtype = Model.DType.ToString(),
+            base_format = Model.DecoderLinearFormat,
+            random_weights = Options.RandomWeights,
+            gradient_checkpointing = Options.GradientCheckpointing,
+            batch_size = Options.BatchSize,
+            max_length = Options.MaxLength,
             history = History,
             evaluations = Evaluations,
+            // Device used memory after the steps (CUDA: the driver's used memory, as nvidia-smi shows it).
+            peak_memory_bytes = PeakMemoryBytes,
             peak_working_set_bytes = Process.GetCurrentProcess().PeakWorkingSet64,
         };
         File.WriteAllText(Path.Combine(Options.OutputDir, "training_log.json"), JsonSerializer.Serialize(log, new JsonSerializerOptions { WriteIndented = true }));
@@ -376,19 +422,4 @@ public sealed class TrainingRun : IDisposable
     }
 
     private sealed class NullObserver : ITrainingObserver;
-}
-
-/// <summary>Derived seeds that are the same in every process (HashCode.Combine is randomised per
-/// process, so it cannot seed a reproducible run).</summary>
-public static class Seeds
-{
-    /// <summary>A 32-bit seed from (seed, index, stream) by SplitMix64.</summary>
-    public static int Mix(int seed, long index, int stream)
-    {
-        ulong z = unchecked((ulong)(uint)seed * 0x9E3779B97F4A7C15UL + (ulong)index * 0xBF58476D1CE4E5B9UL + (ulong)stream * 0x94D049BB133111EBUL);
-        z = unchecked((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL);
-        z = unchecked((z ^ (z >> 27)) * 0x94D049BB133111EBUL);
-        z ^= z >> 31;
-        return (int)(z & 0x7FFFFFFF);
-    }
 }

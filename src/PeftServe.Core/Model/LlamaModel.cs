@@ -25,7 +25,7 @@ public sealed record ModelOptions
 /// embedding, N pre-norm blocks of grouped-query attention with rotary positions and a SwiGLU MLP,
 /// a final RMSNorm and the LM head. The weights are frozen and live on the device. q/k/v are fused into
 /// one projection and gate/up into another, so a block runs four matrix products instead of seven.</summary>
-public sealed class LlamaModel : IDisposable
+public sealed partial class LlamaModel : IDisposable
 {
     public ModelConfig Config { get; }
     public ModelOptions Options { get; }
@@ -166,6 +166,22 @@ public sealed class LlamaModel : IDisposable
     {
         using var scope = torch.NewDisposeScope();
         using var _ = trainable ? null : torch.no_grad();
+        var (h, delta) = DecoderStack(inputIds, positions, cache, adapters, trainable ? LayerRun.Scoped : LayerRun.Plain);
+        if (lastTokenOnly && inputIds.shape[1] > 1)
+        {
+            h = h[.., ^1.., ..].contiguous();
+            delta = delta?[.., ^1.., ..].contiguous();
+        }
+        var normed = delta is null ? FusedOps.RmsNorm(h, _finalNorm, Config.RmsNormEps) : FusedOps.AddRmsNorm(h, delta, _finalNorm, Config.RmsNormEps).Normed;
+        var logits = nn.functional.linear(normed, _lmHead);
+        return logits.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The embeddings through every decoder layer (before the final norm), each layer run as
+    /// <paramref name="run"/> says (see LlamaModel.Training.cs): the residual stream, and the last layer's delta
+    /// still to be added (null when the layers added their own).</summary>
+    private (Tensor Residual, Tensor? Delta) DecoderStack(Tensor inputIds, Tensor positions, IKvCache cache, IAdapterHooks? adapters, LayerRun run)
+    {
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var h = _embedTokens.index_select(0, inputIds.reshape(-1)).view(b, t, -1);
         if (adapters is not null) h = adapters.Embeddings(h);
@@ -176,16 +192,8 @@ public sealed class LlamaModel : IDisposable
         // norm adds it in, so the residual add and the RMSNorm after it are one step (one kernel on CUDA).
         Tensor? delta = null;
         for (int i = 0; i < _layers.Length; i++)
-            (h, delta) = _layers[i].Forward(h, delta, i, cache, positions, _rope, cos, sin, Config, adapters);
-
-        if (lastTokenOnly && t > 1)
-        {
-            h = h[.., ^1.., ..].contiguous();
-            delta = delta?[.., ^1.., ..].contiguous();
-        }
-        var normed = delta is null ? FusedOps.RmsNorm(h, _finalNorm, Config.RmsNormEps) : FusedOps.AddRmsNorm(h, delta, _finalNorm, Config.RmsNormEps).Normed;
-        var logits = nn.functional.linear(normed, _lmHead);
-        return logits.MoveToOuterDisposeScope();
+            (h, delta) = RunLayer(i, h, delta, cache, positions, cos, sin, adapters, run);
+        return (h, delta);
     }
 
     /// <summary>Keys and values [n,kvHeads,headDim] that layer <paramref name="layer"/>'s own k and v

@@ -34,10 +34,8 @@ public sealed class Nf4Linear : IFrozenLinear
         if (x.requires_grad && torch.is_grad_enabled())
         {
             // Training adapters on the 4-bit base (QLoRA): the weight stays frozen, but gradients
-            // must flow through the product to the input. Dequantize without autograd, multiply with.
-            Tensor w;
-            using (torch.no_grad()) w = Weight.Dequantize(x.dtype, PairTables.For(x.device));
-            var yt = nn.functional.linear(x, w);
+            // must flow through the product to the input, without autograd keeping the dense copy.
+            var yt = Nf4TrainingMatMul.Apply(this, x);
             if (Bias is not null) yt = yt.add(Bias);
             return yt.MoveToOuterDisposeScope();
         }
@@ -53,10 +51,12 @@ public sealed class Nf4Linear : IFrozenLinear
     internal Tensor PlainForward(Tensor x, bool tensorOpsOnly = false)
     {
         using var scope = torch.NewDisposeScope();
-        var w = (tensorOpsOnly ? null : Nf4CudaKernel.TryDequantize(Weight, x.dtype))
-            ?? Weight.Dequantize(x.dtype, PairTables.For(x.device));
-        return nn.functional.linear(x, w).MoveToOuterDisposeScope();
+        return nn.functional.linear(x, DenseWeight(x.dtype, tensorOpsOnly)).MoveToOuterDisposeScope();
     }
+
+    /// <summary>The weight [out,in] dequantized to <paramref name="dtype"/> (a new tensor).</summary>
+    internal Tensor DenseWeight(ScalarType dtype, bool tensorOpsOnly = false) =>
+        (tensorOpsOnly ? null : Nf4CudaKernel.TryDequantize(Weight, dtype)) ?? Weight.Dequantize(dtype, PairTables.For(Weight.Device));
 
     public void Dispose()
     {

@@ -11,7 +11,7 @@ public static unsafe class DeviceMemory
 {
     public static long FreeBytes(Device device)
     {
-        if (device.type == DeviceType.CUDA) return CudaFreeBytes(device.index < 0 ? 0 : device.index);
+        if (device.type == DeviceType.CUDA) return CudaMemory(device.index < 0 ? 0 : device.index).Free;
         try
         {
             foreach (var line in File.ReadLines("/proc/meminfo"))
@@ -23,7 +23,21 @@ public static unsafe class DeviceMemory
         return GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
     }
 
-    private static long CudaFreeBytes(int ordinal)
+    /// <summary>Memory in use where tensors live, for progress reports and peak figures: on CUDA the
+    /// device's used memory as the driver reports it (total - free: what nvidia-smi shows, including
+    /// the CUDA context, libtorch's cached blocks and any other process on the device); on CPU this
+    /// process's working set.</summary>
+    public static long UsedBytes(Device device)
+    {
+        if (device.type == DeviceType.CUDA)
+        {
+            var (free, total) = CudaMemory(device.index < 0 ? 0 : device.index);
+            return total - free;
+        }
+        return Environment.WorkingSet;
+    }
+
+    private static (long Free, long Total) CudaMemory(int ordinal)
     {
         var lib = NativeLibrary.Load(OperatingSystem.IsWindows() ? "nvcuda.dll" : "libcuda.so.1");
         var init = (delegate* unmanaged<uint, int>)NativeLibrary.GetExport(lib, "cuInit");
@@ -48,7 +62,7 @@ public static unsafe class DeviceMemory
             nuint free, total;
             try { Check(memGetInfo(&free, &total), "cuMemGetInfo"); }
             finally { IntPtr popped; pop(&popped); }
-            return (long)free;
+            return ((long)free, (long)total);
         }
         finally { release(dev); }
     }

@@ -22,6 +22,16 @@ public class ModelConfigTests
     }
 
     [Fact]
+    public void ReadsTheLlama32OneBillionShapeUsedByTheTrainingBenchmark()
+    {
+        // loadtests/shapes/llama-3.2-1b: the public Llama-3.2-1B config's numbers.
+        var c = ModelConfig.Load(Path.Combine(TestData.RepoRoot, "loadtests", "shapes", "llama-3.2-1b"));
+        Assert.Equal((2048, 8192, 16, 32, 8, 64, 128256), (c.HiddenSize, c.IntermediateSize, c.NumLayers, c.NumHeads, c.NumKvHeads, c.HeadDim, c.VocabSize));
+        Assert.True(c.TieWordEmbeddings);
+        Assert.Equal(("llama3", 500000.0, 32.0, 8192), (c.Rope.Type, c.Rope.Theta, c.Rope.Factor, c.Rope.OriginalMaxPositionEmbeddings));
+    }
+
+    [Fact]
     public void OldStyleRopeKeysAndLlama3Scaling()
     {
         var c = ModelConfig.Parse(Base(", 'rope_theta': 500000.0, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192} "));

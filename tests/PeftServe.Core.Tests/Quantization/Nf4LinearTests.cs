@@ -28,6 +28,30 @@ public sealed class Nf4LinearTests
     }
 
     [Fact]
+    public void GradientsFlowThroughTheFrozenQuantizedWeightToTheInput()
+    {
+        // QLoRA: the input's gradient is the one of the dense product with the dequantized weight,
+        // while the weight, recomputed in backward rather than kept, gets none.
+        torch.manual_seed(4);
+        using var scope = torch.NewDisposeScope();
+        var w = torch.randn(96, 128) * 0.1;
+        var bias = torch.randn(96);
+        var x = torch.randn(2, 5, 128).requires_grad_(true);
+        var upstream = torch.randn(2, 5, 96);
+        using var layer = new Nf4Linear(Nf4Weight.Quantize(w), bias.alias());
+        var y = layer.Forward(x);
+        Assert.True(y.requires_grad);
+        y.backward([upstream]);
+        var viaNf4 = x.grad!.clone();
+        x.grad = null;
+        nn.functional.linear(x, layer.Weight.Dequantize(), bias).backward([upstream]);
+        Assert.True((viaNf4 - x.grad!).abs().max().item<float>() <= 1e-5f);
+        Assert.True((y - nn.functional.linear(x, layer.Weight.Dequantize(), bias)).abs().max().item<float>() <= 1e-5f);
+        Assert.False(layer.Weight.Packed.requires_grad);
+        Assert.Null(layer.Weight.Packed.grad);
+    }
+
+    [Fact]
     public void WeightBytesAreTheRealBytes()
     {
         using var w = torch.randn(64, 256);

@@ -78,8 +78,9 @@ public class BottleneckTrainable : TrainableAdapter
         if (experts.Length == 1) (dw, db, uw, ub) = experts[0];
         else if (Training)
         {
-            var d = experts[Random.Next(experts.Length)];
-            var u = experts[Random.Next(experts.Length)];
+            var random = LayerRandom(layer, (int)p);
+            var d = experts[random.Next(experts.Length)];
+            var u = experts[random.Next(experts.Length)];
             (dw, db, uw, ub) = (d.DW, d.DB, u.UW, u.UB);
         }
         else

@@ -8,7 +8,9 @@ namespace PeftServe.Core.Adapters.Lora;
 /// <summary>Trains LoRA: per targeted linear layer W, y = W x + (alpha/r) B A x with A [r,in]
 /// initialised like PEFT (Kaiming-uniform, bound 1/sqrt(in)) and B [out,r] zero, so training starts
 /// at the base model. Saved in PEFT's format (lora_A / lora_B, unscaled; the config carries r and
-/// lora_alpha), which both the server and Hugging Face PEFT load.</summary>
+/// lora_alpha), which both the server and Hugging Face PEFT load. With --lora-dropout, each target's
+/// input is dropped out (its own mask per target, as PEFT's per-module dropout) in training only;
+/// the value is recorded as lora_dropout in the config, and serving applies no dropout.</summary>
 public sealed class LoraTrainingMethod(bool quantized = false) : ITrainingMethod
 {
     public string Name => quantized ? "qlora" : "lora";
@@ -23,7 +25,7 @@ public sealed class LoraTrainable : TrainableAdapter
 {
     private readonly (Tensor A, Tensor B)?[,] _weights;
     private readonly int _rank;
-    private readonly double _alpha, _scale;
+    private readonly double _alpha, _scale, _dropout;
     private readonly string[] _targets;
     private readonly string _method, _baseModel;
 
@@ -37,6 +39,8 @@ public sealed class LoraTrainable : TrainableAdapter
         if (_rank < 1) throw new ArgumentException($"--rank must be at least 1, not {_rank}");
         _alpha = o.Alpha ?? 2.0 * _rank;
         _scale = _alpha / _rank;
+        _dropout = o.LoraDropout;
+        if (_dropout is < 0 or >= 1) throw new ArgumentException($"--lora-dropout must be in [0, 1), not {_dropout}");
         var known = Enum.GetValues<LoraTarget>().ToDictionary(LoraAdapter.ModuleName);
         _targets = o.LoraTargets.Distinct().ToArray();
         if (_targets.Length == 0) throw new ArgumentException("--lora-targets names no module");
@@ -54,11 +58,12 @@ public sealed class LoraTrainable : TrainableAdapter
             }
     }
 
-    /// <summary>(alpha/r) x A^T B^T for one target, or null.</summary>
+    /// <summary>(alpha/r) dropout(x) A^T B^T for one target, or null.</summary>
     private Tensor? Delta(int layer, LoraTarget t, Tensor x)
     {
         if (_weights[layer, (int)t] is not { } w) return null;
-        return nn.functional.linear(nn.functional.linear(x, As(w.A, x)), As(w.B, x)) * _scale;
+        var input = Dropout(x, _dropout, layer, (int)t);
+        return nn.functional.linear(nn.functional.linear(input, As(w.A, x)), As(w.B, x)) * _scale;
     }
 
     /// <summary>output + the deltas of the fused parts (zeros for parts not targeted).</summary>
@@ -102,7 +107,7 @@ public sealed class LoraTrainable : TrainableAdapter
             ["base_model_name_or_path"] = _baseModel,
             ["r"] = _rank,
             ["lora_alpha"] = _alpha,
-            ["lora_dropout"] = 0.0,
+            ["lora_dropout"] = _dropout,
             ["target_modules"] = _targets,
             ["bias"] = "none",
             ["fan_in_fan_out"] = false,

@@ -23,7 +23,6 @@ public sealed class PrefixTrainable : TrainableAdapter
     private readonly int _n;
     private readonly Tensor _embedding;
     private readonly (Tensor W, Tensor B)? _l1, _l2;
-    private Tensor? _current; // [L, 2, n, kv, hd] for the forward pass in progress
 
     public override string Method => "prefix";
     public override int VirtualTokens => _n;
@@ -52,19 +51,24 @@ public sealed class PrefixTrainable : TrainableAdapter
         return nn.functional.linear(torch.tanh(nn.functional.linear(_embedding, a.W, a.B)), b.W, b.B);
     }
 
-    public override Tensor Embeddings(Tensor embeddings)
+    /// <summary>Layer <paramref name="layer"/>'s keys and values [2, n, kv, hd]: its slice of
+    /// <see cref="Prefixes"/>, computed inside the layer's own hook from the parameters, so that a layer
+    /// recomputed in backward (gradient checkpointing) needs nothing made elsewhere in the pass.</summary>
+    private Tensor LayerPrefixes(int layer)
     {
-        // Once per forward pass (the first hook the model calls): the prefixes of every layer.
-        _current = Prefixes().view(_n, Config.NumLayers, 2, Config.NumKvHeads, Config.HeadDim).permute(1, 2, 0, 3, 4);
-        return embeddings;
+        long width = 2 * TokenDim, start = layer * width;
+        var flat = _l1 is { } a && _l2 is { } b
+            ? nn.functional.linear(torch.tanh(nn.functional.linear(_embedding, a.W, a.B)), b.W.narrow(0, start, width), b.B.narrow(0, start, width))
+            : _embedding.narrow(1, start, width);
+        return flat.view(_n, 2, Config.NumKvHeads, Config.HeadDim).permute(1, 0, 2, 3);
     }
 
     public override (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values)
     {
-        var kv = _current ?? throw new InvalidOperationException("prefix hooks called out of order");
+        var kv = LayerPrefixes(layer);
         long b = keys.shape[0];
-        var k = torch.cat([PerRow(As(kv[layer, 0], keys), b), keys[.., _n.., .., ..]], 1);
-        var v = torch.cat([PerRow(As(kv[layer, 1], values), b), values[.., _n.., .., ..]], 1);
+        var k = torch.cat([PerRow(As(kv[0], keys), b), keys[.., _n.., .., ..]], 1);
+        var v = torch.cat([PerRow(As(kv[1], values), b), values[.., _n.., .., ..]], 1);
         return (k, v);
     }
 

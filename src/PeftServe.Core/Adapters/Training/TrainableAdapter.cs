@@ -1,4 +1,5 @@
 using PeftServe.Core.Model;
+using PeftServe.Core.Runtime;
 using PeftServe.Core.SafeTensors;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -26,12 +27,43 @@ public abstract class TrainableAdapter : IdentityAdapterHooks, IDisposable
     public virtual int VirtualTokens => 0;
 
     /// <summary>True during training steps, false for evaluation and saving (AdaMix routes
-    /// stochastically only while training).</summary>
+    /// stochastically and LoRA applies dropout only while training).</summary>
     public bool Training { get; set; } = true;
 
-    /// <summary>Random source of stochastic behaviour in training steps (set per step by the trainer,
-    /// so a resumed run draws what the uninterrupted one would have).</summary>
-    public Random Random { get; set; } = new(0);
+    /// <summary>Seed of everything random in one forward pass (set per micro-batch by the trainer, so a
+    /// resumed run draws what the uninterrupted one would have). Random choices are a function of this
+    /// seed, the layer and the site (<see cref="LayerRandom"/>, <see cref="Dropout"/>), never of a stream
+    /// that advances, so a layer recomputed in backward (gradient checkpointing) draws the same again.</summary>
+    public int ForwardSeed { get; set; }
+
+    /// <summary>The random source of site <paramref name="site"/> of layer <paramref name="layer"/> in
+    /// this forward pass.</summary>
+    protected Random LayerRandom(int layer, int site) => new(Seeds.Mix(ForwardSeed, layer, 16 + site));
+
+    /// <summary>Inverted dropout of <paramref name="x"/> with drop probability <paramref name="p"/> while
+    /// <see cref="Training"/> (the identity otherwise). The mask is drawn from a generator seeded for
+    /// (<see cref="ForwardSeed"/>, layer, site): TorchSharp makes seeded generators on the CPU only, so on
+    /// CUDA the device's default generator is re-seeded first.</summary>
+    protected Tensor Dropout(Tensor x, double p, int layer, int site)
+    {
+        if (!Training || p <= 0) return x;
+        if (p >= 1) return torch.zeros_like(x);
+        using var scope = torch.NewDisposeScope();
+        int seed = Seeds.Mix(ForwardSeed, layer, 64 + site);
+        Tensor uniform;
+        if (x.device.type == DeviceType.CUDA)
+        {
+            torch.cuda.manual_seed(seed);
+            uniform = torch.rand(x.shape, ScalarType.Float32, x.device);
+        }
+        else
+        {
+            using var generator = new torch.Generator((ulong)seed);
+            uniform = torch.rand(x.shape, ScalarType.Float32, generator: generator).to(x.device);
+        }
+        var keep = uniform.ge(p).to(x.dtype).mul_(1.0 / (1.0 - p));
+        return (x * keep).MoveToOuterDisposeScope();
+    }
 
     /// <summary>Every trainable tensor by a stable name (checkpoints use the names).</summary>
     public IReadOnlyList<(string Name, Tensor Value)> Parameters => _parameters;
@@ -107,6 +139,8 @@ public sealed record TrainingOptions
     public int Rank { get; init; } = 8;
     /// <summary>LoRA alpha (scale alpha/rank); default 2*rank.</summary>
     public double? Alpha { get; init; }
+    /// <summary>LoRA dropout on each LoRA input in training (PEFT's lora_dropout); never when serving.</summary>
+    public double LoraDropout { get; init; }
     /// <summary>LoRA target modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).</summary>
     public IReadOnlyList<string> LoraTargets { get; init; } = ["q_proj", "v_proj"];
     /// <summary>Virtual tokens of prompt tuning, prefix tuning and P-tuning.</summary>
