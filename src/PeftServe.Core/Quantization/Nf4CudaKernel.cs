@@ -25,10 +25,11 @@ public static class Nf4CudaKernel
     /// <summary>Largest number of activation rows (B*T) one launch takes.</summary>
     public const int MaxRows = 16;
 
-    /// <summary>Largest number of rows the kernel serves, in launches of up to <see cref="MaxRows"/> rows (each
-    /// reads the packed weights again, which stays cheaper than dequantizing the whole weight for a dense
-    /// product up to about this many rows); more go the plain path.</summary>
-    public const int MaxSplitRows = 32;
+    /// <summary>Largest number of rows the kernel serves, in launches of up to <see cref="MaxRows"/> rows; more go
+    /// the plain path. Measured on the H200 (Llama-2-7B shapes, 2026-12-02): serving 32 rows as two launches of 16
+    /// took 32.8 ms a decode step against 15.4 ms for dequantize-then-matmul (the kernel multiplies on CUDA cores,
+    /// and 32 rows make it compute-bound), so the split stays off until the kernel uses the tensor cores.</summary>
+    public const int MaxSplitRows = MaxRows;
 
     /// <summary>Output rows per thread block (one warp each).</summary>
     private const int WarpsPerBlock = 8;
