@@ -42,6 +42,15 @@ internal sealed class ModelRunner : IDisposable
     private static readonly bool Profile = Environment.GetEnvironmentVariable("PEFTSERVE_PROFILE") == "1";
     private long _profiledSteps, _hostTicks, _totalTicks;
 
+    /// <summary>Fault injection for tests: a pass over rows for which this returns true throws, as a pass that runs
+    /// out of device memory would.</summary>
+    internal Func<IReadOnlyList<Sequence>, bool>? FailPassWhen { get; set; }
+
+    private void MaybeFail(IReadOnlyList<Sequence> rows)
+    {
+        if (FailPassWhen?.Invoke(rows) == true) throw new InvalidOperationException("injected failure: out of device memory");
+    }
+
     /// <summary>Captured graphs kept at most (least recently used ones are released beyond).</summary>
     private const int MaxGraphs = 96;
 
@@ -108,9 +117,10 @@ internal sealed class ModelRunner : IDisposable
                 positions[r * chunk + t] = t < pad ? -1 : col;
             }
         }
+        var sequences = rows.Select(r => r.S).ToList();
+        MaybeFail(sequences);
         foreach (var (s, n) in rows)
             if (s.UsesPenalties && s.Cached + n >= s.Columns) _penalties.Acquire(s);
-        var sequences = rows.Select(r => r.S).ToList();
         using var scope = torch.NewDisposeScope();
         var device = _model.Device;
         using var sampling = PrepareSampling(sequences);
@@ -129,6 +139,7 @@ internal sealed class ModelRunner : IDisposable
     public long[] Decode(IReadOnlyList<Sequence> rows)
     {
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        MaybeFail(rows);
         int b = rows.Count;
         int size = UsesGraphs ? Bucket(b) : b;
         var inputs = Inputs(size);
