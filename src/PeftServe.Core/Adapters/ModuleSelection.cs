@@ -141,7 +141,12 @@ public sealed class ModuleSelection
         // target_modules as a string must match the whole name (re.fullmatch); a pattern key matches the
         // name's end, after a dot or from the start.
         var full = anchored ? $"^(?:{pattern})$" : $"^(?:.*\\.)?(?:{pattern})$";
-        try { return new Regex(full, RegexOptions.NonBacktracking | RegexOptions.CultureInvariant, MatchTimeout); }
+        const RegexOptions options = RegexOptions.NonBacktracking | RegexOptions.CultureInvariant;
+        try
+        {
+            _ = new Regex(pattern, options);   // alone first: "a)(b" must not pass by closing the wrapper's group
+            return new Regex(full, options, MatchTimeout);
+        }
         catch (RegexParseException e)
         {
             throw new AdapterException($"{where}: {key} \"{Shorten(pattern)}\" is not a valid regular expression ({e.Error} at offset {e.Offset})");

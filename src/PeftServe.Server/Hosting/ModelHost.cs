@@ -12,12 +12,15 @@ namespace PeftServe.Server.Hosting;
 /// <summary>Owns the base model, its tokenizer, the serving engine and the adapter store for the
 /// server's lifetime: loads them at startup (failing the start with a clear reason if the folder is
 /// unusable), stops the engine at shutdown (running requests are cancelled) and frees the model.</summary>
-public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost> log, ILoggerFactory loggers) : IHostedService, IAsyncDisposable
+public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost> log, ILoggerFactory loggers) : IHostedLifecycleService, IAsyncDisposable
 {
     private LlamaModel? _model;
     private InferenceEngine? _engine;
+    private volatile bool _draining;
 
     public bool IsReady => _engine is not null;
+    /// <summary>True from the start of shutdown: new requests are refused (503), running ones finish.</summary>
+    public bool Draining => _draining;
     public LlamaModel Model => _model ?? throw new InvalidOperationException("the model is not loaded yet");
     public InferenceEngine Engine => _engine ?? throw new InvalidOperationException("the engine is not started yet");
     public AdapterStore Store { get; private set; } = null!;
@@ -72,12 +75,39 @@ public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost
             ModelName, c.Architecture, c.NumLayers, c.HiddenSize, c.VocabSize, modelOptions.Device, modelOptions.DType,
             _model.WeightBytes / 1048576.0, _model.WeightSummary, started.Elapsed.TotalSeconds);
         Store = new AdapterStore(o.AdapterStore, c, engineOptions.AdapterLimits,
-            new UploadLimits { MaxBytes = o.MaxUploadBytes, MaxFiles = o.MaxUploadFiles });
+            new UploadLimits { MaxBytes = o.MaxUploadBytes, MaxFiles = o.MaxUploadFiles }, loggers.CreateLogger<AdapterStore>());
         if (Store.RemoveLeftovers() is > 0 and var n) log.LogWarning("Removed {Count} unfinished uploads or deletes from {Store}", n, Store.Directory);
         _engine = new InferenceEngine(_model, Tokenizer, engineOptions, loggers.CreateLogger<InferenceEngine>());
         LoadedAt = DateTimeOffset.UtcNow;
         log.LogInformation("Serving {Model} with {Adapters} adapters from {Store}", ModelName, Store.List().Count, Store.Directory);
         return Task.CompletedTask;
+    }
+
+    public Task StartingAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    public Task StartedAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    public Task StoppedAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+    /// <summary>Runs before any service stops (Kestrel included), so running streams, SSE and SignalR
+    /// alike, keep their connections while they finish: new requests are refused from now on, and
+    /// shutdown goes on once the engine is idle or DrainSeconds have passed.</summary>
+    public async Task StoppingAsync(CancellationToken cancellationToken)
+    {
+        _draining = true;
+        if (_engine is not { } engine) return;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var limit = TimeSpan.FromSeconds(options.Value.DrainSeconds);
+        var stats = engine.Stats;
+        log.LogInformation("Shutting down: draining {Running} running and {Waiting} waiting requests (at most {Seconds} s)", stats.Running, stats.Waiting, limit.TotalSeconds);
+        while (clock.Elapsed < limit && !cancellationToken.IsCancellationRequested)
+        {
+            stats = engine.Stats;
+            if (stats.Running == 0 && stats.Waiting == 0) break;
+            try { await Task.Delay(50, cancellationToken); }
+            catch (OperationCanceledException) { break; }
+        }
+        stats = engine.Stats;
+        if (stats.Running + stats.Waiting == 0) log.LogInformation("Drained in {Seconds:F1} s", clock.Elapsed.TotalSeconds);
+        else log.LogWarning("Drain time over: cancelling {Count} requests still running", stats.Running + stats.Waiting);
     }
 
     public async Task StopAsync(CancellationToken cancellationToken)

@@ -20,7 +20,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
     /// <summary>The adapter a model id names: null for the base model (or no model given).</summary>
     public (string ModelId, string? Adapter) ResolveModel(string? model)
     {
-        if (!host.IsReady) throw new ApiException(503, "the model is still loading", code: "model_loading") { RetryAfterSeconds = 5 };
+        if (host.Draining) throw new ApiException(503, "the server is shutting down", code: "shutting_down") { RetryAfterSeconds = options.Value.RetryAfterSeconds };
         if (string.IsNullOrEmpty(model) || model == host.ModelName) return (host.ModelName, null);
         if (AdapterNames.IsSafe(model) && host.Store.Find(model) is not null) return (model, model);
         throw new ApiException(404, $"The model '{model}' does not exist (GET /v1/models lists the base model and every adapter)", "model", "model_not_found");
@@ -91,7 +91,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
             log.LogWarning("Queue full ({Capacity} waiting): refused {RequestId} for {Model}", e.Capacity, request.Id, modelId);
             throw new ApiException(429, e.Message, code: "queue_full") { RetryAfterSeconds = options.Value.RetryAfterSeconds };
         }
-        catch (EngineStoppedException e) { throw new ApiException(503, e.Message, code: "shutting_down"); }
+        catch (EngineStoppedException e) { throw new ApiException(503, e.Message, code: "shutting_down") { RetryAfterSeconds = options.Value.RetryAfterSeconds }; }
         catch (AdapterException e) { throw new ApiException(404, e.Message, "model", "model_not_found"); }
         catch (ArgumentException e) { throw new ApiException(400, e.Message); }
         metrics.PromptTokens.WithLabels(modelId).Inc(request.PromptIds.Count);
