@@ -102,13 +102,14 @@ public sealed class Program
                 : $"No API keys configured: listening on localhost only ({bound})";
         }
 
-        // SIGTERM: running requests get DrainSeconds to finish (ModelHost.StoppingAsync), then the rest of shutdown.
+        // SIGTERM: running requests get DrainSeconds to finish (ShutdownDrain), then the rest of shutdown.
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(serverOptions.DrainSeconds + 15));
         builder.Services.AddSingleton(new KeyRing(serverOptions));
         if (serverOptions.CorsOrigins.Count > 0)
             builder.Services.AddCors(o => o.AddDefaultPolicy(p => p.WithOrigins([.. serverOptions.CorsOrigins]).AllowAnyHeader().AllowAnyMethod().AllowCredentials()));
         builder.Services.AddSingleton<ModelHost>();
         builder.Services.AddHostedService(sp => sp.GetRequiredService<ModelHost>());
+        builder.Services.AddHostedService<ShutdownDrain>();
         builder.Services.AddSingleton<ServerMetrics>();
         builder.Services.AddSingleton<AdapterEndpoints.UploadSlots>();
         builder.Services.AddSingleton<GenerationService>();

@@ -32,7 +32,8 @@ public sealed class DrainTests
                 .GetAsyncEnumerator();
             Assert.True(await hubTokens.MoveNextAsync());
 
-            var stopping = server.App.StopAsync();
+            // Shutdown's first step waits for the drain, so it runs on a thread of its own here (as on SIGTERM).
+            var stopping = Task.Run(() => server.App.StopAsync());
 
             // While draining: /health says so, and new work is refused with a retry hint.
             HttpResponseMessage health;

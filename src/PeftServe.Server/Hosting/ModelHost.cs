@@ -12,7 +12,7 @@ namespace PeftServe.Server.Hosting;
 /// <summary>Owns the base model, its tokenizer, the serving engine and the adapter store for the
 /// server's lifetime: loads them at startup (failing the start with a clear reason if the folder is
 /// unusable), stops the engine at shutdown (running requests are cancelled) and frees the model.</summary>
-public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost> log, ILoggerFactory loggers) : IHostedLifecycleService, IAsyncDisposable
+public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost> log, ILoggerFactory loggers) : IHostedService, IAsyncDisposable
 {
     private LlamaModel? _model;
     private InferenceEngine? _engine;
@@ -83,35 +83,12 @@ public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost
         return Task.CompletedTask;
     }
 
-    public Task StartingAsync(CancellationToken cancellationToken) => Task.CompletedTask;
-    public Task StartedAsync(CancellationToken cancellationToken) => Task.CompletedTask;
-    public Task StoppedAsync(CancellationToken cancellationToken) => Task.CompletedTask;
-
-    /// <summary>Runs before any service stops (Kestrel included), so running streams, SSE and SignalR
-    /// alike, keep their connections while they finish: new requests are refused from now on, and
-    /// shutdown goes on once the engine is idle or DrainSeconds have passed.</summary>
-    public async Task StoppingAsync(CancellationToken cancellationToken)
-    {
-        _draining = true;
-        if (_engine is not { } engine) return;
-        var clock = System.Diagnostics.Stopwatch.StartNew();
-        var limit = TimeSpan.FromSeconds(options.Value.DrainSeconds);
-        var stats = engine.Stats;
-        log.LogInformation("Shutting down: draining {Running} running and {Waiting} waiting requests (at most {Seconds} s)", stats.Running, stats.Waiting, limit.TotalSeconds);
-        while (clock.Elapsed < limit && !cancellationToken.IsCancellationRequested)
-        {
-            stats = engine.Stats;
-            if (stats.Running == 0 && stats.Waiting == 0) break;
-            try { await Task.Delay(50, cancellationToken); }
-            catch (OperationCanceledException) { break; }
-        }
-        stats = engine.Stats;
-        if (stats.Running + stats.Waiting == 0) log.LogInformation("Drained in {Seconds:F1} s", clock.Elapsed.TotalSeconds);
-        else log.LogWarning("Drain time over: cancelling {Count} requests still running", stats.Running + stats.Waiting);
-    }
+    /// <summary>Refuse new requests from now on (see <see cref="ShutdownDrain"/>).</summary>
+    public void BeginDrain() => _draining = true;
 
     public async Task StopAsync(CancellationToken cancellationToken)
     {
+        _draining = true;
         if (_engine is { } engine)
         {
             // Running requests get until the host's shutdown timeout to finish, then are cancelled.
