@@ -127,14 +127,23 @@ public sealed class TrainingRun : IDisposable
         if (Method.QuantizedBase && Model.DecoderLinearFormat.StartsWith("NF4", StringComparison.Ordinal) is false)
             throw new ArgumentException("qlora trains on an NF4-quantized base; the given model is not quantized");
 
-        torch.manual_seed(options.Seed);
         var baseName = options.ModelDir is null ? "peftserve-default-tiny-llama" : Path.GetFileName(dir.TrimEnd('/'));
-        Adapter = Method.Create(Model, options.Method with { Tokenizer = Tokenizer, BaseModelName = options.Method.BaseModelName is "" ? baseName : options.Method.BaseModelName });
+        // The initial parameters come from TorchSharp's one global generator (TorchSharp modules such as
+        // P-tuning's LSTM take no generator of their own), so seeding and drawing happen under a
+        // process-wide lock: runs made at the same time in one process (tests, a host) cannot
+        // interleave their draws, and one seed always gives the same adapter.
+        lock (GlobalRandomLock)
+        {
+            torch.manual_seed(options.Seed);
+            Adapter = Method.Create(Model, options.Method with { Tokenizer = Tokenizer, BaseModelName = options.Method.BaseModelName is "" ? baseName : options.Method.BaseModelName });
+        }
         Optimizer = new AdamW(Adapter.Parameters) { WeightDecay = options.WeightDecay };
         int warmup = options.WarmupSteps ?? options.MaxSteps / 10;
         Schedule = new LrSchedule(options.LearningRate ?? DefaultLearningRate(Method.Name), warmup, options.MaxSteps, options.Schedule);
         Schedule.At(1); // validates the kind
     }
+
+    private static readonly object GlobalRandomLock = new();
 
     public string CheckpointsDir => Path.Combine(Options.OutputDir, "checkpoints");
 

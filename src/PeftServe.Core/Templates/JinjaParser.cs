@@ -41,7 +41,7 @@ internal sealed class Parser
     public List<Node> ParseTemplate()
     {
         var body = ParseBody(out var end);
-        if (end is not null) throw Error(_segments[_pos - 1], $"unexpected '{{% {end} %}}'");
+        if (end is not null) throw Error(_segments[_pos], $"unexpected '{{% {end} %}}'");   // ParseBody stops on that segment
         return body;
     }
 
