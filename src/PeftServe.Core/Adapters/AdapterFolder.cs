@@ -64,8 +64,9 @@ public sealed partial class AdapterFolder : IDisposable
         if (new FileInfo(configPath).Length > MaxConfigBytes)
             throw new AdapterException($"{configPath}: {new FileInfo(configPath).Length} bytes; an adapter config is at most {MaxConfigBytes} bytes");
         JsonObject config;
-        try { config = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject ?? throw new JsonException("not a JSON object"); }
-        catch (JsonException e) { throw new AdapterException($"{configPath}: invalid JSON: {e.Message}"); }
+        // Duplicate keys are refused (which of two values would count is anyone's guess).
+        try { config = JsonNode.Parse(File.ReadAllText(configPath), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }) as JsonObject ?? throw new JsonException("not a JSON object"); }
+        catch (JsonException e) { throw new AdapterException($"{configPath}: invalid JSON or a key given twice (line {e.LineNumber + 1}, byte {e.BytePositionInLine + 1})"); }
         var peftType = config["peft_type"] is JsonValue v && v.TryGetValue<string>(out var s) ? s
             : throw new AdapterException($"{configPath}: missing string key 'peft_type'");
         SafeTensorsFile weights;

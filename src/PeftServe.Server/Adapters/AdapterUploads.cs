@@ -59,7 +59,7 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         if (!File.Exists(config)) return null;
         string peftType;
         try { peftType = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config))?["peft_type"]?.GetValue<string>() ?? "?"; }
-        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException) { peftType = "?"; }
+        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or ArgumentException) { peftType = "?"; }
         var files = new DirectoryInfo(dir).GetFiles();
         return new Entry(name, peftType, files.Sum(f => f.Length), new DateTimeOffset(System.IO.Directory.GetCreationTimeUtc(dir), TimeSpan.Zero));
     }
