@@ -68,6 +68,7 @@ public static class AdapterArchive
 
         public override int Read(Span<byte> buffer)
         {
+            if (buffer.IsEmpty) return 0;
             if (_read == length) { Verify(); return 0; }
             // Ask for one byte past the declared end, so an entry longer than declared is caught.
             int want = (int)Math.Min(buffer.Length, length - _read + 1);

@@ -24,6 +24,7 @@ public sealed class JinjaTemplate
     public string Render(IReadOnlyDictionary<string, object?> context)
     {
         var scope = new Scope(null);
+        TemplateLimits.ResetIterations();
         foreach (var (k, v) in context) scope.Set(k, Values.FromClr(v));
         var output = new StringBuilder();
         new Evaluator(output).Run(_body, scope);
@@ -79,10 +80,11 @@ internal sealed class Evaluator(StringBuilder output)
 
     private void Execute(Node node, Scope scope)
     {
+        TemplateLimits.EnsureStack();
         switch (node)
         {
-            case TextNode t: output.Append(t.Text); break;
-            case OutputNode o: output.Append(Values.Str(Eval(o.Expr, scope))); break;
+            case TextNode t: output.Append(t.Text); TemplateLimits.CheckOutput(output); break;
+            case OutputNode o: output.Append(Values.Str(Eval(o.Expr, scope))); TemplateLimits.CheckOutput(output); break;
             case IfNode i:
                 foreach (var (condition, body) in i.Branches)
                     if (Values.Truthy(Eval(condition, scope))) { Run(body, scope); return; }
@@ -125,6 +127,7 @@ internal sealed class Evaluator(StringBuilder output)
     private void ExecuteFor(ForNode f, Scope outer)
     {
         var items = Values.Iterate(Eval(f.Iterable, outer)).ToList();
+        TemplateLimits.CountIterations(items.Count);
         if (f.Filter is not null)
             items = items.Where(item => { var s = new Scope(outer); Bind(f.Targets, item, s); return Values.Truthy(Eval(f.Filter, s)); }).ToList();
         if (items.Count == 0)
@@ -157,7 +160,7 @@ internal sealed class Evaluator(StringBuilder output)
         for (int i = 0; i < targets.Count; i++) scope.Set(targets[i], parts[i]);
     }
 
-    public object? Eval(Expr e, Scope scope) => e switch
+    public object? Eval(Expr e, Scope scope) => TemplateLimits.EnsureStack() ? e switch
     {
         Literal l => l.Value,
         Name n => scope.Get(n.Id) is var v and not Undefined ? v : Builtins.Global(n.Id) ?? Undefined.Instance,
@@ -179,7 +182,7 @@ internal sealed class Evaluator(StringBuilder output)
         Binary b => Values.BinaryOp(b.Op, Eval(b.Left, scope), Eval(b.Right, scope)),
         Conditional c => Values.Truthy(Eval(c.Condition, scope)) ? Eval(c.Then, scope) : c.Else is null ? Undefined.Instance : Eval(c.Else, scope),
         _ => throw new JinjaException($"cannot evaluate {e.GetType().Name}"),
-    };
+    } : null;
 
     private long? Opt(Expr? e, Scope scope) => e is null ? null : Values.ToLong(Eval(e, scope));
 
@@ -355,7 +358,9 @@ internal static class Values
             case "in": return Contains(b, a);
             case "+" when a is string sa && b is string sb: return sa + sb;
             case "+" when a is IList<object?> la && b is IList<object?> lb: return la.Concat(lb).ToList();
-            case "*" when a is string s && b is long times: return string.Concat(Enumerable.Repeat(s, (int)Math.Max(0, times)));
+            case "*" when a is string s && b is long times:
+                TemplateLimits.CheckLength((double)s.Length * Math.Max(0, times));
+                return string.Concat(Enumerable.Repeat(s, (int)Math.Max(0, times)));
         }
         if (op is "<" or ">" or "<=" or ">=")
         {
@@ -407,4 +412,42 @@ internal static class Values
         null or Undefined => false,
         _ => throw new JinjaException($"'in' needs a string, list or mapping, not {Repr(container)}"),
     };
+}
+
+/// <summary>Bounds on what one template may make the interpreter do, so that a hostile or broken
+/// template ends in a <see cref="JinjaException"/>, never in a stack overflow (which no handler can
+/// catch: it ends the process) or in gigabytes of output. Real chat templates stay far below them.</summary>
+internal static class TemplateLimits
+{
+    /// <summary>Characters a render, or one string, may reach.</summary>
+    public const int MaxChars = 16 << 20;
+    /// <summary>Loop iterations (over all loops) one render may run, and items range() may make.</summary>
+    public const int MaxIterations = 1_000_000;
+    [ThreadStatic] private static long _iterations;
+
+    /// <summary>Throws before the stack runs out (deep nesting or endless macro recursion). Returns true.</summary>
+    public static bool EnsureStack()
+    {
+        if (!System.Runtime.CompilerServices.RuntimeHelpers.TryEnsureSufficientExecutionStack())
+            throw new JinjaException("the template nests or recurses too deeply");
+        return true;
+    }
+
+    public static void CheckOutput(StringBuilder output)
+    {
+        if (output.Length > MaxChars) throw new JinjaException($"the template's output exceeds {MaxChars} characters");
+    }
+
+    public static void CheckLength(double chars)
+    {
+        if (chars > MaxChars) throw new JinjaException($"a string of {chars:0} characters exceeds the limit of {MaxChars}");
+    }
+
+    public static void ResetIterations() => _iterations = 0;
+
+    public static void CountIterations(long n)
+    {
+        _iterations += n;
+        if (n > MaxIterations || _iterations > MaxIterations) throw new JinjaException($"the template loops more than {MaxIterations} times");
+    }
 }

@@ -101,6 +101,7 @@ public sealed class Tokenizer
         catch (JsonException e) { throw new InvalidDataException($"{(e.Path is null ? path : path)}: invalid JSON: {e.Message}"); }
         catch (KeyNotFoundException e) { throw new InvalidDataException($"{path}: a required key is missing ({e.Message})"); }
         catch (InvalidOperationException e) { throw new InvalidDataException($"{path}: unexpected value ({e.Message})"); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{path}: invalid value ({e.Message})"); }   // e.g. a pattern that is no regex
     }
 
     public int? TokenToId(string token) => _added.Find(token) ?? _model.TokenToId(token);
