@@ -219,6 +219,8 @@ internal static class Builtins
 
         void Write(object? x, int depth)
         {
+            TemplateLimits.EnsureStack();   // a list or namespace that contains itself
+            TemplateLimits.CheckOutput(sb);
             switch (x)
             {
                 case null or Undefined: sb.Append("null"); break;

@@ -203,7 +203,8 @@ internal static class ExpressionLexer
                     sb.Append(e switch
                     {
                         'n' => "\n", 't' => "\t", 'r' => "\r", '\\' => "\\", '\'' => "'", '"' => "\"", '0' => "\0",
-                        'u' when i + 4 <= s.Length => ((char)Convert.ToInt32(s.Substring((i += 4) - 4, 4), 16)).ToString(),
+                        'u' when i + 4 <= s.Length => ((char)(int.TryParse(s.AsSpan((i += 4) - 4, 4), System.Globalization.NumberStyles.AllowHexSpecifier, System.Globalization.CultureInfo.InvariantCulture, out var code)
+                            ? code : throw error($"invalid escape \\u{s.Substring(i - 4, 4)}"))).ToString(),
                         _ => "\\" + e,
                     });
                 }

@@ -19,9 +19,25 @@ public sealed class JinjaTemplate
     private JinjaTemplate(List<Node> body) => _body = body;
 
     public static JinjaTemplate Parse(string source, bool trimBlocks = true, bool lstripBlocks = true) =>
-        new(new Parser(TemplateLexer.Split(source, trimBlocks, lstripBlocks)).ParseTemplate());
+        Guarded(() => new JinjaTemplate(new Parser(TemplateLexer.Split(source, trimBlocks, lstripBlocks)).ParseTemplate()), "parsing");
 
-    public string Render(IReadOnlyDictionary<string, object?> context)
+    public string Render(IReadOnlyDictionary<string, object?> context) => Guarded(() => RenderUnguarded(context), "rendering");
+
+    /// <summary>A builtin given arguments it cannot use (a test or filter missing its argument, a
+    /// division by zero, a value of the wrong type, ...) is the template's error, reported as a
+    /// <see cref="JinjaException"/> like every other; the runtime's own message is not passed on.</summary>
+    private static T Guarded<T>(Func<T> body, string what)
+    {
+        try { return body(); }
+        catch (LoopControl) { throw new JinjaException($"the template failed while {what}: break or continue outside a loop"); }
+        catch (Exception e) when (e is ArgumentException or IndexOutOfRangeException or InvalidCastException or FormatException
+                                      or OverflowException or DivideByZeroException or KeyNotFoundException or InvalidOperationException)
+        {
+            throw new JinjaException($"the template failed while {what}: a filter, test, method or operator was given arguments it cannot use ({e.GetType().Name})");
+        }
+    }
+
+    private string RenderUnguarded(IReadOnlyDictionary<string, object?> context)
     {
         var scope = new Scope(null);
         TemplateLimits.ResetIterations();
@@ -262,7 +278,9 @@ internal static class Values
         _ => Repr(v),
     };
 
-    public static string Repr(object? v) => v switch
+    public static string Repr(object? v) => TemplateLimits.EnsureStack() ? ReprOf(v) : "";
+
+    private static string ReprOf(object? v) => v switch
     {
         string s => "'" + s.Replace("\\", "\\\\").Replace("'", "\\'").Replace("\n", "\\n") + "'",
         IList<object?> l => "[" + string.Join(", ", l.Select(Repr)) + "]",

@@ -83,6 +83,9 @@ public sealed class Tokenizer
         _cleanUpSpaces = config is { } cc && cc.TryGetProperty("clean_up_tokenization_spaces", out var cu) && cu.ValueKind == JsonValueKind.True;
 
         (_prefix, _suffix) = PostProcessor(tokenizer, config, llamaClass, source);
+        foreach (var id in _prefix.Concat(_suffix))
+            if (_added.Content(id) is null && _model.IdToToken(id) is null)
+                throw new InvalidDataException($"{source}: the post-processor adds token id {id}, which is not in the vocabulary");
     }
 
     /// <summary>Reads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json.</summary>
