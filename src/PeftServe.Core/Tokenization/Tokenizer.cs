@@ -105,6 +105,9 @@ public sealed class Tokenizer
         catch (KeyNotFoundException e) { throw new InvalidDataException($"{path}: a required key is missing ({e.Message})"); }
         catch (InvalidOperationException e) { throw new InvalidDataException($"{path}: unexpected value ({e.Message})"); }
         catch (ArgumentException e) { throw new InvalidDataException($"{path}: invalid value ({e.Message})"); }   // e.g. a pattern that is no regex
+        // JsonElement's accessors on a value of the wrong shape: a number that is no int, an array too short.
+        catch (FormatException) { throw new InvalidDataException($"{path}: a number is not of the expected kind (an integer where one is needed)"); }
+        catch (IndexOutOfRangeException) { throw new InvalidDataException($"{path}: a list holds fewer items than its place needs"); }
     }
 
     public int? TokenToId(string token) => _added.Find(token) ?? _model.TokenToId(token);
