@@ -35,6 +35,9 @@ public sealed class Program
         ["--max-upload-bytes"] = "PeftServe:MaxUploadBytes",
         ["--redis"] = "PeftServe:Redis",
         ["--adapter-roots"] = "PeftServe:AdapterRoots",
+        ["--max-concurrent-uploads"] = "PeftServe:MaxConcurrentUploads",
+        ["--metrics-key"] = "PeftServe:MetricsKey",
+        ["--drain-seconds"] = "PeftServe:DrainSeconds",
     };
 
     /// <summary>Switches that may stand alone (meaning true).</summary>
@@ -102,9 +105,16 @@ public sealed class Program
                 : $"No API keys configured: listening on localhost only ({bound})";
         }
 
+        // SIGTERM: running requests get DrainSeconds to finish (ShutdownDrain), then the rest of shutdown.
+        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(serverOptions.DrainSeconds + 15));
+        builder.Services.AddSingleton(new KeyRing(serverOptions));
+        if (serverOptions.CorsOrigins.Count > 0)
+            builder.Services.AddCors(o => o.AddDefaultPolicy(p => p.WithOrigins([.. serverOptions.CorsOrigins]).AllowAnyHeader().AllowAnyMethod().AllowCredentials()));
         builder.Services.AddSingleton<ModelHost>();
         builder.Services.AddHostedService(sp => sp.GetRequiredService<ModelHost>());
+        builder.Services.AddHostedService<ShutdownDrain>();
         builder.Services.AddSingleton<ServerMetrics>();
+        builder.Services.AddSingleton<AdapterEndpoints.UploadSlots>();
         builder.Services.AddSingleton<GenerationService>();
         var signalR = builder.Services.AddSignalR(o => o.MaximumReceiveMessageSize = 1 << 20);
         ReplicaServices.Add(builder.Services, signalR, serverOptions);
@@ -121,13 +131,17 @@ public sealed class Program
             : LogEventLevel.Information);
         app.UseMiddleware<ErrorHandlingMiddleware>();
         app.UseMiddleware<LoopbackOnlyMiddleware>();
+        if (serverOptions.CorsOrigins.Count > 0) app.UseCors();   // answers preflights before the checks below
+        app.UseMiddleware<CrossSiteMiddleware>();
         app.UseMiddleware<ApiKeyMiddleware>();
         app.UseDefaultFiles();
         app.UseStaticFiles();
 
-        app.MapGet("/health", (ModelHost host) => host.IsReady
-            ? Results.Ok(new { status = "ok", model = host.ModelName })
-            : Results.Json(new { status = "loading" }, statusCode: StatusCodes.Status503ServiceUnavailable));
+        // The model is loaded before Kestrel listens (ModelHost.StartAsync), so no request sees it
+        // loading; after SIGTERM the server drains, and says so, so that balancers stop sending.
+        app.MapGet("/health", (ModelHost host) => host.Draining
+            ? Results.Json(new { status = "draining", model = host.ModelName }, statusCode: StatusCodes.Status503ServiceUnavailable)
+            : Results.Ok(new { status = "ok", model = host.ModelName }));
         var metrics = app.Services.GetRequiredService<ServerMetrics>();
         GatewayMetrics.Map(app, metrics.Registry);   // ours, then the inference gateway's vllm:* metrics
         OpenAiEndpoints.Map(app);

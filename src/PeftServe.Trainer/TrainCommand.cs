@@ -11,7 +11,8 @@ namespace PeftServe.Trainer;
 /// folder the server loads (plus loss.png, training_log.json and checkpoints/).</summary>
 public static class TrainCommand
 {
-    public static Command Create()
+    /// <summary>The train command; its messages and progress go to <paramref name="error"/> (null: standard error).</summary>
+    public static Command Create(TextWriter? error = null)
     {
         var methods = string.Join("|", TrainingMethods.All.Select(m => m.Name));
         var method = new Option<string>("--method")
@@ -75,6 +76,7 @@ public static class TrainCommand
             rank, alpha, loraDropout, targets, virtualTokens, initText, encoderHidden, encoderType, noProjection, adapterLen, adapterLayers,
             reduction, placement, nonLinearity, experts, bitfitSubset,
         };
+        var err = error ?? Console.Error;
         command.SetAction(parse => Run(() =>
         {
             var options = new TrainerOptions
@@ -123,36 +125,37 @@ public static class TrainCommand
                     BitFitSubset = parse.GetValue(bitfitSubset)!,
                 },
             };
-            if (options.ModelDir is null) Console.Error.WriteLine("note: no --model given: training on the built-in tiny Llama (random weights)");
+            if (options.ModelDir is null) err.WriteLine("note: no --model given: training on the built-in tiny Llama (random weights)");
             using var run = new TrainingRun(options);
-            if (run.TokenizerDir != run.ModelDir) Console.Error.WriteLine($"note: {run.ModelDir} has no tokenizer.json: using the built-in tiny model's tokenizer");
-            if (Console.IsOutputRedirected || Console.IsErrorRedirected) run.Train(new LineObserver(Console.Error, parse.GetValue(logEvery)));
+            if (run.TokenizerDir != run.ModelDir) err.WriteLine($"note: {run.ModelDir} has no tokenizer.json: using the built-in tiny model's tokenizer");
+            if (error is not null || Console.IsOutputRedirected || Console.IsErrorRedirected) run.Train(new LineObserver(err, parse.GetValue(logEvery)));
             else ProgressBarTraining.Run(run);
             var last = run.History[^1];
-            Console.Error.WriteLine($"wrote {options.MethodName} adapter to {options.OutputDir} (final training loss {last.Loss:F4}" +
+            err.WriteLine($"wrote {options.MethodName} adapter to {options.OutputDir} (final training loss {last.Loss:F4}" +
                 (run.Evaluations.Count > 0 ? $", validation loss {run.Evaluations[^1].Loss:F4}, perplexity {run.Evaluations[^1].Perplexity:F2})" : ")"));
             if (parse.GetValue(upload) is { } url)
             {
                 var name = parse.GetValue(uploadName) ?? Path.GetFileName(Path.GetFullPath(options.OutputDir).TrimEnd('/'));
                 var answer = AdapterUpload.UploadAsync(url, options.OutputDir, name, Environment.GetEnvironmentVariable("PEFTSERVE_API_KEY")).GetAwaiter().GetResult();
-                Console.Error.WriteLine($"uploaded as '{name}' to {url}: {answer}");
+                err.WriteLine($"uploaded as '{name}' to {url}: {answer}");
             }
             return 0;
-        }));
+        }, err));
         return command;
     }
 
     /// <summary>Expected failures become "error: ..." on one line and exit code 1 (PEFTSERVE_DEBUG=1 adds the trace).</summary>
-    public static int Run(Func<int> body)
+    public static int Run(Func<int> body, TextWriter? error = null)
     {
+        var err = error ?? Console.Error;
         try { return body(); }
         catch (Exception e) when (e is ModelLoadException or SafeTensorsFormatException or AdapterException or ArgumentException
             or InvalidDataException or IOException or UnauthorizedAccessException or JinjaException or HttpRequestException
             or System.Text.Json.JsonException or InvalidOperationException or NotSupportedException)
         {
             Console.Out.Flush();
-            Console.Error.WriteLine($"error: {e.Message}");
-            if (Environment.GetEnvironmentVariable("PEFTSERVE_DEBUG") == "1") Console.Error.WriteLine(e);
+            err.WriteLine($"error: {e.Message}");
+            if (Environment.GetEnvironmentVariable("PEFTSERVE_DEBUG") == "1") err.WriteLine(e);
             return 1;
         }
     }

@@ -164,6 +164,7 @@ public sealed class TrainingRun : IDisposable
         Schedule.At(1); // validates the kind
     }
 
+
     public string CheckpointsDir => Path.Combine(Options.OutputDir, "checkpoints");
 
     /// <summary>Trainable parameters and their share of the base model's.</summary>

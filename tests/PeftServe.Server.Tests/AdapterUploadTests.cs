@@ -115,7 +115,7 @@ public sealed class AdapterUploadTests(ServerFixture fixture) : IClassFixture<Se
             ("not an archive", OneFile("junk", "not a zip"u8.ToArray(), "junk.zip"), 400),
             ("no config", OneFile("noconfig", File.ReadAllBytes(Path.Combine(Example("tiny-lora-r4-qv"), "adapter_model.safetensors")), "adapter_model.safetensors"), 422),
             ("no files", new MultipartFormDataContent { { new StringContent("empty"), "name" } }, 400),
-            ("not multipart", JsonContent.Create(new { name = "x" }), 400),
+            ("not multipart", JsonContent.Create(new { name = "x" }), 415),
         };
         foreach (var (name, content, status) in bad)
         {

@@ -46,7 +46,8 @@ public sealed class ApiKeyTests
 
         // The hub too: refused without a key, served with one (as a browser sends it, in the query string).
         await using var anonymous = new HubConnectionBuilder().WithUrl(s.Url + "/hubs/chat").Build();
-        await Assert.ThrowsAnyAsync<Exception>(() => anonymous.StartAsync());
+        var refused = await Assert.ThrowsAsync<HttpRequestException>(() => anonymous.StartAsync());
+        Assert.Equal(HttpStatusCode.Unauthorized, refused.StatusCode);
         await using var keyed = new HubConnectionBuilder().WithUrl(s.Url + "/hubs/chat", o => o.AccessTokenProvider = () => Task.FromResult<string?>("user-key")).Build();
         await keyed.StartAsync();
         Assert.Equal(HubConnectionState.Connected, keyed.State);

@@ -147,9 +147,20 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
     public async Task TokenIdPromptsAndEchoAreAccepted()
     {
         var ids = new[] { 1, 40, 41, 42 };
-        var body = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 3, temperature = 0, echo = true });
-        Assert.Equal(4, body.GetProperty("usage").GetProperty("prompt_tokens").GetInt32());
-        Assert.Equal("tiny-llama", body.GetProperty("model").GetString());
+        var plain = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 3, temperature = 0 });
+        var echoed = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 3, temperature = 0, echo = true });
+        Assert.Equal(4, echoed.GetProperty("usage").GetProperty("prompt_tokens").GetInt32());
+        Assert.Equal("tiny-llama", echoed.GetProperty("model").GetString());
+        // echo puts the prompt (decoded from its ids) before the same completion.
+        var host = (Hosting.ModelHost)S.App.Services.GetService(typeof(Hosting.ModelHost))!;
+        var prompt = host.Tokenizer.Decode(ids);
+        Assert.False(string.IsNullOrEmpty(prompt));
+        var completion = plain.GetProperty("choices")[0].GetProperty("text").GetString();
+        Assert.Equal(prompt + completion, echoed.GetProperty("choices")[0].GetProperty("text").GetString());
+
+        var text = await S.PostJsonAsync("v1/completions", new { prompt = "Once upon", max_tokens = 3, temperature = 0, echo = true });
+        var textPlain = await S.PostJsonAsync("v1/completions", new { prompt = "Once upon", max_tokens = 3, temperature = 0 });
+        Assert.Equal("Once upon" + textPlain.GetProperty("choices")[0].GetProperty("text").GetString(), text.GetProperty("choices")[0].GetProperty("text").GetString());
     }
 
     [Theory]

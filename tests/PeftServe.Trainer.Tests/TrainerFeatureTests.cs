@@ -1,4 +1,6 @@
 using System.Text.Json;
+using PeftServe.Core.Adapters;
+using PeftServe.Core.Adapters.Training;
 using PeftServe.Core.Templates;
 using PeftServe.Core.Tokenization;
 using PeftServe.Tests;
@@ -95,6 +97,35 @@ public sealed class TrainerFeatureTests(TrainerFixture f) : IClassFixture<Traine
     }
 
     [Fact]
+    public void RunsMadeAtTheSameTimeStartWhereARunMadeAloneStarts()
+    {
+        // Initial parameters come from TorchSharp's global generator: runs built on several threads at
+        // once (as parallel test classes do) must not interleave their draws.
+        TrainerOptions Big(string method) => f.Options(method, steps: 1) with
+        {
+            Method = new TrainingOptions { Rank = 64, LoraTargets = SyntheticAdapters.AllLinear, NumVirtualTokens = 32, EncoderHiddenSize = 256 },
+        };
+        float[] Initial(string method)
+        {
+            using var run = new TrainingRun(Big(method), f.Model);
+            return run.Adapter.Parameters.SelectMany(p => p.Value.detach().cpu().data<float>().ToArray()).ToArray();
+        }
+        string[] methods = ["lora", "ptuning"];
+        var alone = methods.ToDictionary(m => m, Initial);
+        using var start = new Barrier(methods.Length);
+        var mismatches = 0;
+        var threads = methods.Select(m => new Thread(() =>
+        {
+            start.SignalAndWait();
+            for (int i = 0; i < 12; i++)
+                if (!Initial(m).AsSpan().SequenceEqual(alone[m])) Interlocked.Increment(ref mismatches);
+        })).ToList();
+        foreach (var t in threads) t.Start();
+        foreach (var t in threads) t.Join();
+        Assert.Equal(0, mismatches);
+    }
+
+    [Fact]
     public void ResumeContinuesExactlyWhereTheCheckpointLeftOff()
     {
         var full = f.Options("lora", steps: 8) with { GradientAccumulation = 2, BatchSize = 3 };
@@ -159,23 +190,17 @@ public sealed class TrainerFeatureTests(TrainerFixture f) : IClassFixture<Traine
     public void TheCommandTrainsFromTheCommandLine()
     {
         var output = f.NewOutput("cli");
+        // Its own writer, not Console.SetError: other test classes write to the console meanwhile.
         var error = new StringWriter();
-        var saved = Console.Error;
-        Console.SetError(error);
-        int code;
-        try
-        {
-            code = Program.Main(["--method", "ia3", "--model", TestData.TinyLlamaDir, "--data", f.ChatData, "--output", output,
-                "--max-steps", "4", "--eval-every", "2", "--val-fraction", "0.25", "--no-plot", "--log-every", "1"]);
-        }
-        finally { Console.SetError(saved); }
+        int code = Program.Run(["--method", "ia3", "--model", TestData.TinyLlamaDir, "--data", f.ChatData, "--output", output,
+            "--max-steps", "4", "--eval-every", "2", "--val-fraction", "0.25", "--no-plot", "--log-every", "1"], error);
         var text = error.ToString();
         Assert.True(code == 0, text);
         Assert.Contains("trainable parameters: 672 of", text);
         Assert.Contains("step=4/4 loss=", text);
         Assert.Contains("val_ppl=", text);
         Assert.True(File.Exists(Path.Combine(output, "adapter_model.safetensors")));
-        Assert.Equal(2, Program.Main(["--method", "lora", "--data", f.TextData]));            // --output missing
-        Assert.Equal(1, Program.Main(["--method", "nope", "--data", f.TextData, "--output", output]));
+        Assert.Equal(2, Program.Run(["--method", "lora", "--data", f.TextData], TextWriter.Null));            // --output missing
+        Assert.Equal(1, Program.Run(["--method", "nope", "--data", f.TextData, "--output", output], TextWriter.Null));
     }
 }

@@ -29,6 +29,19 @@ public static class AdapterMethods
         All.FirstOrDefault(m => m.PeftTypes.Contains(peftType, StringComparer.OrdinalIgnoreCase))
         ?? throw new AdapterException($"{source}: peft_type '{peftType}' is not supported (supported: {string.Join(", ", All.SelectMany(m => m.PeftTypes))})");
 
+    /// <summary>Checks the adapter in <paramref name="path"/> against the base model as <see cref="Load"/>
+    /// would, from the config and the safetensors header (names, dtypes, shapes) plus one scan of the raw
+    /// values for NaN and infinity, without converting any weight to float32 (uploads use this).
+    /// Throws <see cref="AdapterException"/> naming what is wrong; returns the adapter's method.</summary>
+    public static AdapterMethod Validate(string path, string name, Model.ModelConfig model, AdapterLimits limits)
+    {
+        using var folder = AdapterFolder.Open(path, metadataOnly: true);
+        var method = ForPeftType(folder.PeftType, Path.Combine(path, AdapterFolder.ConfigFile));
+        method.Load(folder, name, model, limits).Dispose();
+        folder.CheckFiniteValues();
+        return method;
+    }
+
     /// <summary>Reads and validates the adapter in <paramref name="path"/> against the base model.</summary>
     public static Adapter Load(string path, string name, Model.ModelConfig model, AdapterLimits limits)
     {

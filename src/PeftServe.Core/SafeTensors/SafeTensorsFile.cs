@@ -109,6 +109,44 @@ public sealed unsafe class SafeTensorsFile : IDisposable
         }
     }
 
+    /// <summary>Whether every value of a floating-point tensor is finite, read from the raw bytes
+    /// (no conversion, no copy): an exponent of all ones is NaN or infinity in every IEEE format.
+    /// Integer and boolean tensors are always finite.</summary>
+    public bool AllFinite(string name)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        var info = Info(name);
+        var handle = _view.SafeMemoryMappedViewHandle;
+        var added = false;
+        try
+        {
+            handle.DangerousAddRef(ref added);
+            byte* p = _data + info.Begin;
+            long n = info.ElementCount;
+            switch (info.DType)
+            {
+                case SafeTensorDType.F32:
+                    for (long i = 0; i < n; i++) if ((((uint*)p)[i] & 0x7F80_0000u) == 0x7F80_0000u) return false;
+                    return true;
+                case SafeTensorDType.F16:
+                    for (long i = 0; i < n; i++) if ((((ushort*)p)[i] & 0x7C00) == 0x7C00) return false;
+                    return true;
+                case SafeTensorDType.BF16:
+                    for (long i = 0; i < n; i++) if ((((ushort*)p)[i] & 0x7F80) == 0x7F80) return false;
+                    return true;
+                case SafeTensorDType.F64:
+                    for (long i = 0; i < n; i++) if ((((ulong*)p)[i] & 0x7FF0_0000_0000_0000ul) == 0x7FF0_0000_0000_0000ul) return false;
+                    return true;
+                default:
+                    return true;
+            }
+        }
+        finally
+        {
+            if (added) handle.DangerousRelease();
+        }
+    }
+
     private void CopyInto(SafeTensorInfo info, torch.Tensor tensor, int chunkBytes)
     {
         var total = info.ByteLength;
@@ -257,16 +295,26 @@ public sealed unsafe class SafeTensorsFile : IDisposable
                 tensors.Add(ParseEntry(path, entry.Name, entry.Value, dataLength));
             }
 
-            // Ranges must not overlap (gaps are tolerated). Empty tensors overlap nothing.
-            var ordered = tensors.Where(t => t.End > t.Begin).OrderBy(t => t.Begin).ThenBy(t => t.End).ToList();
-            for (var i = 1; i < ordered.Count; i++)
+            // As the format's own reader requires: the tensors tile the data section exactly, in offset
+            // order, with no overlap, no gap and nothing after the last one (bytes no header entry
+            // accounts for could hide anything). Empty tensors take no room.
+            var ordered = tensors.OrderBy(t => t.Begin).ThenBy(t => t.End).ToList();
+            long covered = 0;
+            SafeTensorInfo? previous = null;
+            foreach (var cur in ordered)
             {
-                var prev = ordered[i - 1];
-                var cur = ordered[i];
-                if (cur.Begin < prev.End)
+                if (cur.Begin < covered)
                     throw new SafeTensorsFormatException(path, cur.Name,
-                        $"data_offsets [{cur.Begin}, {cur.End}] overlap those of tensor '{prev.Name}' [{prev.Begin}, {prev.End}]");
+                        $"data_offsets [{cur.Begin}, {cur.End}] overlap those of tensor '{previous!.Name}' [{previous.Begin}, {previous.End}]");
+                if (cur.Begin > covered)
+                    throw new SafeTensorsFormatException(path, cur.Name,
+                        $"data_offsets [{cur.Begin}, {cur.End}] leave a gap of {cur.Begin - covered} bytes after the previous tensor's data");
+                covered = cur.End;
+                if (cur.End > cur.Begin) previous = cur;
             }
+            if (covered != dataLength)
+                throw new SafeTensorsFormatException(path, null,
+                    $"the data section holds {dataLength} bytes but the tensors account for {covered}; trailing bytes are refused");
             return (metadata, tensors);
         }
     }

@@ -13,8 +13,13 @@ internal static class Builtins
         "range" => (Callable)((a, _) =>
         {
             long start = a.Count > 1 ? Values.ToLong(a[0]) : 0, stop = Values.ToLong(a[a.Count > 1 ? 1 : 0]), step = a.Count > 2 ? Values.ToLong(a[2]) : 1;
+            if (step == 0) throw new JinjaException("range() arg 3 must not be zero");
             var r = new List<object?>();
-            for (long i = start; step > 0 ? i < stop : i > stop; i += step) r.Add(i);
+            for (long i = start; step > 0 ? i < stop : i > stop; i += step)
+            {
+                r.Add(i);
+                if (r.Count > TemplateLimits.MaxIterations) throw new JinjaException($"range() makes more than {TemplateLimits.MaxIterations} items");
+            }
             return r;
         }),
         "namespace" => (Callable)((a, kw) =>
@@ -214,6 +219,8 @@ internal static class Builtins
 
         void Write(object? x, int depth)
         {
+            TemplateLimits.EnsureStack();   // a list or namespace that contains itself
+            TemplateLimits.CheckOutput(sb);
             switch (x)
             {
                 case null or Undefined: sb.Append("null"); break;

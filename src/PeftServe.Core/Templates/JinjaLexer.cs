@@ -159,22 +159,34 @@ internal static class ExpressionLexer
                 tokens.Add(new Token(TokenType.Name, s[start..i]));
                 continue;
             }
-            if (char.IsDigit(c))
+            if (char.IsAsciiDigit(c))
             {
+                // Python's literals: digits (with '_' between them), an optional fraction, an optional
+                // exponent that has digits. Digits other than ASCII ones are not numbers.
                 int start = i;
-                while (i < s.Length && (char.IsDigit(s[i]) || s[i] == '_')) i++;
+                while (i < s.Length && (char.IsAsciiDigit(s[i]) || s[i] == '_')) i++;
                 bool isFloat = false;
-                if (i + 1 < s.Length && s[i] == '.' && char.IsDigit(s[i + 1]))
+                if (i + 1 < s.Length && s[i] == '.' && char.IsAsciiDigit(s[i + 1]))
                 {
                     isFloat = true;
                     i++;
-                    while (i < s.Length && char.IsDigit(s[i])) i++;
+                    while (i < s.Length && char.IsAsciiDigit(s[i])) i++;
                 }
-                if (i < s.Length && s[i] is 'e' or 'E') { isFloat = true; i++; if (i < s.Length && s[i] is '+' or '-') i++; while (i < s.Length && char.IsDigit(s[i])) i++; }
+                if (i < s.Length && s[i] is 'e' or 'E')
+                {
+                    isFloat = true;
+                    i++;
+                    if (i < s.Length && s[i] is '+' or '-') i++;
+                    int digits = i;
+                    while (i < s.Length && char.IsAsciiDigit(s[i])) i++;
+                    if (i == digits) throw error($"malformed number '{s[start..i]}'");
+                }
                 var text = s[start..i].Replace("_", "");
-                tokens.Add(isFloat
-                    ? new Token(TokenType.Float, text, double.Parse(text, System.Globalization.CultureInfo.InvariantCulture))
-                    : new Token(TokenType.Integer, text, long.Parse(text, System.Globalization.CultureInfo.InvariantCulture)));
+                if (isFloat)
+                    tokens.Add(new Token(TokenType.Float, text, double.Parse(text, System.Globalization.CultureInfo.InvariantCulture)));
+                else if (long.TryParse(text, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var integer))
+                    tokens.Add(new Token(TokenType.Integer, text, integer));
+                else throw error($"integer '{(text.Length > 30 ? text[..30] + "..." : text)}' does not fit 64 bits");
                 continue;
             }
             if (c is '\'' or '"')
@@ -191,7 +203,8 @@ internal static class ExpressionLexer
                     sb.Append(e switch
                     {
                         'n' => "\n", 't' => "\t", 'r' => "\r", '\\' => "\\", '\'' => "'", '"' => "\"", '0' => "\0",
-                        'u' when i + 4 <= s.Length => ((char)Convert.ToInt32(s.Substring((i += 4) - 4, 4), 16)).ToString(),
+                        'u' when i + 4 <= s.Length => ((char)(int.TryParse(s.AsSpan((i += 4) - 4, 4), System.Globalization.NumberStyles.AllowHexSpecifier, System.Globalization.CultureInfo.InvariantCulture, out var code)
+                            ? code : throw error($"invalid escape \\u{s.Substring(i - 4, 4)}"))).ToString(),
                         _ => "\\" + e,
                     });
                 }

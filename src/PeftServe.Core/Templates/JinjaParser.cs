@@ -41,13 +41,14 @@ internal sealed class Parser
     public List<Node> ParseTemplate()
     {
         var body = ParseBody(out var end);
-        if (end is not null) throw Error(_segments[_pos - 1], $"unexpected '{{% {end} %}}'");
+        if (end is not null) throw Error(_segments[_pos], $"unexpected '{{% {end} %}}'");   // ParseBody stops on that segment
         return body;
     }
 
     /// <summary>Nodes until a statement whose keyword ends the current block (returned in <paramref name="endKeyword"/>).</summary>
     private List<Node> ParseBody(out string? endKeyword, params string[] enders)
     {
+        TemplateLimits.EnsureStack();
         var nodes = new List<Node>();
         while (_pos < _segments.Count)
         {
@@ -221,6 +222,7 @@ internal sealed class ExprParser
 
     public Expr ParseExpr()
     {
+        TemplateLimits.EnsureStack();
         var e = ParseOr();
         if (TryKeyword("if"))
         {
@@ -247,7 +249,7 @@ internal sealed class ExprParser
         return e;
     }
 
-    private Expr ParseNot() => TryKeyword("not") ? new Unary("not", ParseNot()) : ParseComparison();
+    private Expr ParseNot() => TemplateLimits.EnsureStack() && TryKeyword("not") ? new Unary("not", ParseNot()) : ParseComparison();
 
     private Expr ParseComparison()
     {
@@ -321,6 +323,7 @@ internal sealed class ExprParser
 
     private Expr ParseUnary()
     {
+        TemplateLimits.EnsureStack();
         if (TryOperator("-")) return new Unary("-", ParseUnary());
         if (TryOperator("+")) return ParseUnary();
         return ParsePrimaryWithPostfix();

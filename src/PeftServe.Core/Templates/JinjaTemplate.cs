@@ -19,11 +19,28 @@ public sealed class JinjaTemplate
     private JinjaTemplate(List<Node> body) => _body = body;
 
     public static JinjaTemplate Parse(string source, bool trimBlocks = true, bool lstripBlocks = true) =>
-        new(new Parser(TemplateLexer.Split(source, trimBlocks, lstripBlocks)).ParseTemplate());
+        Guarded(() => new JinjaTemplate(new Parser(TemplateLexer.Split(source, trimBlocks, lstripBlocks)).ParseTemplate()), "parsing");
 
-    public string Render(IReadOnlyDictionary<string, object?> context)
+    public string Render(IReadOnlyDictionary<string, object?> context) => Guarded(() => RenderUnguarded(context), "rendering");
+
+    /// <summary>A builtin given arguments it cannot use (a test or filter missing its argument, a
+    /// division by zero, a value of the wrong type, ...) is the template's error, reported as a
+    /// <see cref="JinjaException"/> like every other; the runtime's own message is not passed on.</summary>
+    private static T Guarded<T>(Func<T> body, string what)
+    {
+        try { return body(); }
+        catch (LoopControl) { throw new JinjaException($"the template failed while {what}: break or continue outside a loop"); }
+        catch (Exception e) when (e is ArgumentException or IndexOutOfRangeException or InvalidCastException or FormatException
+                                      or OverflowException or DivideByZeroException or KeyNotFoundException or InvalidOperationException)
+        {
+            throw new JinjaException($"the template failed while {what}: a filter, test, method or operator was given arguments it cannot use ({e.GetType().Name})");
+        }
+    }
+
+    private string RenderUnguarded(IReadOnlyDictionary<string, object?> context)
     {
         var scope = new Scope(null);
+        TemplateLimits.ResetIterations();
         foreach (var (k, v) in context) scope.Set(k, Values.FromClr(v));
         var output = new StringBuilder();
         new Evaluator(output).Run(_body, scope);
@@ -79,10 +96,11 @@ internal sealed class Evaluator(StringBuilder output)
 
     private void Execute(Node node, Scope scope)
     {
+        TemplateLimits.EnsureStack();
         switch (node)
         {
-            case TextNode t: output.Append(t.Text); break;
-            case OutputNode o: output.Append(Values.Str(Eval(o.Expr, scope))); break;
+            case TextNode t: output.Append(t.Text); TemplateLimits.CheckOutput(output); break;
+            case OutputNode o: output.Append(Values.Str(Eval(o.Expr, scope))); TemplateLimits.CheckOutput(output); break;
             case IfNode i:
                 foreach (var (condition, body) in i.Branches)
                     if (Values.Truthy(Eval(condition, scope))) { Run(body, scope); return; }
@@ -125,6 +143,7 @@ internal sealed class Evaluator(StringBuilder output)
     private void ExecuteFor(ForNode f, Scope outer)
     {
         var items = Values.Iterate(Eval(f.Iterable, outer)).ToList();
+        TemplateLimits.CountIterations(items.Count);
         if (f.Filter is not null)
             items = items.Where(item => { var s = new Scope(outer); Bind(f.Targets, item, s); return Values.Truthy(Eval(f.Filter, s)); }).ToList();
         if (items.Count == 0)
@@ -157,7 +176,7 @@ internal sealed class Evaluator(StringBuilder output)
         for (int i = 0; i < targets.Count; i++) scope.Set(targets[i], parts[i]);
     }
 
-    public object? Eval(Expr e, Scope scope) => e switch
+    public object? Eval(Expr e, Scope scope) => TemplateLimits.EnsureStack() ? e switch
     {
         Literal l => l.Value,
         Name n => scope.Get(n.Id) is var v and not Undefined ? v : Builtins.Global(n.Id) ?? Undefined.Instance,
@@ -179,7 +198,7 @@ internal sealed class Evaluator(StringBuilder output)
         Binary b => Values.BinaryOp(b.Op, Eval(b.Left, scope), Eval(b.Right, scope)),
         Conditional c => Values.Truthy(Eval(c.Condition, scope)) ? Eval(c.Then, scope) : c.Else is null ? Undefined.Instance : Eval(c.Else, scope),
         _ => throw new JinjaException($"cannot evaluate {e.GetType().Name}"),
-    };
+    } : null;
 
     private long? Opt(Expr? e, Scope scope) => e is null ? null : Values.ToLong(Eval(e, scope));
 
@@ -259,7 +278,9 @@ internal static class Values
         _ => Repr(v),
     };
 
-    public static string Repr(object? v) => v switch
+    public static string Repr(object? v) => TemplateLimits.EnsureStack() ? ReprOf(v) : "";
+
+    private static string ReprOf(object? v) => v switch
     {
         string s => "'" + s.Replace("\\", "\\\\").Replace("'", "\\'").Replace("\n", "\\n") + "'",
         IList<object?> l => "[" + string.Join(", ", l.Select(Repr)) + "]",
@@ -355,7 +376,9 @@ internal static class Values
             case "in": return Contains(b, a);
             case "+" when a is string sa && b is string sb: return sa + sb;
             case "+" when a is IList<object?> la && b is IList<object?> lb: return la.Concat(lb).ToList();
-            case "*" when a is string s && b is long times: return string.Concat(Enumerable.Repeat(s, (int)Math.Max(0, times)));
+            case "*" when a is string s && b is long times:
+                TemplateLimits.CheckLength((double)s.Length * Math.Max(0, times));
+                return string.Concat(Enumerable.Repeat(s, (int)Math.Max(0, times)));
         }
         if (op is "<" or ">" or "<=" or ">=")
         {
@@ -407,4 +430,42 @@ internal static class Values
         null or Undefined => false,
         _ => throw new JinjaException($"'in' needs a string, list or mapping, not {Repr(container)}"),
     };
+}
+
+/// <summary>Bounds on what one template may make the interpreter do, so that a hostile or broken
+/// template ends in a <see cref="JinjaException"/>, never in a stack overflow (which no handler can
+/// catch: it ends the process) or in gigabytes of output. Real chat templates stay far below them.</summary>
+internal static class TemplateLimits
+{
+    /// <summary>Characters a render, or one string, may reach.</summary>
+    public const int MaxChars = 16 << 20;
+    /// <summary>Loop iterations (over all loops) one render may run, and items range() may make.</summary>
+    public const int MaxIterations = 1_000_000;
+    [ThreadStatic] private static long _iterations;
+
+    /// <summary>Throws before the stack runs out (deep nesting or endless macro recursion). Returns true.</summary>
+    public static bool EnsureStack()
+    {
+        if (!System.Runtime.CompilerServices.RuntimeHelpers.TryEnsureSufficientExecutionStack())
+            throw new JinjaException("the template nests or recurses too deeply");
+        return true;
+    }
+
+    public static void CheckOutput(StringBuilder output)
+    {
+        if (output.Length > MaxChars) throw new JinjaException($"the template's output exceeds {MaxChars} characters");
+    }
+
+    public static void CheckLength(double chars)
+    {
+        if (chars > MaxChars) throw new JinjaException($"a string of {chars:0} characters exceeds the limit of {MaxChars}");
+    }
+
+    public static void ResetIterations() => _iterations = 0;
+
+    public static void CountIterations(long n)
+    {
+        _iterations += n;
+        if (n > MaxIterations || _iterations > MaxIterations) throw new JinjaException($"the template loops more than {MaxIterations} times");
+    }
 }

@@ -21,6 +21,11 @@ internal sealed class BpeModel
 
     public int VocabSize => _idToToken.Length;
 
+    /// <summary>Largest token id read (16M: far beyond any real vocabulary, small enough to index).</summary>
+    public const int MaxTokenId = (1 << 24) - 1;
+
+    private static string Shorten(string s) => s.Length <= 40 ? s : s[..37] + "...";
+
     public BpeModel(JsonElement model, string source)
     {
         var vocab = model.GetProperty("vocab");
@@ -28,7 +33,9 @@ internal sealed class BpeModel
         int max = -1;
         foreach (var p in vocab.EnumerateObject())
         {
-            int id = p.Value.GetInt32();
+            // Ids index an array: non-negative and of a sane size (the largest real vocabularies have ~260k).
+            if (p.Value.ValueKind != JsonValueKind.Number || !p.Value.TryGetInt32(out int id) || id is < 0 or > MaxTokenId)
+                throw new InvalidDataException($"{source}: the id of vocabulary entry '{Shorten(p.Name)}' is not an integer in 0..{MaxTokenId}");
             _vocab[p.Name] = id;
             max = Math.Max(max, id);
         }
@@ -49,10 +56,18 @@ internal sealed class BpeModel
         {
             // Two formats: "a b" (older files) or ["a", "b"] (newer ones, which allow spaces in tokens).
             string left, right;
-            if (m.ValueKind == JsonValueKind.Array) { left = m[0].GetString()!; right = m[1].GetString()!; }
+            if (m.ValueKind == JsonValueKind.Array)
+            {
+                if (m.GetArrayLength() != 2 || m[0].ValueKind != JsonValueKind.String || m[1].ValueKind != JsonValueKind.String)
+                    throw new InvalidDataException($"{source}: merge {rank} is not a pair of token strings");
+                left = m[0].GetString()!;
+                right = m[1].GetString()!;
+            }
             else
             {
+                if (m.ValueKind != JsonValueKind.String) throw new InvalidDataException($"{source}: merge {rank} is neither \"a b\" nor [\"a\", \"b\"]");
                 var s = m.GetString()!;
+                if (s.Length == 0) throw new InvalidDataException($"{source}: merge {rank} is empty");
                 int space = s.IndexOf(' ', 1);
                 if (space < 0) throw new InvalidDataException($"{source}: merge '{s}' is not two tokens");
                 left = s[..space]; right = s[(space + 1)..];

@@ -83,6 +83,9 @@ public sealed class Tokenizer
         _cleanUpSpaces = config is { } cc && cc.TryGetProperty("clean_up_tokenization_spaces", out var cu) && cu.ValueKind == JsonValueKind.True;
 
         (_prefix, _suffix) = PostProcessor(tokenizer, config, llamaClass, source);
+        foreach (var id in _prefix.Concat(_suffix))
+            if (_added.Content(id) is null && _model.IdToToken(id) is null)
+                throw new InvalidDataException($"{source}: the post-processor adds token id {id}, which is not in the vocabulary");
     }
 
     /// <summary>Reads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json.</summary>
@@ -101,6 +104,10 @@ public sealed class Tokenizer
         catch (JsonException e) { throw new InvalidDataException($"{(e.Path is null ? path : path)}: invalid JSON: {e.Message}"); }
         catch (KeyNotFoundException e) { throw new InvalidDataException($"{path}: a required key is missing ({e.Message})"); }
         catch (InvalidOperationException e) { throw new InvalidDataException($"{path}: unexpected value ({e.Message})"); }
+        catch (ArgumentException e) { throw new InvalidDataException($"{path}: invalid value ({e.Message})"); }   // e.g. a pattern that is no regex
+        // JsonElement's accessors on a value of the wrong shape: a number that is no int, an array too short.
+        catch (FormatException) { throw new InvalidDataException($"{path}: a number is not of the expected kind (an integer where one is needed)"); }
+        catch (IndexOutOfRangeException) { throw new InvalidDataException($"{path}: a list holds fewer items than its place needs"); }
     }
 
     public int? TokenToId(string token) => _added.Find(token) ?? _model.TokenToId(token);

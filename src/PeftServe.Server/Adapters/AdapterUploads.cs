@@ -1,5 +1,4 @@
-using System.Formats.Tar;
-using System.IO.Compression;
+using Microsoft.Extensions.Logging.Abstractions;
 using PeftServe.Core.Adapters;
 using PeftServe.Core.Model;
 using PeftServe.Server.Api;
@@ -16,8 +15,9 @@ public sealed record UploadLimits
 /// <summary>The adapter store on disk, as the upload and delete endpoints change it. An upload is
 /// unpacked into a hidden temporary folder inside the store, validated against the base model, and
 /// only then renamed into place, so a crash mid-upload leaves nothing half-written under a real name.</summary>
-public sealed class AdapterStore(string directory, ModelConfig baseModel, AdapterLimits adapterLimits, UploadLimits limits)
+public sealed class AdapterStore(string directory, ModelConfig baseModel, AdapterLimits adapterLimits, UploadLimits limits, ILogger? log = null)
 {
+    private readonly ILogger _log = log ?? NullLogger.Instance;
     private static readonly string[] KnownFiles = [AdapterFolder.ConfigFile, AdapterFolder.WeightsFile, "README.md"];
     private readonly object _lock = new();
 
@@ -59,7 +59,7 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         if (!File.Exists(config)) return null;
         string peftType;
         try { peftType = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(config))?["peft_type"]?.GetValue<string>() ?? "?"; }
-        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException) { peftType = "?"; }
+        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or ArgumentException) { peftType = "?"; }
         var files = new DirectoryInfo(dir).GetFiles();
         return new Entry(name, peftType, files.Sum(f => f.Length), new DateTimeOffset(System.IO.Directory.GetCreationTimeUtc(dir), TimeSpan.Zero));
     }
@@ -80,22 +80,34 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         {
             try
             {
-                if (files.Count == 1 && IsArchive(files[0].FileName)) Unpack(files[0], staging, budget);
+                if (files.Count == 1 && AdapterArchive.IsArchive(files[0].FileName))
+                    AdapterArchive.Unpack(files[0].Content, files[0].FileName,
+                        new ArchiveLimits { MaxBytes = limits.MaxBytes, MaxEntries = limits.MaxFiles },
+                        (entry, data) => WriteEntry(staging, entry, data, budget));
                 else foreach (var f in files) Write(staging, f.FileName, f.Content, budget);
             }
-            catch (Exception e) when (e is InvalidDataException or EndOfStreamException or FormatException or ArgumentException)
+            catch (ArchiveException e)
             {
-                throw new ApiException(400, $"'{files[0].FileName}' is not a readable .zip or .tar.gz archive: {e.Message}", "files", "invalid_archive");
+                throw e.TooLarge
+                    ? new ApiException(413, $"'{files[0].FileName}': {e.Message}", "files", "upload_too_large")
+                    : new ApiException(400, $"'{files[0].FileName}' is not a readable .zip or .tar.gz archive: {e.Message}", "files", "invalid_archive");
             }
             if (!File.Exists(Path.Combine(staging, AdapterFolder.ConfigFile)))
                 throw new ApiException(422, $"the upload has no {AdapterFolder.ConfigFile}", "files", "invalid_adapter");
 
-            // Shape validation against the base model, before the adapter is visible.
-            try { AdapterMethods.Load(staging, name, baseModel, adapterLimits).Dispose(); }
-            catch (Exception e) when (e is AdapterException or PeftServe.Core.SafeTensors.SafeTensorsFormatException or System.Text.Json.JsonException
-                                       or InvalidDataException or IOException or ArgumentException or InvalidOperationException)
+            // Checked against the base model before the adapter is visible: from the config and the
+            // safetensors header, plus one scan of the raw values (no float32 copy of the weights).
+            try { AdapterMethods.Validate(staging, name, baseModel, adapterLimits); }
+            catch (AdapterException e)
             {
                 throw new ApiException(422, e.Message.Replace(staging, name), "files", "invalid_adapter");
+            }
+            catch (Exception e) when (e is not ApiException)
+            {
+                // A malformed adapter the checks above missed: still the client's input, so a 422, but
+                // the exception's own text (paths, internals) stays in the log.
+                _log.LogWarning(e, "Validating uploaded adapter {Adapter} failed unexpectedly", name);
+                throw new ApiException(422, "the adapter could not be validated (it is malformed in a way this server does not describe; the error is logged)", "files", "invalid_adapter");
             }
 
             var target = Path.Combine(Directory, name);
@@ -139,10 +151,6 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         return true;
     }
 
-    private static bool IsArchive(string fileName) =>
-        fileName.EndsWith(".zip", StringComparison.OrdinalIgnoreCase) || fileName.EndsWith(".tar.gz", StringComparison.OrdinalIgnoreCase)
-        || fileName.EndsWith(".tgz", StringComparison.OrdinalIgnoreCase);
-
     /// <summary>Writes one known file, by its bare name only (no folders, nothing escaping the staging folder).</summary>
     private void Write(string staging, string fileName, Stream content, Budget budget)
     {
@@ -155,33 +163,6 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
         CopyLimited(content, output, budget, limits.MaxBytes, fileName);
     }
 
-    private void Unpack((string FileName, Stream Content, long Length) archive, string staging, Budget budget)
-    {
-        if (archive.FileName.EndsWith(".zip", StringComparison.OrdinalIgnoreCase))
-        {
-            using var zip = new ZipArchive(archive.Content, ZipArchiveMode.Read);
-            if (zip.Entries.Count > limits.MaxFiles) throw new ApiException(400, $"archive has {zip.Entries.Count} entries (at most {limits.MaxFiles})", "files");
-            if (zip.Entries.Sum(e => e.Length) > limits.MaxBytes) throw new ApiException(413, $"archive unpacks to more than {limits.MaxBytes} bytes", "files");
-            foreach (var e in zip.Entries.Where(e => !e.FullName.EndsWith('/')))
-                WriteEntry(staging, e.FullName, e.Open(), budget);
-            return;
-        }
-        using var gz = new GZipStream(archive.Content, CompressionMode.Decompress);
-        using var tar = new TarReader(gz);
-        int count = 0;
-        long total = 0;
-        while (tar.GetNextEntry() is { } e)
-        {
-            if (++count > limits.MaxFiles) throw new ApiException(400, $"archive has more than {limits.MaxFiles} entries", "files");
-            if (e.EntryType is TarEntryType.Directory) continue;
-            if (e.EntryType is not (TarEntryType.RegularFile or TarEntryType.V7RegularFile))
-                throw new ApiException(400, $"archive entry '{e.Name}' is not a regular file (links and devices are refused)", "files");
-            total += e.Length;
-            if (total > limits.MaxBytes) throw new ApiException(413, $"archive unpacks to more than {limits.MaxBytes} bytes", "files");
-            WriteEntry(staging, e.Name, e.DataStream ?? Stream.Null, budget);
-        }
-    }
-
     /// <summary>Archive entries may sit in one top-level folder; anything with '..' or a root is refused.</summary>
     private void WriteEntry(string staging, string entryName, Stream data, Budget budget)
     {
@@ -190,7 +171,7 @@ public sealed class AdapterStore(string directory, ModelConfig baseModel, Adapte
             throw new ApiException(400, $"archive entry '{entryName}' escapes the adapter folder", "files");
         var parts = normalized.Split('/', StringSplitOptions.RemoveEmptyEntries);
         if (parts.Length > 2) throw new ApiException(400, $"archive entry '{entryName}' is nested too deep", "files");
-        using (data) Write(staging, parts[^1], data, budget);
+        Write(staging, parts[^1], data, budget);   // the unpacker owns (and finally checks) the entry's stream
     }
 
     /// <summary>Copies at most what the budget allows, counting the bytes actually read (an archive's

@@ -35,11 +35,26 @@ public static class AdapterEndpoints
         id = e.Name, @object = "adapter", peft_type = e.PeftType, bytes = e.Bytes, created = e.Created.ToUnixTimeSeconds(),
     };
 
-    private static async Task<IResult> Upload(HttpContext context, ModelHost host, AdapterChanges changes, IOptions<ServerOptions> options, ILogger<AdapterStore> log)
+    /// <summary>At most MaxConcurrentUploads uploads are read and validated at once (each may be half a
+    /// gigabyte of disk and a scan of it); one more is told to come back (429 with Retry-After).</summary>
+    public sealed class UploadSlots(IOptions<ServerOptions> options)
+    {
+        public SemaphoreSlim Gate { get; } = new(Math.Max(1, options.Value.MaxConcurrentUploads));
+    }
+
+    private static async Task<IResult> Upload(HttpContext context, ModelHost host, AdapterChanges changes, IOptions<ServerOptions> options, UploadSlots slots, ILogger<AdapterStore> log)
     {
         var o = options.Value;
+        if (!await slots.Gate.WaitAsync(0, context.RequestAborted))
+            throw new ApiException(429, $"{o.MaxConcurrentUploads} uploads are being validated; try again shortly", "files", "uploads_busy") { RetryAfterSeconds = o.RetryAfterSeconds };
+        try { return await UploadHeld(context, host, changes, o, log); }
+        finally { slots.Gate.Release(); }
+    }
+
+    private static async Task<IResult> UploadHeld(HttpContext context, ModelHost host, AdapterChanges changes, ServerOptions o, ILogger<AdapterStore> log)
+    {
         if (!context.Request.HasFormContentType)
-            return OpenAiError.Result(400, "send the adapter as multipart/form-data: a 'name' field and the files (adapter_config.json and adapter_model.safetensors, or one .zip / .tar.gz)", "files");
+            return OpenAiError.Result(415, "send the adapter as multipart/form-data: a 'name' field and the files (adapter_config.json and adapter_model.safetensors, or one .zip / .tar.gz)", "files");
         long limit = o.MaxUploadBytes + (1 << 20);
         if (context.Features.Get<IHttpMaxRequestBodySizeFeature>() is { IsReadOnly: false } size) size.MaxRequestBodySize = limit;
         if (context.Request.ContentLength > limit)
@@ -55,7 +70,7 @@ public static class AdapterEndpoints
             }, context.RequestAborted);
         }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { return OpenAiError.Result(413, $"upload larger than {o.MaxUploadBytes} bytes", "files", "upload_too_large"); }
-        catch (InvalidDataException e) { return OpenAiError.Result(400, $"malformed multipart upload: {e.Message}", "files"); }
+        catch (InvalidDataException) { return OpenAiError.Result(400, "malformed multipart upload (its boundaries or part headers are wrong, or a part is too large)", "files"); }
 
         var files = form.Files;
         string? name = form["name"].FirstOrDefault();
@@ -65,7 +80,8 @@ public static class AdapterEndpoints
         var streams = files.Select(f => (f.FileName, f.OpenReadStream(), f.Length)).ToList();
         try
         {
-            var entry = host.Store.Save(name, streams);
+            // Unpacking and validation are file and CPU work: off the request's thread.
+            var entry = await Task.Run(() => host.Store.Save(name, streams), context.RequestAborted);
             await changes.PublishAsync(name, "stored");
             log.LogInformation("Stored adapter {Adapter} ({PeftType}, {Bytes} bytes, {Files} files uploaded)", entry.Name, entry.PeftType, entry.Bytes, files.Count);
             return Results.Json(Dto(entry), statusCode: StatusCodes.Status201Created);

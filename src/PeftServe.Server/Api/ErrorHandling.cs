@@ -30,9 +30,10 @@ public sealed class ErrorHandlingMiddleware(RequestDelegate next, ILogger<ErrorH
         }
         catch (Exception e)
         {
-            log.LogError(e, "Unhandled error in {Method} {Path}", context.Request.Method, context.Request.Path.Value);
+            log.LogError(e, "Unhandled error in {Method} {Path} (request {RequestId})", context.Request.Method, context.Request.Path.Value, context.TraceIdentifier);
             if (context.Response.HasStarted) return;
-            await OpenAiError.Result(500, "internal server error: " + e.Message).ExecuteAsync(context);
+            // The exception's text stays in the log: it may hold paths and internals.
+            await OpenAiError.Result(500, $"internal server error (request {context.TraceIdentifier}; the details are in the server's log)").ExecuteAsync(context);
         }
     }
 }

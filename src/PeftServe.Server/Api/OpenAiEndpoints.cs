@@ -14,7 +14,6 @@ public static class OpenAiEndpoints
     {
         app.MapGet("/v1/models", (ModelHost host) =>
         {
-            if (!host.IsReady) return OpenAiError.Result(503, "the model is still loading", code: "model_loading");
             long created = host.LoadedAt.ToUnixTimeSeconds();
             var data = new List<object> { new { id = host.ModelName, @object = "model", created, owned_by = "peftserve", root = host.ModelName, parent = (string?)null } };
             data.AddRange(host.Store.List().Select(a => (object)new
@@ -40,8 +39,15 @@ public static class OpenAiEndpoints
         _ => "cancelled",
     };
 
+    /// <summary>The body of a JSON endpoint. Anything but application/json (or a +json type) is a 415:
+    /// a web page can POST text/plain or a form anywhere without a CORS preflight, but not JSON.</summary>
     private static async Task<string> ReadBody(HttpContext context)
     {
+        var type = context.Request.ContentType;
+        if (!Microsoft.Net.Http.Headers.MediaTypeHeaderValue.TryParse(type, out var media)
+            || !(media.MediaType.Equals("application/json", StringComparison.OrdinalIgnoreCase) || media.Suffix.Equals("json", StringComparison.OrdinalIgnoreCase)))
+            throw new ApiException(415, $"send the request body as JSON with 'Content-Type: application/json' (got {(string.IsNullOrEmpty(type) ? "no content type" : $"'{(type.Length > 80 ? type[..80] : type)}'")})",
+                code: "unsupported_media_type");
         using var reader = new StreamReader(context.Request.Body, Encoding.UTF8);
         return await reader.ReadToEndAsync(context.RequestAborted);
     }

@@ -15,7 +15,7 @@ public sealed record OpenAiError(
     {
         var type = status switch
         {
-            400 or 404 or 409 or 413 or 422 => "invalid_request_error",
+            400 or 404 or 409 or 413 or 415 or 422 => "invalid_request_error",
             401 => "authentication_error",
             403 => "permission_error",
             429 => "rate_limit_exceeded",

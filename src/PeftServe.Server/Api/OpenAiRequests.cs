@@ -32,16 +32,89 @@ public static class OpenAiRequests
 {
     public const int MaxStopStrings = 4;
 
+    /// <summary>Parameters every generation endpoint reads. "user" only names the caller for the
+    /// caller's own records and changes nothing generated.</summary>
+    private static readonly string[] CommonParameters =
+        ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
+         "ignore_eos", "stream", "stream_options", "n", "user", "logprobs", "logit_bias"];
+    private static readonly string[] CompletionParameters = ["prompt", "echo", "best_of"];
+    private static readonly string[] ChatParameters =
+        ["messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "response_format", "parallel_tool_calls"];
+
     public static JsonElement ParseBody(string body)
     {
         if (string.IsNullOrWhiteSpace(body)) throw new ApiException(400, "the request body is empty; send a JSON object");
+        JsonElement root;
         try
         {
             using var doc = JsonDocument.Parse(body);
             if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new ApiException(400, "the request body must be a JSON object");
-            return doc.RootElement.Clone();
+            root = doc.RootElement.Clone();
         }
-        catch (JsonException e) { throw new ApiException(400, $"the request body is not valid JSON: {e.Message}"); }
+        // The parser's own message is not echoed: where it failed is enough to find the mistake.
+        catch (JsonException e) { throw new ApiException(400, $"the request body is not valid JSON (line {e.LineNumber + 1}, byte {e.BytePositionInLine + 1})"); }
+        CheckStrings(root, "");
+        return root;
+    }
+
+    /// <summary>Refuses strings that hold a lone UTF-16 surrogate ("\ud800" with no pair): valid JSON
+    /// text, but no valid string, so reading it later would fail deep inside the request.</summary>
+    private static void CheckStrings(JsonElement element, string path)
+    {
+        switch (element.ValueKind)
+        {
+            case JsonValueKind.Object:
+                foreach (var property in element.EnumerateObject())
+                {
+                    string name;
+                    try { name = property.Name; }
+                    catch (InvalidOperationException) { throw LoneSurrogate(path.Length == 0 ? "a property name" : $"a property name in '{path}'", path); }
+                    var child = path.Length == 0 ? name : $"{path}.{name}";
+                    CheckStrings(property.Value, child);
+                }
+                break;
+            case JsonValueKind.Array:
+                int i = 0;
+                foreach (var item in element.EnumerateArray()) CheckStrings(item, $"{path}[{i++}]");
+                break;
+            case JsonValueKind.String:
+                try { _ = element.GetString(); }
+                catch (InvalidOperationException) { throw LoneSurrogate($"'{path}'", path); }
+                break;
+        }
+    }
+
+    private static ApiException LoneSurrogate(string where, string path) =>
+        new(400, $"{where} holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair); send valid Unicode text", path.Length == 0 ? null : path, "invalid_string");
+
+    /// <summary>Refuses every parameter this server does not implement, rather than ignoring it (a
+    /// client asking for JSON output must not silently get free text). A parameter sent with its
+    /// neutral value (null, an empty logit_bias, response_format "text", no tools) is accepted.</summary>
+    private static void CheckParameters(JsonElement root, bool chat)
+    {
+        foreach (var p in root.EnumerateObject())
+        {
+            var name = p.Name;
+            var v = p.Value;
+            bool known = CommonParameters.Contains(name) || (chat ? ChatParameters : CompletionParameters).Contains(name);
+            if (!known)
+                throw new ApiException(400, $"unrecognized request argument '{name}' (this server does not implement it)", name, "unsupported_parameter");
+            if (v.ValueKind == JsonValueKind.Null) continue;
+            bool neutral = name switch
+            {
+                "logit_bias" => v.ValueKind == JsonValueKind.Object && !v.EnumerateObject().Any(),
+                "response_format" => v.ValueKind == JsonValueKind.Object && v.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String && t.GetString() == "text"
+                                     && v.EnumerateObject().Count() == 1,
+                "tools" => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0,
+                "tool_choice" => v.ValueKind == JsonValueKind.String && v.GetString() == "none",
+                "parallel_tool_calls" or "top_logprobs" => false,
+                "logprobs" => v.ValueKind == JsonValueKind.False,
+                "best_of" => v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out var b) && b == 1,
+                _ => true,
+            };
+            if (!neutral)
+                throw new ApiException(400, $"'{name}' is not supported by this server; leave it out", name, "unsupported_parameter");
+        }
     }
 
     public static CompletionRequest ParseCompletion(JsonElement root)
@@ -110,26 +183,30 @@ public static class OpenAiRequests
 
     public static GenerationSettings ParseSettings(JsonElement root, bool chat)
     {
+        CheckParameters(root, chat);
         var n = Int(root, "n");
         if (n is not null and not 1) throw new ApiException(400, "only n = 1 is supported", "n");
-        if (root.TryGetProperty("logprobs", out var lp) && lp.ValueKind is not (JsonValueKind.Null or JsonValueKind.False))
-            throw new ApiException(400, "logprobs are not supported", "logprobs");
-        if (root.TryGetProperty("tools", out var tools) && tools.ValueKind == JsonValueKind.Array && tools.GetArrayLength() > 0)
-            throw new ApiException(400, "tools are not supported", "tools");
         int? maxTokens = Int(root, "max_tokens");
         if (chat) maxTokens = Int(root, "max_completion_tokens") ?? maxTokens;
         if (maxTokens is < 1) throw new ApiException(400, $"max_tokens must be at least 1; got {maxTokens}", chat && root.TryGetProperty("max_completion_tokens", out _) ? "max_completion_tokens" : "max_tokens");
         var stream = Bool(root, "stream") ?? false;
         bool includeUsage = false;
-        if (root.TryGetProperty("stream_options", out var so) && so.ValueKind == JsonValueKind.Object)
+        if (Present(root, "stream_options", out var so))
+        {
+            if (!stream) throw new ApiException(400, "'stream_options' is only allowed with stream: true", "stream_options");
+            if (so.ValueKind != JsonValueKind.Object) throw new ApiException(400, "'stream_options' must be an object", "stream_options");
+            foreach (var option in so.EnumerateObject())
+                if (option.Name != "include_usage")
+                    throw new ApiException(400, $"unrecognized stream option '{option.Name}'", $"stream_options.{option.Name}", "unsupported_parameter");
             includeUsage = Bool(so, "include_usage", "stream_options.include_usage") ?? false;
+        }
         var s = new GenerationSettings
         {
             Model = String(root, "model"),
             MaxTokens = maxTokens,
             Temperature = Float(root, "temperature") ?? 1f,
             TopP = Float(root, "top_p") ?? 1f,
-            TopK = Int(root, "top_k") is { } k && k > 0 ? k : 0,
+            TopK = TopK(Int(root, "top_k")),
             Seed = Long(root, "seed"),
             Stop = Stop(root),
             PresencePenalty = Float(root, "presence_penalty") ?? 0f,
@@ -141,6 +218,14 @@ public static class OpenAiRequests
         Check(s);
         return s;
     }
+
+    /// <summary>top_k as vLLM reads it: -1 (or absent) means no limit, otherwise at least 1. The engine's 0 means no limit.</summary>
+    public static int TopK(int? k) => k switch
+    {
+        null or -1 => 0,
+        >= 1 => k.Value,
+        _ => throw new ApiException(400, $"top_k must be -1 (no limit) or at least 1; got {k}", "top_k"),
+    };
 
     /// <summary>Range checks with the parameter's OpenAI name (the engine checks again).</summary>
     public static void Check(GenerationSettings s)

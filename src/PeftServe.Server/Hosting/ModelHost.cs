@@ -16,8 +16,11 @@ public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost
 {
     private LlamaModel? _model;
     private InferenceEngine? _engine;
+    private volatile bool _draining;
 
     public bool IsReady => _engine is not null;
+    /// <summary>True from the start of shutdown: new requests are refused (503), running ones finish.</summary>
+    public bool Draining => _draining;
     public LlamaModel Model => _model ?? throw new InvalidOperationException("the model is not loaded yet");
     public InferenceEngine Engine => _engine ?? throw new InvalidOperationException("the engine is not started yet");
     public AdapterStore Store { get; private set; } = null!;
@@ -72,7 +75,7 @@ public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost
             ModelName, c.Architecture, c.NumLayers, c.HiddenSize, c.VocabSize, modelOptions.Device, modelOptions.DType,
             _model.WeightBytes / 1048576.0, _model.WeightSummary, started.Elapsed.TotalSeconds);
         Store = new AdapterStore(o.AdapterStore, c, engineOptions.AdapterLimits,
-            new UploadLimits { MaxBytes = o.MaxUploadBytes, MaxFiles = o.MaxUploadFiles });
+            new UploadLimits { MaxBytes = o.MaxUploadBytes, MaxFiles = o.MaxUploadFiles }, loggers.CreateLogger<AdapterStore>());
         if (Store.RemoveLeftovers() is > 0 and var n) log.LogWarning("Removed {Count} unfinished uploads or deletes from {Store}", n, Store.Directory);
         _engine = new InferenceEngine(_model, Tokenizer, engineOptions, loggers.CreateLogger<InferenceEngine>());
         LoadedAt = DateTimeOffset.UtcNow;
@@ -80,8 +83,12 @@ public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost
         return Task.CompletedTask;
     }
 
+    /// <summary>Refuse new requests from now on (see <see cref="ShutdownDrain"/>).</summary>
+    public void BeginDrain() => _draining = true;
+
     public async Task StopAsync(CancellationToken cancellationToken)
     {
+        _draining = true;
         if (_engine is { } engine)
         {
             // Running requests get until the host's shutdown timeout to finish, then are cancelled.

@@ -24,6 +24,21 @@ public sealed class ServerOptions
     public long MaxUploadBytes { get; set; } = 512L << 20;
     /// <summary>Most files in one upload, or entries in one archive.</summary>
     public int MaxUploadFiles { get; set; } = 16;
+    /// <summary>Uploads validated at once; one more is answered 429 with Retry-After.</summary>
+    public int MaxConcurrentUploads { get; set; } = 2;
+
+    /// <summary>Browser origins ("https://app.example.com") allowed to call the API cross-origin (CORS).
+    /// Any other cross-origin request that changes state, and any cross-origin hub connection, is
+    /// refused: without it, every web page the local user opens could drive a localhost server.</summary>
+    public List<string> CorsOrigins { get; set; } = [];
+    /// <summary>Host names the server answers to (the Host header, port aside; "*.example.com" covers
+    /// subdomains). Empty: loopback names only when the server has no keys (and so listens on loopback),
+    /// any name otherwise. Guards against DNS rebinding.</summary>
+    public List<string> AllowedHosts { get; set; } = [];
+    /// <summary>When set, /metrics needs "Authorization: Bearer MetricsKey" (an admin key also works).</summary>
+    public string? MetricsKey { get; set; }
+    /// <summary>On SIGTERM, how long running requests may take to finish before they are cancelled.</summary>
+    public int DrainSeconds { get; set; } = 30;
 
     // The engine's knobs (see PeftServe.Core.Engine.EngineOptions).
     public int MaxBatchSize { get; set; } = 32;

@@ -47,7 +47,7 @@ public sealed class ChatHub(GenerationService generation) : Hub
                 MaxTokens = request.MaxTokens,
                 Temperature = request.Temperature ?? 1f,
                 TopP = request.TopP ?? 1f,
-                TopK = request.TopK ?? 0,
+                TopK = OpenAiRequests.TopK(request.TopK),
                 Seed = request.Seed,
                 Stop = request.Stop ?? [],
                 IgnoreEos = request.IgnoreEos,

@@ -20,7 +20,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
     /// <summary>The adapter a model id names: null for the base model (or no model given).</summary>
     public (string ModelId, string? Adapter) ResolveModel(string? model)
     {
-        if (!host.IsReady) throw new ApiException(503, "the model is still loading", code: "model_loading") { RetryAfterSeconds = 5 };
+        if (host.Draining) throw new ApiException(503, "the server is shutting down", code: "shutting_down") { RetryAfterSeconds = options.Value.RetryAfterSeconds };
         if (string.IsNullOrEmpty(model) || model == host.ModelName) return (host.ModelName, null);
         if (AdapterNames.IsSafe(model) && host.Store.Find(model) is not null) return (model, model);
         throw new ApiException(404, $"The model '{model}' does not exist (GET /v1/models lists the base model and every adapter)", "model", "model_not_found");
@@ -91,16 +91,16 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
             log.LogWarning("Queue full ({Capacity} waiting): refused {RequestId} for {Model}", e.Capacity, request.Id, modelId);
             throw new ApiException(429, e.Message, code: "queue_full") { RetryAfterSeconds = options.Value.RetryAfterSeconds };
         }
-        catch (EngineStoppedException e) { throw new ApiException(503, e.Message, code: "shutting_down"); }
+        catch (EngineStoppedException e) { throw new ApiException(503, e.Message, code: "shutting_down") { RetryAfterSeconds = options.Value.RetryAfterSeconds }; }
         catch (AdapterException e) { throw new ApiException(404, e.Message, "model", "model_not_found"); }
         catch (ArgumentException e) { throw new ApiException(400, e.Message); }
         metrics.PromptTokens.WithLabels(modelId).Inc(request.PromptIds.Count);
-        return new Generation(api, modelId, request, stream, metrics, log);
+        return new Generation(api, modelId, request, stream, metrics, log, host);
     }
 }
 
 /// <summary>One running request: its token events, timed for the metrics. Enumerate it once.</summary>
-public sealed class Generation(string api, string modelId, GenerationRequest request, GenerationStream stream, ServerMetrics metrics, ILogger log)
+public sealed class Generation(string api, string modelId, GenerationRequest request, GenerationStream stream, ServerMetrics metrics, ILogger log, ModelHost host)
     : IAsyncEnumerable<GenerationEvent>
 {
     private readonly Stopwatch _clock = Stopwatch.StartNew();
@@ -112,6 +112,17 @@ public sealed class Generation(string api, string modelId, GenerationRequest req
     public GenerationRequest Request => request;
     public FinishReason Finish { get; private set; } = FinishReason.Length;
     public double? TimeToFirstToken { get; private set; }
+
+    /// <summary>An adapter that failed to load: deleted since the request named it (404, as if it had
+    /// never been there), or unusable (422). Store paths are not shown to the client.</summary>
+    private ApiException AdapterFailure(AdapterException e)
+    {
+        if (request.Adapter is { } name && host.Store.Find(name) is null)
+            return new ApiException(404, $"The model '{name}' does not exist (it was deleted)", "model", "model_not_found");
+        log.LogWarning(e, "Adapter {Adapter} could not be loaded for {RequestId}", request.Adapter, Id);
+        var message = e.Message.Replace(host.Store.Directory + Path.DirectorySeparatorChar, "").Replace(host.Store.Directory, "the adapter store");
+        return new ApiException(422, message, "model", "adapter_unavailable");
+    }
 
     public async IAsyncEnumerator<GenerationEvent> GetAsyncEnumerator(CancellationToken cancellationToken = default)
     {
@@ -127,7 +138,7 @@ public sealed class Generation(string api, string modelId, GenerationRequest req
                 {
                     if (!await e.MoveNextAsync()) break;
                 }
-                catch (AdapterException ex) { throw new ApiException(422, ex.Message, "model", "adapter_unavailable"); }
+                catch (AdapterException ex) { throw AdapterFailure(ex); }
                 catch (ArgumentException ex) { throw new ApiException(400, ex.Message); }
                 var ev = e.Current;
                 if (ev.TokenId >= 0)

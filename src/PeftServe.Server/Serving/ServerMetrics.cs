@@ -18,7 +18,7 @@ public sealed class ServerMetrics
     public Histogram RequestDuration { get; }
     public Gauge InFlight { get; }
 
-    private readonly Gauge _queueDepth, _queueCapacity, _running, _batchSize, _kvFree, _kvTotal, _adaptersResident, _hostCacheBytes;
+    private readonly Gauge _queueDepth, _queueCapacity, _running, _batchSize, _kvFree, _kvTotal, _adaptersResident, _slotsHeld, _hostCacheBytes;
     private readonly Counter _steps, _cacheHits, _cacheMisses, _cacheEvictions, _adapterLoads, _preemptions, _engineRequests;
 
     public ServerMetrics(ModelHost host)
@@ -44,6 +44,7 @@ public sealed class ServerMetrics
         _kvFree = f.CreateGauge("peftserve_kv_cache_blocks_free", "Free KV-cache blocks.");
         _kvTotal = f.CreateGauge("peftserve_kv_cache_blocks_total", "Usable KV-cache blocks.");
         _adaptersResident = f.CreateGauge("peftserve_adapters_device_resident", "Adapters held in device slots.");
+        _slotsHeld = f.CreateGauge("peftserve_adapter_slots_held", "Device adapter slots held by running sequences (0 when idle).");
         _hostCacheBytes = f.CreateGauge("peftserve_adapter_host_cache_bytes", "Bytes of adapters kept in host memory.");
         _steps = f.CreateCounter("peftserve_engine_steps_total", "Engine scheduler iterations that ran a forward pass.");
         _cacheHits = f.CreateCounter("peftserve_adapter_cache_hits_total", "Adapter lookups found in a cache tier.", new CounterConfiguration { LabelNames = ["tier"] });
@@ -77,6 +78,7 @@ public sealed class ServerMetrics
             _adapterLoads.WithLabels("disk").IncTo(a.DiskLoads);
             _adapterLoads.WithLabels("device").IncTo(a.DeviceLoads);
             _adaptersResident.Set(a.DeviceResident);
+            _slotsHeld.Set(host.Engine.Adapters.HeldSlots);
             _hostCacheBytes.Set(a.HostBytes);
         });
     }

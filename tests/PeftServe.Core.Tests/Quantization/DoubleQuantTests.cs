@@ -80,6 +80,48 @@ public sealed class DoubleQuantTests
         Assert.True(absmaxErr.max().item<float>() <= centred.item<float>() / 128);
     }
 
+    /// <summary>Double quantization exactly: the absmax values restored from the 8-bit codes equal,
+    /// bit for bit, what a direct scalar implementation of bitsandbytes' scheme gives (centre on the
+    /// mean, blocks of 256, nearest code value first on ties, map[code] * blockAbsmax + offset, in
+    /// float32), written here element by element without the codec.</summary>
+    [Fact]
+    public void DoubleQuantizationRestoresExactlyWhatTheSchemeDefines()
+    {
+        torch.manual_seed(6);
+        using var scales = torch.linspace(0.01, 0.3, 300).unsqueeze(1);
+        using var w = torch.randn(300, 128) * scales;          // 600 NF4 blocks: nested blocks of 256, 256 and 88
+        using var single = Nf4Weight.Quantize(w);
+        using var dbl = Nf4Weight.Quantize(w, doubleQuant: true);
+        var absmax = single.AbsmaxFloat32().data<float>().ToArray();
+        var segment = Assert.Single(dbl.DoubleQuant!.Segments);
+
+        // The offset is the mean of the absmax values (float32 sums may differ in the last bits).
+        double mean = absmax.Select(a => (double)a).Average();
+        Assert.Equal(mean, segment.Offset, mean * 1e-6);
+        float offset = segment.Offset;
+        var map = DynamicQuant8.DynamicMap;
+        var expectedCodes = new byte[absmax.Length];
+        var expectedRestored = new float[absmax.Length];
+        for (int start = 0; start < absmax.Length; start += 256)
+        {
+            int end = Math.Min(absmax.Length, start + 256);
+            float blockMax = 0;
+            for (int i = start; i < end; i++) blockMax = Math.Max(blockMax, Math.Abs(absmax[i] - offset));
+            for (int i = start; i < end; i++)
+            {
+                float scaled = (absmax[i] - offset) / blockMax;
+                int best = 0;
+                for (int c = 1; c < map.Count; c++)
+                    if (Math.Abs(scaled - map[c]) < Math.Abs(scaled - map[best])) best = c;
+                expectedCodes[i] = (byte)best;
+                expectedRestored[i] = map[best] * blockMax + offset;
+            }
+        }
+        Assert.Equal(expectedCodes, segment.Codes.data<byte>().ToArray());
+        using var restored = dbl.AbsmaxFloat32();
+        Assert.Equal(expectedRestored, restored.data<float>().ToArray());
+    }
+
     [Fact]
     public void DoubleQuantizationSavesMemory()
     {

@@ -1,4 +1,6 @@
 using PeftServe.Core.Quantization;
+using PeftServe.Core.SafeTensors;
+using PeftServe.Tests;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -6,20 +8,30 @@ namespace PeftServe.Core.Tests.Quantization;
 
 public sealed class Nf4LinearTests
 {
+    /// <summary>The fixture's weight and its NF4 round trip as bitsandbytes computed it: the reference
+    /// owes nothing to the code under test.</summary>
+    private static (Tensor Source, Tensor Dequant) Fixture()
+    {
+        using var file = SafeTensorsFile.Open(TestData.ExpectedPath);
+        return (file.ToTensor("nf4_source"), file.ToTensor("nf4_dequant"));
+    }
+
     [Fact]
     public void ForwardIsTheDenseProductWithTheDequantizedWeight()
     {
+        var (w, dq) = Fixture();
+        using var _w = w;
+        using var _dq = dq;
+        long outF = w.shape[0], inF = w.shape[1];
         torch.manual_seed(9);
-        using var w = torch.randn(96, 128) * 0.1;
-        using var bias = torch.randn(96);
-        using var x = torch.randn(2, 5, 128);
+        using var bias = torch.randn(outF);
+        using var x = torch.randn(2, 5, inF);
         using var layer = new Nf4Linear(Nf4Weight.Quantize(w), bias.alias());
-        Assert.Equal(128, layer.InFeatures);
-        Assert.Equal(96, layer.OutFeatures);
+        Assert.Equal(inF, layer.InFeatures);
+        Assert.Equal(outF, layer.OutFeatures);
         using var y = layer.Forward(x);
-        using var dq = layer.Weight.Dequantize();
         using var expected = nn.functional.linear(x, dq, bias);
-        Assert.Equal(new long[] { 2, 5, 96 }, y.shape);
+        Assert.Equal(new long[] { 2, 5, outF }, y.shape);
         Assert.True((y - expected).abs().max().item<float>() <= 1e-5f);
         // And it is an approximation of the float layer, not something else.
         using var dense = nn.functional.linear(x, w, bias);
@@ -65,13 +77,15 @@ public sealed class Nf4LinearTests
     [Fact]
     public void ForwardHonoursTheActivationDtype()
     {
+        var (w, dqFixture) = Fixture();
+        using var _w = w;
+        using var dq = dqFixture.to(ScalarType.Float64);
+        dqFixture.Dispose();
         torch.manual_seed(4);
-        using var w = torch.randn(64, 64);
-        using var x = torch.randn(3, 64, dtype: ScalarType.Float64);
+        using var x = torch.randn(3, w.shape[1], dtype: ScalarType.Float64);
         using var layer = new Nf4Linear(Nf4Weight.Quantize(w), null);
         using var y = layer.Forward(x);
         Assert.Equal(ScalarType.Float64, y.dtype);
-        using var dq = layer.Weight.Dequantize(ScalarType.Float64);
         using var expected = nn.functional.linear(x, dq);
         Assert.True((y - expected).abs().max().item<double>() <= 1e-12);
     }

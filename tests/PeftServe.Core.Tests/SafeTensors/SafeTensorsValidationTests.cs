@@ -203,15 +203,33 @@ public sealed class SafeTensorsValidationTests : IDisposable
     }
 
     [Fact]
-    public void GapsAndEmptyTensorsAreAccepted()
+    public void EmptyTensorsAnywhereAreAccepted()
     {
-        var header = "{" + Entry("a", "U8", "[2]", "[2,4]") + "," + Entry("e", "F32", "[0,5]", "[3,3]") + ","
-                     + Entry("b", "U8", "[2]", "[8,10]") + "}";
-        var path = _dir.Craft("gaps.safetensors", header, 12);
+        var header = "{" + Entry("a", "U8", "[2]", "[0,2]") + "," + Entry("e", "F32", "[0,5]", "[2,2]") + ","
+                     + Entry("b", "U8", "[2]", "[2,4]") + "," + Entry("z", "F32", "[0]", "[4,4]") + "}";
+        var path = _dir.Craft("empties.safetensors", header, 4);
         using var file = SafeTensorsFile.Open(path);
-        Assert.Equal(new byte[] { 2, 3 }, file.GetBytes("a").ToArray());
-        Assert.Equal(new byte[] { 8, 9 }, file.GetBytes("b").ToArray());
+        Assert.Equal(new byte[] { 0, 1 }, file.GetBytes("a").ToArray());
+        Assert.Equal(new byte[] { 2, 3 }, file.GetBytes("b").ToArray());
         Assert.Equal(0, file.GetBytes("e").Length);
+    }
+
+    [Fact]
+    public void GapsBetweenTensorsAreRefused()
+    {
+        // As the format's own reader: bytes between tensors belong to no tensor and are refused.
+        var header = "{" + Entry("a", "U8", "[2]", "[0,2]") + "," + Entry("b", "U8", "[2]", "[8,10]") + "}";
+        Rejects(_dir.Craft("gap.safetensors", header, 10), "b", "gap of 6 bytes");
+        var leading = "{" + Entry("a", "U8", "[2]", "[2,4]") + "}";
+        Rejects(_dir.Craft("leading.safetensors", leading, 4), "a", "gap of 2 bytes");
+    }
+
+    [Fact]
+    public void TrailingBytesAfterTheLastTensorAreRefused()
+    {
+        var header = "{" + Entry("a", "U8", "[2]", "[0,2]") + "}";
+        Rejects(_dir.Craft("trailing.safetensors", header, 3), null, "trailing bytes");
+        Rejects(_dir.Craft("no-tensors.safetensors", "{}", 1), null, "trailing bytes");
     }
 
     [Fact]

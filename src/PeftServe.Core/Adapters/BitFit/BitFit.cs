@@ -79,11 +79,10 @@ public sealed partial class BitFitMethod : AdapterMethod
                 if (!m.Success || !Modules.TryGetValue(m.Groups[2].Value, out var which))
                     throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a BitFit bias (expected model.layers.{{i}}.self_attn.{{q,k,v,o}}_proj.bias, " +
                         "model.layers.{i}.mlp.{gate,up,down}_proj.bias, or model.layers.{i}.{input,post_attention}_layernorm.bias)");
-                int layer = int.Parse(m.Groups[1].Value);
+                int layer = int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);   // 1-9 ASCII digits
                 if (layer >= model.NumLayers) throw new AdapterException($"{f.Path}: tensor '{tensor}' names layer {layer}, the base model has {model.NumLayers} layers");
                 var bias = f.Float(tensor, BitFitAdapter.Size(which, model));
-                using (var finite = torch.isfinite(bias).all())
-                    if (!finite.item<bool>()) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
+                if (!AdapterFolder.AllFinite(bias)) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
                 biases[layer, (int)which] = bias;
             }
             if (biases.Cast<Tensor?>().All(b => b is null)) throw new AdapterException($"{f.Path}: no BitFit bias tensors found");
@@ -97,7 +96,7 @@ public sealed partial class BitFitMethod : AdapterMethod
     public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) =>
         (long)c.NumLayers * (limits.SlotsPerMethod + 1) * ((long)(c.NumHeads + 2 * c.NumKvHeads) * c.HeadDim + 2L * c.HiddenSize + 2L * c.IntermediateSize) * ElementBytes(dtype);
 
-    [GeneratedRegex(@"^model\.layers\.(\d{1,9})\.(self_attn\.\w+|mlp\.\w+|\w+_layernorm)\.bias$")]
+    [GeneratedRegex(@"^model\.layers\.([0-9]{1,9})\.(self_attn\.\w+|mlp\.\w+|\w+_layernorm)\.bias$")]
     private static partial Regex BiasTensor();
 }
 

@@ -136,7 +136,7 @@ internal static partial class BottleneckReader
         {
             var m = ModuleTensor().Match(tensor);
             if (!m.Success) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a weight of a {method.Name} adapter (expected {expected})");
-            int layer = int.Parse(m.Groups[1].Value);
+            int layer = int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);   // 1-9 ASCII digits
             var placement = m.Groups[2].Value == "attention" ? BottleneckPlacement.Attention : BottleneckPlacement.Mlp;
             var rest = m.Groups[3].Value;
             if (layer >= c.NumLayers) throw new AdapterException($"{f.Path}: tensor '{tensor}' names layer {layer}, the base model has {c.NumLayers} layers");
@@ -151,7 +151,7 @@ internal static partial class BottleneckReader
             {
                 var e = ExpertPart().Match(rest);
                 if (!e.Success) throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a weight of a {method.Name} adapter (expected {expected})");
-                if (int.Parse(e.Groups[1].Value) >= experts)
+                if (int.Parse(e.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) >= experts)
                     throw new AdapterException($"{f.Path}: tensor '{tensor}' names expert {e.Groups[1].Value}, but 'num_experts' is {experts}");
             }
         }
@@ -192,8 +192,7 @@ internal static partial class BottleneckReader
             throw new AdapterException($"{f.Path}: tensor '{tensor}' has shape [{string.Join(",", f.Info(tensor).Shape)}]; " +
                 $"with bottleneck dimension r = hidden / reduction_factor it must be [{string.Join(",", shape)}]");
         var t = f.Float(tensor, shape);
-        using (var finite = torch.isfinite(t).all())
-            if (!finite.item<bool>()) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
+        if (!AdapterFolder.AllFinite(t)) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
         return t;
     }
 
@@ -201,18 +200,18 @@ internal static partial class BottleneckReader
     private static Tensor Average(AdapterFolder f, string prefix, string part, int experts, params long[] shape)
     {
         using var scope = torch.NewDisposeScope();
-        var sum = torch.zeros(shape, ScalarType.Float64);
+        var sum = torch.zeros(shape, ScalarType.Float64, f.TensorDevice);
         for (int e = 0; e < experts; e++) sum.add_(Load(f, $"{prefix}experts.{e}.{part}", shape).to(ScalarType.Float64));
         return sum.div_(experts).to(ScalarType.Float32).MoveToOuterDisposeScope();
     }
 
-    [GeneratedRegex(@"^model\.layers\.(\d{1,9})\.(attention|mlp)_adapter\.(.+)$")]
+    [GeneratedRegex(@"^model\.layers\.([0-9]{1,9})\.(attention|mlp)_adapter\.(.+)$")]
     private static partial Regex ModuleTensor();
 
     [GeneratedRegex(@"^(down|up)\.(weight|bias)$")]
     private static partial Regex PlainPart();
 
-    [GeneratedRegex(@"^experts\.(\d{1,9})\.(down|up)\.(weight|bias)$")]
+    [GeneratedRegex(@"^experts\.([0-9]{1,9})\.(down|up)\.(weight|bias)$")]
     private static partial Regex ExpertPart();
 }
 

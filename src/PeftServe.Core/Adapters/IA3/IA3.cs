@@ -15,30 +15,57 @@ public sealed class IA3Method : AdapterMethod
     public override string Name => "ia3";
     public override IReadOnlyList<string> PeftTypes { get; } = ["IA3"];
 
+    /// <summary>PEFT's IA3 defaults for Llama-family models when a config names no modules.</summary>
+    public static readonly string[] DefaultTargets = ["k_proj", "v_proj", "down_proj"], DefaultFeedForward = ["down_proj"];
+
     public override Adapter Load(AdapterFolder f, string name, ModelConfig model, AdapterLimits limits)
     {
-        var feedForward = (f.Config["feedforward_modules"] switch
-        {
-            JsonArray a => a.Select(x => x!.GetValue<string>()),
-            JsonValue v => [v.GetValue<string>()],
-            _ => [],
-        }).ToHashSet();
+        var where = $"{f.Path}/{AdapterFolder.ConfigFile}";
+        var targets = ModuleSelection.Read(f, "target_modules");
+        var feedForward = ModuleSelection.Read(f, "feedforward_modules");
+        var excluded = ModuleSelection.Read(f, "exclude_modules");
+        bool Targeted(string module) => (targets?.Matches(module) ?? DefaultTargets.Any(t => module.EndsWith("." + t, StringComparison.Ordinal)))
+                                        && excluded?.Matches(module) != true;
+        bool FeedForward(string module) => feedForward is null ? DefaultFeedForward.Any(t => module.EndsWith("." + t, StringComparison.Ordinal)) : feedForward.Matches(module);
+        string Targets() => "target_modules " + (targets?.Description ?? $"absent, so PEFT's default [{string.Join(", ", DefaultTargets)}]");
+
         var modules = Enum.GetValues<LoraTarget>().ToDictionary(LoraAdapter.ModuleName);
         var scales = new Dictionary<(int Layer, IA3Scale Kind), Tensor>();
-        foreach (var tensor in f.TensorNames.Order())
+        // Everything read is disposed if validation fails; what is kept is detached at the end.
+        using var scope = torch.NewDisposeScope();
+        foreach (var tensor in f.TensorNames.Order(StringComparer.Ordinal))
         {
             if (!AdapterFolder.TryParseLayerTensor(tensor, out var layer, out var module, out var rest) || rest != "ia3_l" || !modules.TryGetValue(module, out var target))
                 throw new AdapterException($"{f.Path}: tensor '{tensor}' is not an IA3 vector of a decoder linear layer (…_proj.ia3_l)");
             if (layer >= model.NumLayers) throw new AdapterException($"{f.Path}: tensor '{tensor}' names layer {layer}, the base model has {model.NumLayers}");
+            var fullName = LoraAdapter.FullName(layer, target);
+            if (!Targeted(fullName)) throw new AdapterException($"{where}: the weights include {fullName}, which the config does not target ({Targets()})");
             var (inF, outF) = LoraAdapter.Shape(target, model);
-            bool input = feedForward.Contains(module);
+            bool input = FeedForward(fullName);
             if (input && target != LoraTarget.Down)
                 throw new AdapterException($"{f.Path}: tensor '{tensor}': feed-forward (input) scaling is served on down_proj only");
             var scale = input ? f.Float(tensor, 1, inF) : f.Float(tensor, outF, 1);
-            if (!torch.isfinite(scale).all().item<bool>()) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
+            if (!AdapterFolder.AllFinite(scale)) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
             scales[(layer, input ? IA3Scale.DownInput : (IA3Scale)(int)target)] = scale.flatten();
         }
         if (scales.Count == 0) throw new AdapterException($"{f.Path}: no IA3 vectors found");
+        for (int layer = 0; layer < model.NumLayers; layer++)
+            foreach (var target in Enum.GetValues<LoraTarget>())
+            {
+                var fullName = LoraAdapter.FullName(layer, target);
+                if (!Targeted(fullName)) continue;
+                // PEFT refuses feed-forward modules outside the targets; each targeted module has a vector.
+                var kind = FeedForward(fullName) ? IA3Scale.DownInput : (IA3Scale)(int)target;
+                if (!scales.ContainsKey((layer, kind)))
+                    throw new AdapterException($"{where}: the config targets {fullName} ({Targets()}), but the weights have no ia3_l vector for it");
+            }
+        if (feedForward is not null)
+            foreach (var module in modules.Keys)
+                for (int layer = 0; layer < model.NumLayers; layer++)
+                    if (feedForward.Matches(LoraAdapter.FullName(layer, modules[module])) && !Targeted(LoraAdapter.FullName(layer, modules[module])))
+                        throw new AdapterException($"{where}: feedforward_modules {feedForward.Description} selects {LoraAdapter.FullName(layer, modules[module])}, " +
+                            $"which is not among the targets ({Targets()}); PEFT requires feed-forward modules to be targets");
+        foreach (var t in scales.Values) t.DetachFromDisposeScope();
         return new IA3Adapter(this, scales) { Name = name, SourcePath = f.Path };
     }
 

@@ -22,6 +22,8 @@ public sealed class LlamaAdapterMethod : AdapterMethod
         if (f.String("target_modules") is { } target && target != "self_attn") throw new AdapterException($"{where}: target_modules '{target}' is not supported (self_attn)");
         var prompts = new Dictionary<int, (Tensor Prompt, float Gate)>();
         int first = model.NumLayers - layers;
+        // Everything read is disposed if validation fails; what is kept is detached at the end.
+        using var scope = torch.NewDisposeScope();
         foreach (var tensor in f.TensorNames)
         {
             if (!TryParse(tensor, out var layer)) throw new AdapterException($"{f.Path}: unexpected tensor '{tensor}' in an adaption-prompt adapter");
@@ -32,11 +34,12 @@ public sealed class LlamaAdapterMethod : AdapterMethod
         {
             string p = $"model.layers.{layer}.self_attn.";
             var prompt = f.Float(p + "adaption_prompt", 1, len, model.HiddenSize);
-            using var gate = f.Float(p + "adaption_gate", 1);
-            if (!torch.isfinite(prompt).all().item<bool>() || !torch.isfinite(gate).all().item<bool>())
+            var gate = f.Float(p + "adaption_gate", 1);
+            if (!AdapterFolder.AllFinite(prompt) || !AdapterFolder.AllFinite(gate))
                 throw new AdapterException($"{f.Path}: layer {layer}'s adaption prompt or gate holds NaN or infinite values");
-            prompts[layer] = (prompt.view(len, model.HiddenSize), gate.item<float>());
+            prompts[layer] = (prompt.view(len, model.HiddenSize), AdapterFolder.Scalar(gate));
         }
+        foreach (var (prompt, _) in prompts.Values) prompt.DetachFromDisposeScope();
         return new LlamaAdapterAdapter(this, prompts, len) { Name = name, SourcePath = f.Path };
     }
 
@@ -45,7 +48,8 @@ public sealed class LlamaAdapterMethod : AdapterMethod
     {
         var parts = tensor.Split('.');
         layer = -1;
-        return parts.Length == 5 && parts[0] == "model" && parts[1] == "layers" && int.TryParse(parts[2], out layer) && parts[3] == "self_attn"
+        return parts.Length == 5 && parts[0] == "model" && parts[1] == "layers" && parts[2].Length is > 0 and <= 9 && parts[2].All(char.IsAsciiDigit)
+            && int.TryParse(parts[2], System.Globalization.CultureInfo.InvariantCulture, out layer) && parts[3] == "self_attn"
             && parts[4] is "adaption_prompt" or "adaption_gate";
     }
 

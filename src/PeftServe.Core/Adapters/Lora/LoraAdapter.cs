@@ -1,5 +1,4 @@
 using System.Text.Json.Nodes;
-using System.Text.RegularExpressions;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -50,6 +49,9 @@ public sealed class LoraAdapter : Adapter
         _ => (c.IntermediateSize, c.HiddenSize),
     };
 
+    /// <summary>PEFT's default LoRA targets for Llama-family models when a config names none.</summary>
+    public static readonly string[] DefaultTargets = ["q_proj", "v_proj"];
+
     internal static LoraAdapter Read(AdapterMethod method, AdapterFolder f, string name, ModelConfig c, AdapterLimits limits)
     {
         var where = Path.Combine(f.Path, AdapterFolder.ConfigFile);
@@ -57,13 +59,18 @@ public sealed class LoraAdapter : Adapter
         if (f.String("bias") is { } bias && bias != "none") throw new AdapterException($"{where}: bias '{bias}' is not supported (only \"none\")");
         if (f.Config["modules_to_save"] is JsonArray { Count: > 0 })
             throw new AdapterException($"{where}: modules_to_save (fully trained extra modules) is not supported");
-        double alpha = f.Double("lora_alpha", f.Int("r", 8));
+        int configRank = f.Int("r", 8);
+        double alpha = f.Double("lora_alpha", configRank);
         bool rslora = f.Bool("use_rslora");
-        var alphaPattern = (f.Config["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => p.Value!.GetValue<double>()) ?? [];
+        var rankPattern = ModuleSelection.ReadPatterns(f, "rank_pattern", integers: true);
+        var alphaPattern = ModuleSelection.ReadPatterns(f, "alpha_pattern", integers: false);
+        var selected = Selection(f, c);
 
         var targets = Enum.GetValues<LoraTarget>().ToDictionary(ModuleName);
         var found = new Dictionary<(int, LoraTarget), (Tensor? A, Tensor? B)>();
-        foreach (var tensor in f.TensorNames.Order())
+        // Everything read is disposed if validation fails; what is kept is detached at the end.
+        using var scope = torch.NewDisposeScope();
+        foreach (var tensor in f.TensorNames.Order(StringComparer.Ordinal))
         {
             if (!AdapterFolder.TryParseLayerTensor(tensor, out var layer, out var module, out var rest) || !targets.TryGetValue(module, out var target))
                 throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a LoRA weight of a decoder linear layer (q,k,v,o,gate,up,down_proj)");
@@ -76,20 +83,63 @@ public sealed class LoraAdapter : Adapter
         if (found.Count == 0) throw new AdapterException($"{f.Path}: no LoRA weights found");
 
         var weights = new (Tensor, Tensor)?[c.NumLayers, 7];
-        foreach (var ((layer, target), (a, b)) in found)
+        foreach (var ((layer, target), (a, b)) in found.OrderBy(p => p.Key))
         {
-            var module = $"model.layers.{layer}.{(target <= LoraTarget.O ? "self_attn" : "mlp")}.{ModuleName(target)}";
+            var module = FullName(layer, target);
             if (a is null || b is null) throw new AdapterException($"{f.Path}: {module} has lora_{(a is null ? "A" : "B")}.weight missing");
             var (inF, outF) = Shape(target, c);
             long r = a.shape[0];
             if (a.dim() != 2 || a.shape[1] != inF) throw new AdapterException($"{f.Path}: {module}.lora_A.weight has shape [{string.Join(",", a.shape)}], the base model needs [r,{inF}]");
             if (b.dim() != 2 || b.shape[0] != outF || b.shape[1] != r) throw new AdapterException($"{f.Path}: {module}.lora_B.weight has shape [{string.Join(",", b.shape)}], needs [{outF},{r}]");
             if (r < 1 || r > limits.MaxRank) throw new AdapterException($"{f.Path}: {module} has rank {r}, above the configured maximum of {limits.MaxRank}");
-            double moduleAlpha = alphaPattern.FirstOrDefault(p => Regex.IsMatch(module, $"(^|\\.)({p.Key})$")).Value is var pa && pa != 0 ? pa : alpha;
+            if (!selected(layer, target))
+                throw new AdapterException($"{where}: the weights include {module}, which the config does not target ({Describe(f)})");
+            double? patternRank = ModuleSelection.Lookup(rankPattern, module, where, "rank_pattern");
+            if (r != (patternRank ?? configRank))
+                throw new AdapterException($"{where}: {module} has rank {r} in its tensors, but the config gives it rank {patternRank ?? configRank} " +
+                    (patternRank is null ? "('r')" : "(from 'rank_pattern')"));
+            double moduleAlpha = ModuleSelection.Lookup(alphaPattern, module, where, "alpha_pattern") ?? alpha;
             double scale = rslora ? moduleAlpha / Math.Sqrt(r) : moduleAlpha / r;
             weights[layer, (int)target] = (a, b.mul_(scale));
         }
+        // PEFT gives every module the config targets a LoRA pair: one without weights is a mismatch too.
+        for (int layer = 0; layer < c.NumLayers; layer++)
+            foreach (var target in Enum.GetValues<LoraTarget>())
+                if (selected(layer, target) && weights[layer, (int)target] is null)
+                    throw new AdapterException($"{where}: the config targets {FullName(layer, target)} ({Describe(f)}), but the weights have no LoRA pair for it");
+        foreach (var w in weights)
+            if (w is var (wa, wb)) { wa.DetachFromDisposeScope(); wb.DetachFromDisposeScope(); }
         return new LoraAdapter(method, weights) { Name = name, SourcePath = f.Path };
+    }
+
+    /// <summary>"model.layers.{layer}.self_attn.q_proj" and so on: the module's name in the base model.</summary>
+    public static string FullName(int layer, LoraTarget target) =>
+        $"model.layers.{layer}.{(target <= LoraTarget.O ? "self_attn" : "mlp")}.{ModuleName(target)}";
+
+    /// <summary>Which (layer, target) pairs the config selects: target_modules (PEFT's default for
+    /// Llama when absent), minus exclude_modules, within layers_to_transform.</summary>
+    private static Func<int, LoraTarget, bool> Selection(AdapterFolder f, ModelConfig c)
+    {
+        var targets = ModuleSelection.Read(f, "target_modules");
+        var excluded = ModuleSelection.Read(f, "exclude_modules");
+        var layers = ModuleSelection.ReadLayers(f, "layers_to_transform", c.NumLayers);
+        var cache = new Dictionary<(int, LoraTarget), bool>();
+        return (layer, target) =>
+        {
+            if (cache.TryGetValue((layer, target), out var hit)) return hit;
+            var module = FullName(layer, target);
+            bool targeted = targets?.Matches(module) ?? DefaultTargets.Contains(ModuleName(target));
+            return cache[(layer, target)] = targeted && (layers is null || layers.Contains(layer)) && excluded?.Matches(module) != true;
+        };
+    }
+
+    private static string Describe(AdapterFolder f)
+    {
+        var targets = ModuleSelection.Read(f, "target_modules");
+        var text = "target_modules " + (targets?.Description ?? $"absent, so PEFT's default [{string.Join(", ", DefaultTargets)}]");
+        if (f.Config["layers_to_transform"] is { } layers) text += $", layers_to_transform {layers.ToJsonString()}";
+        if (ModuleSelection.Read(f, "exclude_modules") is { } excluded) text += $", exclude_modules {excluded.Description}";
+        return text;
     }
 
     private static Tensor Load(AdapterFolder f, string tensor)
@@ -98,7 +148,7 @@ public sealed class LoraAdapter : Adapter
         if (info.DType is not (SafeTensors.SafeTensorDType.F32 or SafeTensors.SafeTensorDType.F16 or SafeTensors.SafeTensorDType.BF16))
             throw new AdapterException($"{f.Path}: tensor '{tensor}' has dtype {info.DType}; LoRA weights are F32, F16 or BF16");
         var t = f.Float(tensor);
-        if (!torch.isfinite(t).all().item<bool>()) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
+        if (!AdapterFolder.AllFinite(t)) throw new AdapterException($"{f.Path}: tensor '{tensor}' holds NaN or infinite values");
         return t;
     }
 

@@ -21,39 +21,79 @@ public sealed class PrefixTuningMethod : AdapterMethod
         if (n < 1 || n > limits.MaxVirtualTokens) throw new AdapterException($"{where}: num_virtual_tokens {n} is outside 1..{limits.MaxVirtualTokens}");
         if (f.Int("num_layers", model.NumLayers) != model.NumLayers)
             throw new AdapterException($"{where}: num_layers {f.Int("num_layers")} does not match the base model's {model.NumLayers} layers");
-        long width = 2L * model.NumLayers * model.NumKvHeads * model.HeadDim;
+        // PEFT writes the key/value width per layer: the KV heads times the head size (for a model
+        // without grouped-query attention that is the hidden size, with all attention heads).
+        int kvWidth = model.NumKvHeads * model.HeadDim;
+        if (f.Int("token_dim", kvWidth) != kvWidth)
+            throw new AdapterException($"{where}: token_dim {f.Int("token_dim")} does not match the base model's key/value width {kvWidth} ({model.NumKvHeads} KV heads of {model.HeadDim})");
+        if (f.Int("num_attention_heads", model.NumKvHeads) != model.NumKvHeads)
+            throw new AdapterException($"{where}: num_attention_heads {f.Int("num_attention_heads")} does not match the base model's {model.NumKvHeads} key/value heads");
+        long width = 2L * model.NumLayers * kvWidth;
 
+        using var scope = torch.NewDisposeScope();
         Tensor prefixes;
         if (f.Contains("prompt_embeddings"))
         {
             Only(f, "prompt_embeddings");
             prefixes = f.Float("prompt_embeddings", n, width);
         }
-        else prefixes = FoldReparameterization(f, n, width);
-        if (!torch.isfinite(prefixes).all().item<bool>()) throw new AdapterException($"{f.Path}: the prefixes hold NaN or infinite values");
+        else
+        {
+            if (!f.Bool("prefix_projection"))
+                throw new AdapterException($"{where}: prefix_projection is false, so the weights must hold prompt_embeddings [{n},{width}], and they do not");
+            prefixes = FoldReparameterization(f, n, width);
+        }
+        if (!AdapterFolder.AllFinite(prefixes)) throw new AdapterException($"{f.Path}: the prefixes hold NaN or infinite values");
         // [n, L*2*kv*hd] -> [L, 2, n, kv, hd]: per layer, keys then values.
         var perLayer = prefixes.view(n, model.NumLayers, 2, model.NumKvHeads, model.HeadDim).permute(1, 2, 0, 3, 4).contiguous();
-        prefixes.Dispose();
-        return new PrefixAdapter(this, perLayer) { Name = name, SourcePath = f.Path };
+        return new PrefixAdapter(this, perLayer.DetachFromDisposeScope()) { Name = name, SourcePath = f.Path };
     }
 
-    /// <summary>prefixes = W2 tanh(W1 E + b1) + b2, from the prompt encoder's own tensors.</summary>
+    /// <summary>The prompt encoder's tensor names, after the PEFT wrapper: embedding, then Linear -> tanh -> Linear.</summary>
+    private static readonly string[] EncoderParts = ["embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias"];
+
+    /// <summary>prefixes = W2 tanh(W1 E + b1) + b2, from the prompt encoder's own tensors. Every shape is
+    /// checked against the config before anything is computed.</summary>
     private static Tensor FoldReparameterization(AdapterFolder f, int n, long width)
     {
-        string Find(string suffix) => f.TensorNames.SingleOrDefault(t => t.EndsWith(suffix, StringComparison.Ordinal))
-            ?? throw new AdapterException($"{f.Path}: neither prompt_embeddings nor the prompt encoder's '{suffix}' found");
+        string Find(string suffix)
+        {
+            var matches = f.TensorNames.Where(t => t == suffix || t.EndsWith("." + suffix, StringComparison.Ordinal)).ToList();
+            return matches.Count switch
+            {
+                1 => matches[0],
+                0 => throw new AdapterException($"{f.Path}: neither prompt_embeddings nor the prompt encoder's '{suffix}' found"),
+                _ => throw new AdapterException($"{f.Path}: the prompt encoder's '{suffix}' is stored {matches.Count} times ({string.Join(", ", matches.Take(3))})"),
+            };
+        }
+        var names = EncoderParts.Select(Find).ToArray();
+        foreach (var t in f.TensorNames)
+            if (!names.Contains(t)) throw new AdapterException($"{f.Path}: unexpected tensor '{t}' beside the prompt encoder");
+        var shapes = names.Select(x => f.Info(x).Shape).ToArray();
+        var where = $"{f.Path}/{AdapterFolder.ConfigFile}";
+        long hidden = shapes[1] is [var h, _] ? h : -1;
+        long embedding = shapes[0] is [_, var d] ? d : -1;
+        int encoderHidden = f.Int("encoder_hidden_size", (int)Math.Clamp(hidden, 0, int.MaxValue));
+        bool ok = shapes[0] is [var rows, _] && rows >= n && embedding > 0
+            && hidden == encoderHidden && hidden > 0 && shapes[1] is [_, var in1] && in1 == embedding
+            && shapes[2] is [var nb1] && nb1 == hidden
+            && shapes[3] is [var out2, var in2] && out2 == width && in2 == hidden
+            && shapes[4] is [var nb2] && nb2 == width;
+        if (!ok)
+            throw new AdapterException($"{where}: the prompt encoder's shapes (embedding [{Dims(shapes[0])}], transform.0 [{Dims(shapes[1])}] + [{Dims(shapes[2])}], " +
+                $"transform.2 [{Dims(shapes[3])}] + [{Dims(shapes[4])}]) do not make [{n},{width}] prefixes for this base model" +
+                $" with encoder_hidden_size {encoderHidden} (needed: embedding [>={n},d], transform.0 [{encoderHidden},d] + [{encoderHidden}], transform.2 [{width},{encoderHidden}] + [{width}])");
         using var scope = torch.NewDisposeScope();
-        var e = f.Float(Find("embedding.weight"));
-        var w1 = f.Float(Find("transform.0.weight"));
-        var b1 = f.Float(Find("transform.0.bias"));
-        var w2 = f.Float(Find("transform.2.weight"));
-        var b2 = f.Float(Find("transform.2.bias"));
-        if (e.dim() != 2 || e.shape[0] < n || w1.shape[1] != e.shape[1] || w2.shape[1] != w1.shape[0] || w2.shape[0] != width)
-            throw new AdapterException($"{f.Path}: prompt encoder shapes (embedding [{string.Join(",", e.shape)}], transform.0 [{string.Join(",", w1.shape)}], " +
-                $"transform.2 [{string.Join(",", w2.shape)}]) do not give [{n},{width}] prefixes for this base model");
-        var hidden = torch.tanh(nn.functional.linear(e[..n], w1, b1));
-        return nn.functional.linear(hidden, w2, b2).MoveToOuterDisposeScope();
+        var e = f.Float(names[0]);
+        var w1 = f.Float(names[1]);
+        var b1 = f.Float(names[2]);
+        var w2 = f.Float(names[3]);
+        var b2 = f.Float(names[4]);
+        var hiddenStates = torch.tanh(nn.functional.linear(e[..n], w1, b1));
+        return nn.functional.linear(hiddenStates, w2, b2).MoveToOuterDisposeScope();
     }
+
+    private static string Dims(long[] shape) => string.Join(",", shape);
 
     private static void Only(AdapterFolder f, string name)
     {

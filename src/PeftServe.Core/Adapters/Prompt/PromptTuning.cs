@@ -19,10 +19,16 @@ public sealed class PromptTuningMethod : AdapterMethod
         int n = f.Int("num_virtual_tokens");
         if (n < 1 || n > limits.MaxVirtualTokens)
             throw new AdapterException($"{f.Path}/{AdapterFolder.ConfigFile}: num_virtual_tokens {n} is outside 1..{limits.MaxVirtualTokens}");
+        if (f.Int("token_dim", model.HiddenSize) != model.HiddenSize)
+            throw new AdapterException($"{f.Path}/{AdapterFolder.ConfigFile}: token_dim {f.Int("token_dim")} does not match the base model's hidden size {model.HiddenSize}");
         foreach (var t in f.TensorNames)
             if (t != "prompt_embeddings") throw new AdapterException($"{f.Path}: unexpected tensor '{t}' (a prompt-tuning adapter holds only prompt_embeddings)");
         var embeddings = f.Float("prompt_embeddings", n, model.HiddenSize);
-        if (!torch.isfinite(embeddings).all().item<bool>()) throw new AdapterException($"{f.Path}: prompt_embeddings holds NaN or infinite values");
+        if (!AdapterFolder.AllFinite(embeddings))
+        {
+            embeddings.Dispose();
+            throw new AdapterException($"{f.Path}: prompt_embeddings holds NaN or infinite values");
+        }
         return new PromptAdapter(this, embeddings) { Name = name, SourcePath = f.Path };
     }
 
