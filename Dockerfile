@@ -15,12 +15,23 @@ COPY src/ src/
 # TorchBackend=cuda swaps TorchSharp-cpu for TorchSharp-cuda-linux (libtorch with CUDA).
 RUN dotnet publish src/PeftServe.Server/PeftServe.Server.csproj -c Release -p:TorchBackend=cuda -p:UseAppHost=false -o /app
 
+# The native helper (CUDA graphs, native/peftserve_cuda.cpp) against the libtorch TorchSharp-cuda-linux 0.107
+# bundles (2.10.0, CUDA 12.8). Without it the server still runs, with eager decode steps.
+# (Not built in this repository's CI: it has no container engine.)
+FROM nvidia/cuda:12.8.1-devel-ubuntu24.04 AS native
+RUN apt-get update && apt-get install -y --no-install-recommends curl unzip g++ && rm -rf /var/lib/apt/lists/*
+RUN curl -fsSL -o /tmp/libtorch.zip "https://download.pytorch.org/libtorch/cu128/libtorch-shared-with-deps-2.10.0%2Bcu128.zip" \
+ && unzip -q /tmp/libtorch.zip -d /opt && rm /tmp/libtorch.zip
+COPY native/ /src/native/
+RUN LIBTORCH=/opt/libtorch CUDA_HOME=/usr/local/cuda bash /src/native/build.sh /out
+
 FROM mcr.microsoft.com/dotnet/aspnet:10.0 AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends curl libgomp1 && rm -rf /var/lib/apt/lists/* \
  && groupadd --system peftserve && useradd --system --gid peftserve --home /app peftserve \
  && mkdir -p /adapters && chown peftserve:peftserve /adapters
 WORKDIR /app
 COPY --from=build /app .
+COPY --from=native /out/libpeftserve_cuda.so /app/
 USER peftserve
 ENV ASPNETCORE_URLS=http://0.0.0.0:8000 \
     PEFTSERVE__ADAPTERSTORE=/adapters \

@@ -127,7 +127,14 @@ public sealed class AdapterManager : IDisposable
         lock (_gate)
         {
             if (_onDevice.Remove(path, out var slot)) slot.Key = null;
-            _loads.Remove(path);
+            // A read still under way belongs to the old files: nobody will take its result (later requests
+            // start a new read), so it is disposed when it ends instead of lingering.
+            if (_loads.Remove(path, out var orphan))
+                orphan.ContinueWith(t =>
+                {
+                    if (t.IsCompletedSuccessfully) t.Result.Dispose();
+                    Interlocked.Increment(ref _discardedLoads);
+                }, TaskScheduler.Default);
             if (_pending.Remove(path, out var pending)) { pending.Pinned = false; pending.DisposeIfUnused(); }
         }
         _host.Remove(path);
@@ -148,6 +155,10 @@ public sealed class AdapterManager : IDisposable
     }
 
     /// <summary>Slots held by running sequences (for tests: 0 once all requests ended).</summary>
+    /// <summary>Reads from the store whose result was discarded because the adapter changed meanwhile.</summary>
+    internal long DiscardedLoads => Interlocked.Read(ref _discardedLoads);
+    private long _discardedLoads;
+
     public int HeldSlots
     {
         get { lock (_gate) return _slots.Values.Sum(s => s.Count(x => x.Refs > 0)); }

@@ -32,7 +32,15 @@ public sealed partial class LlamaModel
         using var scope = torch.NewDisposeScope();
         Tensor Layer(Tensor x, Tensor p, Tensor c, Tensor s)
         {
-            var (residual, last) = layer.Forward(x, null, index, cache, p, _rope, c, s, Config, adapters);
+            // A cache that keeps nothing is made again from the positions, so the mask it builds lives as long as
+            // this call: a checkpoint recomputes the layer in backward, after the forward pass's tensors are gone.
+            var layerCache = cache;
+            if (cache is ChunkKvCache)
+            {
+                layerCache = new ChunkKvCache();
+                layerCache.Begin(p, DType);
+            }
+            var (residual, last) = layer.Forward(x, null, index, layerCache, p, _rope, c, s, Config, adapters);
             return residual + last;
         }
         var output = run == LayerRun.Checkpointed ? LayerCheckpoint.Run(Layer, h, positions, cos, sin) : Layer(h, positions, cos, sin);

@@ -41,6 +41,7 @@ public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost
         AdapterStore = Path.GetFullPath(o.AdapterStore),
         HostCacheBytes = o.HostCacheBytes,
         AdapterLimits = new AdapterLimits { SlotsPerMethod = o.SlotsPerMethod, MaxRank = o.MaxAdapterRank },
+        CudaGraphs = o.CudaGraphs,
     };
 
     public static ModelOptions ModelOptionsFrom(ServerOptions o)

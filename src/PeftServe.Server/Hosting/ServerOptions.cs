@@ -50,6 +50,8 @@ public sealed class ServerOptions
     public int? KvCacheBlocks { get; set; }
     public long HostCacheBytes { get; set; } = 2L << 30;
     public int SlotsPerMethod { get; set; } = 16;
+    /// <summary>On CUDA, replay decode steps from captured CUDA graphs (needs the native helper; off: eager).</summary>
+    public bool CudaGraphs { get; set; } = true;
     public int MaxAdapterRank { get; set; } = 64;
 
     /// <summary>Seconds a client is told to wait (Retry-After) when the queue is full.</summary>

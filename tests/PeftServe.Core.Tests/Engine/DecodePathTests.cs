@@ -115,3 +115,31 @@ public sealed class DecodePathTests(TinyLlamaFixture f) : IClassFixture<TinyLlam
         Assert.Equal(3, engine.Stats.RequestsFinished);
     }
 }
+
+/// <summary>The adapter cache when an adapter changes while it is being read.</summary>
+public sealed class AdapterInvalidationTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFixture>, IDisposable
+{
+    private readonly TempDir _dir = new();
+
+    public void Dispose() => _dir.Dispose();
+
+    [Fact]
+    public async Task AReadUnderWayWhenTheAdapterChangesIsDiscardedAndTheNextRequestReadsTheNewFiles()
+    {
+        var c = f.Model.Config;
+        using var manager = new AdapterManager(f.Model, new AdapterLimits(), _dir.Path, 1L << 30);
+        SyntheticAdapters.Lora(Path.Combine(_dir.Path, "a"), c, 4, seed: 1);
+        var path = manager.Resolve("a");
+        Assert.Null(manager.TryAcquire(path, firstAttempt: true));        // the read starts
+        // The adapter is replaced (rank 8 now) and the cache told so, before anyone took the first read.
+        Directory.Delete(Path.Combine(_dir.Path, "a"), recursive: true);
+        SyntheticAdapters.Lora(Path.Combine(_dir.Path, "a"), c, 8, seed: 2);
+        manager.Invalidate("a");
+        var deadline = DateTime.UtcNow.AddSeconds(30);
+        while (manager.DiscardedLoads == 0 && DateTime.UtcNow < deadline) await Task.Delay(20);
+        Assert.Equal(1, manager.DiscardedLoads);
+        var resident = manager.Acquire("a");
+        Assert.Equal(8, ((Core.Adapters.Lora.LoraAdapter)resident.Adapter).MaxRank);
+        Assert.Equal(2, manager.Stats.DiskLoads);
+    }
+}
