@@ -162,6 +162,15 @@ internal sealed unsafe class KernelModule
     [System.Runtime.InteropServices.DllImport("LibTorchSharp")]
     private static extern IntPtr THSTensor_data(IntPtr handle);
 
+    /// <summary>The -DELEM_TYPE compile-time constant for <paramref name="dtype"/> (see common.cuh), or null when our kernels do not take it.</summary>
+    public static (string Name, string Value)? ElementType(ScalarType dtype) => TypeName(dtype) switch
+    {
+        "bf16" => ("ELEM_TYPE", "bf16_t"),
+        "f16" => ("ELEM_TYPE", "f16_t"),
+        "f32" => ("ELEM_TYPE", "float"),
+        _ => null,
+    };
+
     /// <summary>The element-type name our kernel files use for a TorchSharp dtype, or null when they do not take it.</summary>
     public static string? TypeName(ScalarType dtype) => dtype switch
     {

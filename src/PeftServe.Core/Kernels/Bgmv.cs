@@ -32,7 +32,7 @@ internal static class Bgmv
     }
 
     private static KernelModule? Module(Tensor x) =>
-        KernelModule.TryGet(File, x.device, ("ELEM_TYPE", KernelModule.TypeName(x.dtype) switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }),
+        KernelModule.TryGet(File, x.device, KernelModule.ElementType(x.dtype)!.Value,
             ("RANKS_PER_WARP", RanksPerWarp.ToString()));
 
     /// <summary>d[n, j, r] = x[n] · A[s][j][r] for the K targets of pool <paramref name="a"/> [S, K, R, in],

@@ -15,7 +15,7 @@ public static class FusedOps
     {
         if (x.device.type != DeviceType.CUDA || torch.is_grad_enabled()) return null;
         var type = KernelModule.TypeName(x.dtype);
-        return type is null ? null : KernelModule.TryGet(File, x.device, ("ELEM_TYPE", type switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }));
+        return type is null ? null : KernelModule.TryGet(File, x.device, KernelModule.ElementType(x.dtype)!.Value);
     }
 
     private static uint Threads(long width) => (uint)Math.Clamp((width / 4 + 31) / 32 * 32, 32, 1024);

@@ -17,7 +17,7 @@ internal static class PagedAttention
         var type = KernelModule.TypeName(like.dtype);
         if (type is null || group > MaxGroup || headDim > MaxHeadDim || headDim % 2 != 0) return null;
         return KernelModule.TryGet(File, like.device,
-            ("ELEM_TYPE", type switch { "bf16" => "bf16_t", "f16" => "f16_t", _ => "float" }), ("HEAD_DIM", headDim.ToString()), ("GROUP", group.ToString()));
+            KernelModule.ElementType(like.dtype)!.Value, ("HEAD_DIM", headDim.ToString()), ("GROUP", group.ToString()));
     }
 
     /// <summary>A decode step's rotary embedding and KV write in one kernel: from the fused projection
