@@ -27,12 +27,17 @@ public sealed class LoraAdapter : Adapter
     /// <summary>Per [layer, target] after preparation: B transposed, a view of the host block.</summary>
     internal Tensor?[,]? UpRows { get; private set; }
 
-    internal LoraAdapter(AdapterMethod method, (Tensor, Tensor)?[,] weights)
+    /// <summary>DoRA, trained biases, LoRA on the embedding and LM head, saved modules; null for a plain LoRA.</summary>
+    public LoraVariants? Variants { get; }
+
+    internal LoraAdapter(AdapterMethod method, (Tensor, Tensor)?[,] weights, LoraVariants? variants = null)
     {
         Method = method;
         Weights = weights;
+        Variants = variants;
         MaxRank = weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).Select(w => (int)w!.Value.A.shape[0]).DefaultIfEmpty(0).Max();
-        _byteSize = Bytes(weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).SelectMany(w => new[] { w!.Value.A, w.Value.B }));
+        _byteSize = Bytes(weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).SelectMany(w => new[] { w!.Value.A, w.Value.B }))
+            + Bytes(variants?.Tensors.Distinct() ?? []);
     }
 
     public static string ModuleName(LoraTarget t) => t switch
@@ -52,28 +57,36 @@ public sealed class LoraAdapter : Adapter
 
     internal static LoraAdapter Read(AdapterMethod method, AdapterFolder f, string name, ModelConfig c, AdapterLimits limits)
     {
-        var where = Path.Combine(f.Path, AdapterFolder.ConfigFile);
-        if (f.Bool("use_dora")) throw new AdapterException($"{where}: use_dora (DoRA) is not supported");
-        if (f.String("bias") is { } bias && bias != "none") throw new AdapterException($"{where}: bias '{bias}' is not supported (only \"none\")");
-        if (f.Config["modules_to_save"] is JsonArray { Count: > 0 })
-            throw new AdapterException($"{where}: modules_to_save (fully trained extra modules) is not supported");
         double alpha = f.Double("lora_alpha", f.Int("r", 8));
         bool rslora = f.Bool("use_rslora");
         var alphaPattern = (f.Config["alpha_pattern"] as JsonObject)?.ToDictionary(p => p.Key, p => p.Value!.GetValue<double>()) ?? [];
+        // The scaling of a module (its full name) of rank r, as PEFT sets it: alpha_pattern, then alpha / r (or / sqrt(r) for rsLoRA).
+        double Scale(string module, long r)
+        {
+            double moduleAlpha = alphaPattern.FirstOrDefault(p => Regex.IsMatch(module, $"(^|\\.)({p.Key})$")).Value is var pa && pa != 0 ? pa : alpha;
+            return rslora ? moduleAlpha / Math.Sqrt(r) : moduleAlpha / r;
+        }
+        // DoRA, biases, embedding and LM head, saved modules; it also refuses config fields of variants not served.
+        var variants = new LoraVariantReader(f, c, limits, Scale);
 
         var targets = Enum.GetValues<LoraTarget>().ToDictionary(ModuleName);
         var found = new Dictionary<(int, LoraTarget), (Tensor? A, Tensor? B)>();
         foreach (var tensor in f.TensorNames.Order())
         {
             if (!AdapterFolder.TryParseLayerTensor(tensor, out var layer, out var module, out var rest) || !targets.TryGetValue(module, out var target))
-                throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a LoRA weight of a decoder linear layer (q,k,v,o,gate,up,down_proj)");
-            if (rest is not ("lora_A.weight" or "lora_B.weight"))
-                throw new AdapterException($"{f.Path}: tensor '{tensor}' is not supported (expected lora_A.weight / lora_B.weight)");
+            {
+                variants.TakeModelTensor(tensor);
+                continue;
+            }
             if (layer >= c.NumLayers) throw new AdapterException($"{f.Path}: tensor '{tensor}' names layer {layer}, the base model has {c.NumLayers}");
+            if (rest is not ("lora_A.weight" or "lora_B.weight"))
+            {
+                variants.TakeLayerTensor(tensor, layer, target, rest);
+                continue;
+            }
             found.TryGetValue((layer, target), out var pair);
             found[(layer, target)] = rest == "lora_A.weight" ? (Load(f, tensor), pair.B) : (pair.A, Load(f, tensor));
         }
-        if (found.Count == 0) throw new AdapterException($"{f.Path}: no LoRA weights found");
 
         var weights = new (Tensor, Tensor)?[c.NumLayers, 7];
         foreach (var ((layer, target), (a, b)) in found)
@@ -85,11 +98,13 @@ public sealed class LoraAdapter : Adapter
             if (a.dim() != 2 || a.shape[1] != inF) throw new AdapterException($"{f.Path}: {module}.lora_A.weight has shape [{string.Join(",", a.shape)}], the base model needs [r,{inF}]");
             if (b.dim() != 2 || b.shape[0] != outF || b.shape[1] != r) throw new AdapterException($"{f.Path}: {module}.lora_B.weight has shape [{string.Join(",", b.shape)}], needs [{outF},{r}]");
             if (r < 1 || r > limits.MaxRank) throw new AdapterException($"{f.Path}: {module} has rank {r}, above the configured maximum of {limits.MaxRank}");
-            double moduleAlpha = alphaPattern.FirstOrDefault(p => Regex.IsMatch(module, $"(^|\\.)({p.Key})$")).Value is var pa && pa != 0 ? pa : alpha;
-            double scale = rslora ? moduleAlpha / Math.Sqrt(r) : moduleAlpha / r;
-            weights[layer, (int)target] = (a, b.mul_(scale));
+            weights[layer, (int)target] = (a, b.mul_(Scale(module, r)));
         }
-        return new LoraAdapter(method, weights) { Name = name, SourcePath = f.Path };
+        var extras = variants.Finish(weights);
+        if (found.Count == 0 && extras is null) throw new AdapterException($"{f.Path}: no LoRA weights found");
+        // Vocabulary-sized parts need a slot of the embeddings pool, which also holds the rest of such an adapter.
+        var servedBy = extras is { NeedsVocabularySlot: true } ? LoraEmbeddingsMethod.Instance : method;
+        return new LoraAdapter(servedBy, weights, extras) { Name = name, SourcePath = f.Path };
     }
 
     private static Tensor Load(AdapterFolder f, string tensor)
@@ -105,6 +120,7 @@ public sealed class LoraAdapter : Adapter
     public override void PrepareForDevice(ScalarType dtype, bool pin)
     {
         if (_hostBlock is not null) return;
+        Variants?.ConvertLarge(dtype);
         long total = Weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).Sum(w => w!.Value.A.NumberOfElements + w.Value.B.NumberOfElements);
         using (var plain = torch.empty([total], dtype))
             _hostBlock = pin ? plain.pin_memory() : plain.clone();
@@ -129,7 +145,7 @@ public sealed class LoraAdapter : Adapter
                 UpRows[l, t] = up;
                 Weights[l, t] = (a, up.t());
             }
-        _byteSize = total * _hostBlock.ElementSize;
+        _byteSize = total * _hostBlock.ElementSize + Bytes(Variants?.Tensors.Distinct() ?? []);
     }
 
     public override void Dispose()
@@ -138,6 +154,7 @@ public sealed class LoraAdapter : Adapter
             if (w is { } pair) { pair.A.Dispose(); pair.B.Dispose(); }
         if (UpRows is not null) foreach (var u in UpRows) u?.Dispose();
         _hostBlock?.Dispose();
+        Variants?.Dispose();
     }
 }
 
