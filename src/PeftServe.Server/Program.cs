@@ -32,6 +32,7 @@ public sealed class Program
         ["--kv-cache-blocks"] = "PeftServe:KvCacheBlocks",
         ["--host-cache-bytes"] = "PeftServe:HostCacheBytes",
         ["--slots-per-method"] = "PeftServe:SlotsPerMethod",
+        ["--embedding-slots"] = "PeftServe:EmbeddingSlots",
         ["--max-upload-bytes"] = "PeftServe:MaxUploadBytes",
         ["--redis"] = "PeftServe:Redis",
         ["--adapter-roots"] = "PeftServe:AdapterRoots",

@@ -35,6 +35,9 @@ public sealed class ServerOptions
     public int? KvCacheBlocks { get; set; }
     public long HostCacheBytes { get; set; } = 2L << 30;
     public int SlotsPerMethod { get; set; } = 16;
+    /// <summary>Device slots for LoRA adapters with a saved lm_head/embed_tokens or LoRA on them (each slot holds two
+    /// vocabulary x hidden matrices); 0 refuses such adapters.</summary>
+    public int EmbeddingSlots { get; set; } = 2;
     public int MaxAdapterRank { get; set; } = 64;
 
     /// <summary>Seconds a client is told to wait (Retry-After) when the queue is full.</summary>
