@@ -208,6 +208,27 @@ public sealed class LoraVariantTests : IClassFixture<TinyLlamaFixture>, IClassFi
     private static double[][] Transpose(double[][] m) =>
         Enumerable.Range(0, m[0].Length).Select(c => m.Select(row => row[c]).ToArray()).ToArray();
 
+    [Fact]
+    public void DoraNormsOnAnNf4BaseUseItsDequantizedRows()
+    {
+        // PEFT dequantizes a 4-bit base layer for the norm; the rows are read a block of rows at a time.
+        using var nf4 = LlamaModel.Load(PeftServe.Tests.TestData.TinyLlamaDir, new ModelOptions { Quantization = Core.Quantization.QuantizationMode.Nf4 });
+        var c = nf4.Config;
+        long q = (long)c.NumHeads * c.HeadDim, kv = (long)c.NumKvHeads * c.HeadDim, inter = c.IntermediateSize;
+        foreach (var (site, start, count, inF) in new[] { (LinearSite.Qkv, q, kv, (long)c.HiddenSize), (LinearSite.GateUp, inter, inter, (long)c.HiddenSize), (LinearSite.Down, 0L, (long)c.HiddenSize, inter) })
+        {
+            using var rows = nf4.DenseWeightRows(1, site, start, count);
+            using var all = nf4.DenseWeightRows(1, site, 0, start + count);
+            Assert.Equal(0f, (rows - all.narrow(0, start, count)).abs().max().item<float>());
+            var rng = new Random(3);
+            using var a = torch.tensor(OurAdapterTesting.Random(rng, (int)(4 * inF), 0.3).Select(x => (float)x).ToArray(), [4, inF]);
+            using var bt = torch.tensor(OurAdapterTesting.Random(rng, (int)(4 * count), 0.3).Select(x => (float)x).ToArray(), [4, count]);
+            using var norms = DoraNorms.Linear(nf4, 1, site, start, count, a, bt);
+            using var expected = (rows + torch.matmul(bt.t(), a)).square().sum(1).sqrt();
+            Assert.True((norms - expected).abs().max().item<float>() < 1e-5);
+        }
+    }
+
     // ---- placement ----
 
     [Fact]

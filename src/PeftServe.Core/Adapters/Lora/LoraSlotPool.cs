@@ -350,7 +350,8 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     /// <summary>output += output ⊙ gain + offset, each row's from its slot (DoRA's scale, trained and lora_B biases).</summary>
     private Tensor ApplyOutputTerms(int layer, int group, Tensor output)
     {
-        if (_gainActive[layer, group]) output.add_(output * _pool.Gain(layer, group).index_select(0, Index).unsqueeze(1));
+        // One fused kernel: output + output * gain, written in place (each element reads only itself).
+        if (_gainActive[layer, group]) output.addcmul_(output, _pool.Gain(layer, group).index_select(0, Index).unsqueeze(1), 1);
         if (_offsetActive[layer, group]) output.add_(_pool.Offset(layer, group).index_select(0, Index).unsqueeze(1));
         return output;
     }
