@@ -33,6 +33,7 @@ public sealed class Program
         ["--host-cache-bytes"] = "PeftServe:HostCacheBytes",
         ["--slots-per-method"] = "PeftServe:SlotsPerMethod",
         ["--cuda-graphs"] = "PeftServe:CudaGraphs",
+        ["--embedding-slots"] = "PeftServe:EmbeddingSlots",
         ["--max-upload-bytes"] = "PeftServe:MaxUploadBytes",
         ["--redis"] = "PeftServe:Redis",
         ["--adapter-roots"] = "PeftServe:AdapterRoots",

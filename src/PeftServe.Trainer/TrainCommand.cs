@@ -55,6 +55,8 @@ public static class TrainCommand
         var rank = new Option<int>("--rank") { Description = "lora/qlora: rank r", DefaultValueFactory = _ => 8 };
         var alpha = new Option<double?>("--lora-alpha") { Description = "lora/qlora: alpha (scale alpha/r; default 2r)" };
         var loraDropout = new Option<double>("--lora-dropout") { Description = "lora/qlora: dropout on the LoRA inputs while training (saved as lora_dropout; never applied when serving)", DefaultValueFactory = _ => 0.0 };
+        var useDora = new Option<bool>("--use-dora") { Description = "lora/qlora: DoRA, a trained magnitude per output of each target (saved as PEFT's use_dora)" };
+        var modulesToSave = new Option<string?>("--modules-to-save") { Description = "lora/qlora: comma-separated modules trained whole and saved with the adapter: lm_head, embed_tokens (PEFT's modules_to_save)" };
         var targets = new Option<string>("--lora-targets") { Description = "lora/qlora: comma-separated modules among q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", DefaultValueFactory = _ => "q_proj,v_proj" };
         var virtualTokens = new Option<int>("--num-virtual-tokens") { Description = "prompt/prefix/ptuning: virtual tokens", DefaultValueFactory = _ => 8 };
         var initText = new Option<string?>("--prompt-init-text") { Description = "prompt: initialise from this text's token embeddings (default: random)" };
@@ -73,7 +75,7 @@ public static class TrainCommand
         {
             method, model, data, output, maxSteps, lr, batch, accum, maxLength, packing, valFraction, evalEvery, saveEvery, resume,
             warmup, schedule, clip, wd, device, dtype, seed, logEvery, noPlot, upload, uploadName, checkpointing, randomWeights,
-            rank, alpha, loraDropout, targets, virtualTokens, initText, encoderHidden, encoderType, noProjection, adapterLen, adapterLayers,
+            rank, alpha, loraDropout, targets, useDora, modulesToSave, virtualTokens, initText, encoderHidden, encoderType, noProjection, adapterLen, adapterLayers,
             reduction, placement, nonLinearity, experts, bitfitSubset,
         };
         var err = error ?? Console.Error;
@@ -111,6 +113,8 @@ public static class TrainCommand
                     Alpha = parse.GetValue(alpha),
                     LoraDropout = parse.GetValue(loraDropout),
                     LoraTargets = parse.GetValue(targets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries),
+                    UseDora = parse.GetValue(useDora),
+                    ModulesToSave = parse.GetValue(modulesToSave)?.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries) ?? [],
                     NumVirtualTokens = parse.GetValue(virtualTokens),
                     PromptInitText = parse.GetValue(initText),
                     EncoderHiddenSize = parse.GetValue(encoderHidden),

@@ -112,6 +112,8 @@ public sealed class TrainingRun : IDisposable
     {
         Options = options;
         Method = TrainingMethods.Get(options.MethodName);
+        if ((options.Method.UseDora || options.Method.ModulesToSave.Count > 0) && Method is not Core.Adapters.Lora.LoraTrainingMethod)
+            throw new ArgumentException($"--use-dora and --modules-to-save apply to lora and qlora, not {Method.Name}");
         if (options.MaxSteps < 1) throw new ArgumentException("--max-steps must be at least 1");
         if (options.BatchSize < 1) throw new ArgumentException("--batch-size must be at least 1");
         if (options.GradientAccumulation < 1) throw new ArgumentException("--grad-accum must be at least 1");
@@ -283,7 +285,7 @@ public sealed class TrainingRun : IDisposable
         var hidden = Model.FinalHiddenStates(torch.tensor(ids, [b, n + t], device: dev), torch.tensor(pos, [b, n + t], device: dev),
             Adapter, checkpointLayers: Options.GradientCheckpointing && torch.is_grad_enabled());
         var picked = hidden.reshape(-1, hidden.shape[^1]).index_select(0, torch.tensor(rows.ToArray(), device: dev));
-        var sum = Model.LmHeadLossSum(picked, torch.tensor(targets.ToArray(), device: dev), LossChunkRows);
+        var sum = Model.LmHeadLossSum(picked, torch.tensor(targets.ToArray(), device: dev), LossChunkRows, Adapter.LmHead(picked));
         return (sum, targets.Count);
     }
 

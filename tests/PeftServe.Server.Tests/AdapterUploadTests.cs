@@ -148,6 +148,35 @@ public sealed class AdapterUploadTests(ServerFixture fixture) : IClassFixture<Se
     }
 
     [Fact]
+    public async Task DoraAndSavedLmHeadAdaptersAreServedAndAnUnsupportedVariantIsA422NamingIt()
+    {
+        var config = ModelConfig.Load(TestData.TinyLlamaDir);
+        var root = Directory.CreateTempSubdirectory().FullName;
+        try
+        {
+            var baseText = await GreedyChat("tiny-llama");
+            foreach (var (name, dir) in new[] { ("up-dora", SyntheticAdapters.Dora(Path.Combine(root, "dora"), config, 4, 1)),
+                         ("up-head", SyntheticAdapters.LoraWithSavedLmHead(Path.Combine(root, "head"), config, 4, 2)) })
+            {
+                using var up = await S.Http.PostAsync("v1/adapters", Folder(name, dir));
+                Assert.Equal(HttpStatusCode.Created, up.StatusCode);
+                Assert.NotEqual(baseText, await GreedyChat(name));
+            }
+            var qalora = SyntheticAdapters.Lora(Path.Combine(root, "qalora"), config, 4, 3, ["q_proj"]);
+            var path = Path.Combine(qalora, AdapterFolder.ConfigFile);
+            var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(path))!.AsObject();
+            json["use_qalora"] = true;
+            File.WriteAllText(path, json.ToJsonString());
+            using var refused = await S.Http.PostAsync("v1/adapters", Folder("up-qalora", qalora));
+            Assert.Equal(HttpStatusCode.UnprocessableEntity, refused.StatusCode);
+            var error = (await refused.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error");
+            Assert.Contains("use_qalora", error.GetProperty("message").GetString());
+            AssertNoLeftovers();
+        }
+        finally { Directory.Delete(root, true); }
+    }
+
+    [Fact]
     public async Task DeletingAnAdapterLetsItsRunningRequestsFinish()
     {
         using (var up = await S.Http.PostAsync("v1/adapters", Folder("short-lived", Example("tiny-lora-r4-qv"))))

@@ -36,7 +36,8 @@ internal static class BenchCommand
         var rank = new Option<int>("--lora-rank") { Description = "rank of the synthetic LoRA adapters (all linear layers)", DefaultValueFactory = _ => 16 };
         var methods = new Option<string>("--adapter-methods")
         {
-            Description = "comma-separated methods the synthetic adapters cycle through: lora, prefix, prompt, ptuning, ia3, llama-adapter, bottleneck, adamix, bitfit",
+            Description = "comma-separated methods the synthetic adapters cycle through: lora, dora (LoRA with DoRA), lora-lm-head (LoRA with a saved lm_head), " +
+                          "prefix, prompt, ptuning, ia3, llama-adapter, bottleneck, adamix, bitfit",
             DefaultValueFactory = _ => "lora",
         };
 
@@ -86,7 +87,12 @@ internal static class BenchCommand
                             MaxBatchSize = batch, MaxQueueLength = Math.Max(256, batch), AdapterStore = scratch.FullName,
                             KvCacheBlocks = parse.GetValue(kvBlocks) ?? batch * perRequest * 5 / 4 + 16,
                             PrefillChunkTokens = engineMode ? Math.Max(512, promptLen + virtualTokens) : batch * (promptLen + virtualTokens),
-                            AdapterLimits = new AdapterLimits { MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, Math.Min(count, 64)) },
+                            AdapterLimits = new AdapterLimits
+                            {
+                                MaxRank = parse.GetValue(rank), SlotsPerMethod = Math.Max(1, Math.Min(count, 64)),
+                                // A saved lm_head per adapter: as many vocabulary slots as such adapters (up to 8), none otherwise.
+                                EmbeddingSlots = methodList.Contains("lora-lm-head") ? Math.Max(1, Math.Min(count, 8)) : 0,
+                            },
                             CudaGraphs = !parse.GetValue(graphs),
                             // Every synthetic adapter fits in the host tier (S-LoRA keeps them all in host memory);
                             // the device slots are fewer than the adapters when there are more than 64.
@@ -281,6 +287,8 @@ internal static class BenchCommand
     private static string MakeAdapter(string dir, string method, ModelConfig c, int rank, int seed) => method switch
     {
         "lora" => SyntheticAdapters.Lora(dir, c, rank, seed),
+        "dora" => SyntheticAdapters.Dora(dir, c, rank, seed),
+        "lora-lm-head" => SyntheticAdapters.LoraWithSavedLmHead(dir, c, rank, seed),
         "prefix" => SyntheticAdapters.Prefix(dir, c, 16, seed),
         "prompt" => SyntheticAdapters.PromptTuning(dir, c, 16, seed),
         "ia3" => SyntheticAdapters.IA3(dir, c, seed),
@@ -289,7 +297,7 @@ internal static class BenchCommand
         "bottleneck" => SyntheticAdapters.Bottleneck(dir, c, BottleneckFactor(c), seed),
         "adamix" => SyntheticAdapters.Bottleneck(dir, c, BottleneckFactor(c), seed, experts: 4),
         "bitfit" => SyntheticAdapters.BitFit(dir, c, seed),
-        _ => throw new ArgumentException($"--adapter-methods: unknown method '{method}' (lora, prefix, prompt, ptuning, ia3, llama-adapter, bottleneck, adamix, bitfit)"),
+        _ => throw new ArgumentException($"--adapter-methods: unknown method '{method}' (lora, dora, lora-lm-head, prefix, prompt, ptuning, ia3, llama-adapter, bottleneck, adamix, bitfit)"),
     };
 
     /// <summary>The reduction factor giving a bottleneck of 64 units (the default slot limit) or the nearest that divides hidden.</summary>

@@ -42,7 +42,9 @@ internal static class LogitsCommand
                 throw new InvalidDataException($"{inputPath}: input_ids hold ids outside the vocabulary 0..{v - 1}");
 
             long b = ids.shape[0], t = ids.shape[1];
-            using var adapterManager = new AdapterManager(llm, new AdapterLimits(), parse.GetValue(store), hostCacheBytes: 1L << 30);
+            // Every row's adapter is held at once: as many vocabulary slots as rows (allocated only if one needs them).
+            var limits = new AdapterLimits();
+            using var adapterManager = new AdapterManager(llm, limits with { EmbeddingSlots = Math.Max(limits.EmbeddingSlots, (int)b) }, parse.GetValue(store), hostCacheBytes: 1L << 30);
             var rowAdapters = ParseAdapters(parse.GetValue(adapters), (int)b, adapterManager);
             using var result = FullLogits.Compute(llm, ids, rowAdapters);
             SafeTensorsWriter.Write(parse.GetValue(output)!, [new("logits", result)]);

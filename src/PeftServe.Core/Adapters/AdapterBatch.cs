@@ -56,6 +56,12 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
 
     public bool ChangesKeysValues => _ops.Any(op => op.ChangesKeysValues);
 
+    public Tensor TokenEmbeddings(Tensor inputIds, Tensor embeddings)
+    {
+        foreach (var op in _ops) embeddings = op.TokenEmbeddings(inputIds, embeddings);
+        return embeddings;
+    }
+
     public Tensor Embeddings(Tensor embeddings)
     {
         foreach (var op in _ops) embeddings = op.Embeddings(embeddings);
@@ -104,6 +110,12 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
     {
         foreach (var op in _ops) output = op.MlpOutput(layer, x, output);
         return output;
+    }
+
+    public Tensor Logits(Tensor hidden, Tensor logits)
+    {
+        foreach (var op in _ops) logits = op.Logits(hidden, logits);
+        return logits;
     }
 
     public void Dispose()

@@ -14,6 +14,9 @@ public sealed record AdapterLimits
     public int MaxVirtualTokens { get; init; } = 128;
     /// <summary>Device slots per method: how many adapters of one method can be resident at once.</summary>
     public int SlotsPerMethod { get; init; } = 16;
+    /// <summary>Device slots for LoRA adapters with vocabulary-sized parts (a saved lm_head or embed_tokens, LoRA on
+    /// them): each holds two [vocabulary, hidden] matrices, so they are few. 0 refuses such adapters.</summary>
+    public int EmbeddingSlots { get; init; } = 2;
 }
 
 /// <summary>One parameter-efficient fine-tuning method: how its files are read and validated, and how

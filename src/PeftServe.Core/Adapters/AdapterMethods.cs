@@ -15,6 +15,7 @@ public static class AdapterMethods
     public static IReadOnlyList<AdapterMethod> All { get; } =
     [
         new LoraMethod(),
+        LoraEmbeddingsMethod.Instance,
         new PrefixTuningMethod(),
         new PromptTuningMethod(),
         new IA3Method(),

@@ -31,6 +31,42 @@ public static class SyntheticAdapters
         return Write(dir, new { peft_type = "LORA", r = rank, lora_alpha = 2 * rank, target_modules = targets, bias = "none", task_type = "CAUSAL_LM" }, tensors);
     }
 
+    /// <summary>A DoRA adapter (use_dora): LoRA of rank <paramref name="rank"/> on <paramref name="targets"/> of every
+    /// layer with a magnitude per output near 1. DoRA's cost does not depend on the values; against a real base a
+    /// trained magnitude is near the weight rows' norms instead.</summary>
+    public static string Dora(string dir, ModelConfig c, int rank, long seed, IReadOnlyList<string>? targets = null)
+    {
+        targets ??= AllLinear;
+        Lora(dir, c, rank, seed, targets);
+        var gen = new torch.Generator((ulong)seed + 1);
+        var tensors = ReadBack(dir);
+        for (int l = 0; l < c.NumLayers; l++)
+            foreach (var t in targets)
+            {
+                var target = Enum.GetValues<LoraTarget>().Single(x => LoraAdapter.ModuleName(x) == t);
+                var p = $"base_model.model.model.layers.{l}.{(target <= LoraTarget.O ? "self_attn" : "mlp")}.{t}.";
+                tensors.Add(new(p + "lora_magnitude_vector", 1 + 0.1 * torch.randn([LoraAdapter.Shape(target, c).Out], generator: gen)));
+            }
+        return Write(dir, new { peft_type = "LORA", r = rank, lora_alpha = 2 * rank, target_modules = targets, bias = "none", use_dora = true, task_type = "CAUSAL_LM" }, tensors);
+    }
+
+    /// <summary>LoRA of rank <paramref name="rank"/> on <paramref name="targets"/> plus a saved lm_head (modules_to_save):
+    /// a whole [V, hidden] matrix of random values.</summary>
+    public static string LoraWithSavedLmHead(string dir, ModelConfig c, int rank, long seed, IReadOnlyList<string>? targets = null)
+    {
+        targets ??= AllLinear;
+        Lora(dir, c, rank, seed, targets);
+        var tensors = ReadBack(dir);
+        tensors.Add(new("base_model.model.lm_head.weight", torch.randn([c.VocabSize, c.HiddenSize], generator: new torch.Generator((ulong)seed + 2)) * 0.02));
+        return Write(dir, new { peft_type = "LORA", r = rank, lora_alpha = 2 * rank, target_modules = targets, bias = "none", modules_to_save = new[] { "lm_head" }, task_type = "CAUSAL_LM" }, tensors);
+    }
+
+    private static List<KeyValuePair<string, Tensor>> ReadBack(string dir)
+    {
+        using var file = SafeTensorsFile.Open(Path.Combine(dir, AdapterFolder.WeightsFile));
+        return file.Tensors.Select(t => new KeyValuePair<string, Tensor>(t.Name, file.ToTensor(t.Name))).ToList();
+    }
+
     public static string Prefix(string dir, ModelConfig c, int virtualTokens, long seed) =>
         Write(dir, new { peft_type = "PREFIX_TUNING", num_virtual_tokens = virtualTokens, num_layers = c.NumLayers, token_dim = c.NumKvHeads * c.HeadDim, num_transformer_submodules = 1, task_type = "CAUSAL_LM" },
             [new("prompt_embeddings", torch.randn([virtualTokens, 2L * c.NumLayers * c.NumKvHeads * c.HeadDim], generator: new torch.Generator((ulong)seed)))]);

@@ -44,5 +44,6 @@ public sealed record EngineOptions
         if (KvCacheBlocks is < 1) throw new ArgumentException("KvCacheBlocks must be at least 1");
         if (HostCacheBytes < 0) throw new ArgumentException("HostCacheBytes must be at least 0");
         if (AdapterLimits.SlotsPerMethod < 1) throw new ArgumentException("SlotsPerMethod must be at least 1");
+        if (AdapterLimits.EmbeddingSlots < 0) throw new ArgumentException("EmbeddingSlots must be at least 0");
     }
 }

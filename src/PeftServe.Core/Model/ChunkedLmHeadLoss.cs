@@ -13,7 +13,8 @@ namespace PeftServe.Core.Model;
 ///
 /// The math is that of linear + float32 cross_entropy (summed): logits in the compute dtype, upcast,
 /// loss = logsumexp - logit[target]; gradient (softmax - onehot) * upstream, cast back to the compute
-/// dtype, times the LM head.</summary>
+/// dtype, times the LM head. When the LM head itself is trained (an adapter's saved lm_head), backward also
+/// gives its gradient, the chunks' (softmax - onehot)^T hidden summed.</summary>
 internal sealed class ChunkedLmHeadLoss : torch.autograd.SingleTensorFunction<ChunkedLmHeadLoss>
 {
     public override string Name => "ChunkedLmHeadLoss";
@@ -23,7 +24,7 @@ internal sealed class ChunkedLmHeadLoss : torch.autograd.SingleTensorFunction<Ch
     public static Tensor Sum(Tensor hidden, Tensor lmHead, Tensor targets, int chunkRows)
     {
         if (chunkRows < 1) throw new ArgumentOutOfRangeException(nameof(chunkRows), "a loss chunk holds at least one row");
-        if (torch.is_grad_enabled() && hidden.requires_grad) return apply(hidden, lmHead, targets, chunkRows);
+        if (torch.is_grad_enabled() && (hidden.requires_grad || lmHead.requires_grad)) return apply(hidden, lmHead, targets, chunkRows);
         using var _ = torch.no_grad();
         return LossSum(hidden, lmHead, targets, chunkRows);
     }
@@ -40,12 +41,14 @@ internal sealed class ChunkedLmHeadLoss : torch.autograd.SingleTensorFunction<Ch
     {
         int chunkRows = (int)ctx.get_data("chunkRows");
         Tensor hiddenGrad;
+        Tensor? headGrad = null;
         using (var scope = torch.NewDisposeScope())
         {
             var saved = ctx.get_saved_variables();
             var (hidden, lmHead, targets) = (saved[0], saved[1], saved[2]);
             var upstream = gradOutput.to(ScalarType.Float32);
             hiddenGrad = torch.empty_like(hidden);
+            if (lmHead.requires_grad) headGrad = torch.zeros(lmHead.shape, ScalarType.Float32, lmHead.device);
             for (long start = 0; start < hidden.shape[0]; start += chunkRows)
             {
                 using var chunk = torch.NewDisposeScope();
@@ -55,11 +58,13 @@ internal sealed class ChunkedLmHeadLoss : torch.autograd.SingleTensorFunction<Ch
                 var t = targets.narrow(0, start, rows).unsqueeze(1);
                 grad.scatter_add_(1, t, (-upstream).expand(t.shape));                                             // softmax - onehot
                 hiddenGrad.narrow(0, start, rows).copy_(torch.matmul(grad.to(hidden.dtype), lmHead));
+                headGrad?.add_(torch.matmul(grad.t(), hidden.narrow(0, start, rows).to(ScalarType.Float32)));
             }
             hiddenGrad.MoveToOuterDisposeScope();
+            headGrad = headGrad?.to(lmHead.dtype).MoveToOuterDisposeScope();
         }
         gradOutput.Dispose();
-        return [hiddenGrad, null!, null!, null!];
+        return [hiddenGrad, headGrad!, null!, null!];
     }
 
     private static Tensor LossSum(Tensor hidden, Tensor lmHead, Tensor targets, int chunkRows)

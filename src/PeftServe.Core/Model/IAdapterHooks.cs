@@ -17,6 +17,10 @@ public interface IAdapterHooks
     /// columns); when not, the cache may rotate and store keys itself.</summary>
     bool ChangesKeysValues { get; }
 
+    /// <summary>The embedding lookup [B,T,hidden] of <paramref name="inputIds"/> [B,T], before <see cref="Embeddings"/>:
+    /// LoRA on the embedding adds a per-token delta here, a saved (fully trained) embedding replaces the row's lookup.</summary>
+    Tensor TokenEmbeddings(Tensor inputIds, Tensor embeddings);
+
     /// <summary>Token embeddings [B,T,hidden] of this chunk: virtual-token adapters replace their columns.</summary>
     Tensor Embeddings(Tensor embeddings);
 
@@ -42,6 +46,10 @@ public interface IAdapterHooks
 
     /// <summary>The down projection's result [B,T,hidden] for input <paramref name="x"/>, before the residual add.</summary>
     Tensor MlpOutput(int layer, Tensor x, Tensor output);
+
+    /// <summary>The LM head's logits [B,T,V] of the final-normed hidden states <paramref name="hidden"/> [B,T,hidden]:
+    /// LoRA on the LM head adds its delta here, a saved LM head replaces the row's logits.</summary>
+    Tensor Logits(Tensor hidden, Tensor logits);
 }
 
 /// <summary><see cref="IAdapterHooks"/> that leave every input unchanged: the base of the serving-time
@@ -50,6 +58,7 @@ public abstract class IdentityAdapterHooks : IAdapterHooks
 {
     public virtual void BeforeLinear(int layer, LinearSite site, Tensor x) { }
     public virtual bool ChangesKeysValues => false;
+    public virtual Tensor TokenEmbeddings(Tensor inputIds, Tensor embeddings) => embeddings;
     public virtual Tensor Embeddings(Tensor embeddings) => embeddings;
     public virtual Tensor Qkv(int layer, Tensor x, Tensor qkv) => qkv;
     public virtual (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) => (keys, values);
@@ -58,6 +67,7 @@ public abstract class IdentityAdapterHooks : IAdapterHooks
     public virtual Tensor GateUp(int layer, Tensor x, Tensor gateUp) => gateUp;
     public virtual Tensor DownInput(int layer, Tensor x) => x;
     public virtual Tensor MlpOutput(int layer, Tensor x, Tensor output) => output;
+    public virtual Tensor Logits(Tensor hidden, Tensor logits) => logits;
 }
 
 /// <summary>The decoder layer's frozen projections, in the order they run.</summary>

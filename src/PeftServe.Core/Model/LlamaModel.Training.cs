@@ -63,9 +63,10 @@ public sealed partial class LlamaModel
     /// <summary>Summed next-token cross-entropy (float32 scalar) of final hidden states
     /// <paramref name="hidden"/> [M,hidden] against <paramref name="targets"/> [M] (int64), through the LM
     /// head <paramref name="chunkRows"/> rows at a time (<see cref="ChunkedLmHeadLoss"/>); equal to
-    /// cross_entropy(linear(hidden, lm_head).float(), targets, reduction: sum).</summary>
-    public Tensor LmHeadLossSum(Tensor hidden, Tensor targets, int chunkRows) =>
-        ChunkedLmHeadLoss.Sum(hidden, _lmHead, targets.to(ScalarType.Int64, Device), chunkRows);
+    /// cross_entropy(linear(hidden, lm_head).float(), targets, reduction: sum). <paramref name="lmHead"/> replaces the
+    /// base model's LM head (an adapter that trains its own; gradients then reach it too).</summary>
+    public Tensor LmHeadLossSum(Tensor hidden, Tensor targets, int chunkRows, Tensor? lmHead = null) =>
+        ChunkedLmHeadLoss.Sum(hidden, lmHead ?? _lmHead, targets.to(ScalarType.Int64, Device), chunkRows);
 
     /// <summary>Rows per loss chunk so that one chunk's float32 logits are about 64 MiB.</summary>
     public int DefaultLossChunkRows => Math.Max(1, (1 << 24) / Config.VocabSize);

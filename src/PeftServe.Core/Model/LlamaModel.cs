@@ -174,6 +174,7 @@ public sealed partial class LlamaModel : IDisposable
         }
         var normed = delta is null ? FusedOps.RmsNorm(h, _finalNorm, Config.RmsNormEps) : FusedOps.AddRmsNorm(h, delta, _finalNorm, Config.RmsNormEps).Normed;
         var logits = nn.functional.linear(normed, _lmHead);
+        if (adapters is not null) logits = adapters.Logits(normed, logits);
         return logits.MoveToOuterDisposeScope();
     }
 
@@ -184,7 +185,7 @@ public sealed partial class LlamaModel : IDisposable
     {
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var h = _embedTokens.index_select(0, inputIds.reshape(-1)).view(b, t, -1);
-        if (adapters is not null) h = adapters.Embeddings(h);
+        if (adapters is not null) h = adapters.Embeddings(adapters.TokenEmbeddings(inputIds, h));
         cache.Begin(positions, DType);
         var (cos, sin) = _rope.Tables(positions.clamp_min(0), DType);
 

@@ -40,7 +40,7 @@ public sealed class ModelHost(IOptions<ServerOptions> options, ILogger<ModelHost
         KvCacheBlocks = o.KvCacheBlocks,
         AdapterStore = Path.GetFullPath(o.AdapterStore),
         HostCacheBytes = o.HostCacheBytes,
-        AdapterLimits = new AdapterLimits { SlotsPerMethod = o.SlotsPerMethod, MaxRank = o.MaxAdapterRank },
+        AdapterLimits = new AdapterLimits { SlotsPerMethod = o.SlotsPerMethod, EmbeddingSlots = o.EmbeddingSlots, MaxRank = o.MaxAdapterRank },
         CudaGraphs = o.CudaGraphs,
     };
 

@@ -52,6 +52,9 @@ public sealed class ServerOptions
     public int SlotsPerMethod { get; set; } = 16;
     /// <summary>On CUDA, replay decode steps from captured CUDA graphs (needs the native helper; off: eager).</summary>
     public bool CudaGraphs { get; set; } = true;
+    /// <summary>Device slots for LoRA adapters with a saved lm_head/embed_tokens or LoRA on them (each slot holds two
+    /// vocabulary x hidden matrices); 0 refuses such adapters.</summary>
+    public int EmbeddingSlots { get; set; } = 2;
     public int MaxAdapterRank { get; set; } = 64;
 
     /// <summary>Seconds a client is told to wait (Retry-After) when the queue is full.</summary>

@@ -94,8 +94,16 @@ public sealed class AdapterValidationTests : IDisposable
     public void UnknownTensorInALoraIsNamed()
     {
         var dir = Copy("lora-r4-qv");
+        Rewrite(dir, t => { t["base_model.model.model.norm.lora_A.weight"] = torch.zeros(4, 64); return t; });
+        Assert.Contains("model.norm.lora_A.weight", Refused(dir).Message);
+    }
+
+    [Fact]
+    public void HalfALoraOnTheLmHeadIsNamed()
+    {
+        var dir = Copy("lora-r4-qv");
         Rewrite(dir, t => { t["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 64); return t; });
-        Assert.Contains("lm_head.lora_A.weight", Refused(dir).Message);
+        Assert.Contains("lm_head has lora_B.weight missing", Refused(dir).Message);
     }
 
     [Fact]

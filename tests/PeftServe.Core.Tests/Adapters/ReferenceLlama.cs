@@ -15,6 +15,13 @@ internal sealed class ReferenceHooks
     public Func<int, double[], double[]>? AfterPostAttentionNorm { get; init; }
     /// <summary>(layer, "q_proj".."down_proj", that projection's output) -> output to use.</summary>
     public Func<int, string, double[], double[]>? Projection { get; init; }
+    /// <summary>(layer, "q_proj".."down_proj", the projection's input x, its output W x + b) -> output to use
+    /// (LoRA-type formulas need x); runs before <see cref="Projection"/>.</summary>
+    public Func<int, string, double[], double[], double[]>? ProjectionOf { get; init; }
+    /// <summary>(token id, its embedding row) -> the embedding to use.</summary>
+    public Func<int, double[], double[]>? TokenEmbedding { get; init; }
+    /// <summary>(final-normed hidden state, the LM head's logits) -> logits to use.</summary>
+    public Func<double[], double[], double[]>? Logits { get; init; }
     /// <summary>(layer, attention block output = o_proj result) -> what is added to the residual stream.</summary>
     public Func<int, double[], double[]>? AttentionBlockOutput { get; init; }
     /// <summary>(layer, MLP block output = down_proj result) -> what is added to the residual stream.</summary>
@@ -23,7 +30,8 @@ internal sealed class ReferenceHooks
 
 /// <summary>An independent, deliberately plain Llama forward pass for checking the server's math: float64,
 /// one sequence at a time, positions 0..T-1, no KV cache, no batching, no fused projections. It reads
-/// config.json and model.safetensors itself and shares no code with PeftServe.Core.Model.</summary>
+/// config.json and model.safetensors itself and shares no code with PeftServe.Core.Model. Projections
+/// add their bias where the checkpoint has one.</summary>
 internal sealed class ReferenceLlama
 {
     private static readonly Lazy<ReferenceLlama> TinyInstance = new(() => Load(TestData.TinyLlamaDir));
@@ -61,8 +69,9 @@ internal sealed class ReferenceLlama
             Vocab = c.GetProperty("vocab_size").GetInt32(),
             Eps = c.GetProperty("rms_norm_eps").GetDouble(),
             Theta = theta,
+            Tied = c.TryGetProperty("tie_word_embeddings", out var tie) && tie.GetBoolean(),
         };
-        bool tied = c.TryGetProperty("tie_word_embeddings", out var tie) && tie.GetBoolean();
+        bool tied = model.Tied;
         using var file = SafeTensorsFile.Open(Path.Combine(dir, "model.safetensors"));
         foreach (var info in file.Tensors)
         {
@@ -81,6 +90,8 @@ internal sealed class ReferenceLlama
 
     public double[][] Matrix(string name) => _matrices[name];
     public double[] Vector(string name) => _vectors[name];
+    public bool HasVector(string name) => _vectors.ContainsKey(name);
+    public bool Tied { get; private init; }
 
     /// <summary>Logits [T][V] of every position of <paramref name="ids"/>.</summary>
     public double[][] Logits(IReadOnlyList<int> ids, ReferenceHooks? hooks = null)
@@ -88,6 +99,7 @@ internal sealed class ReferenceLlama
         hooks ??= new ReferenceHooks();
         int n = ids.Count;
         var h = ids.Select(id => (double[])Matrix("model.embed_tokens.weight")[id].Clone()).ToArray();
+        if (hooks.TokenEmbedding is { } embed) h = h.Select((e, t) => embed(ids[t], e)).ToArray();
         for (int layer = 0; layer < Layers; layer++)
         {
             string p = $"model.layers.{layer}.";
@@ -95,6 +107,8 @@ internal sealed class ReferenceLlama
             {
                 var block = module is "gate_proj" or "up_proj" or "down_proj" ? "mlp" : "self_attn";
                 var y = MatVec(Matrix($"{p}{block}.{module}.weight"), x);
+                if (_vectors.TryGetValue($"{p}{block}.{module}.bias", out var bias)) y = Add(y, bias);
+                if (hooks.ProjectionOf is { } g) y = g(layer, module, x, y);
                 return hooks.Projection is { } f ? f(layer, module, y) : y;
             }
 
@@ -146,7 +160,12 @@ internal sealed class ReferenceLlama
                 h[t] = Add(h[t], down);
             }
         }
-        return h.Select(x => MatVec(Matrix("lm_head.weight"), RmsNorm(x, Vector("model.norm.weight")))).ToArray();
+        return h.Select(x =>
+        {
+            var normed = RmsNorm(x, Vector("model.norm.weight"));
+            var logits = MatVec(Matrix("lm_head.weight"), normed);
+            return hooks.Logits is { } f ? f(normed, logits) : logits;
+        }).ToArray();
     }
 
     /// <summary>Greedy continuation: at each step the whole sequence is run again and the argmax of the

@@ -67,7 +67,8 @@ public sealed class DecodePathTests(TinyLlamaFixture f) : IClassFixture<TinyLlam
         }
     }
 
-    /// <summary>Every tensor field of a pool, found by reflection (pools keep them in fields and arrays of fields).</summary>
+    /// <summary>Every tensor field of a pool, found by reflection (pools keep them in fields and arrays of fields, and
+    /// in objects of their own that hold more, such as the LoRA pool's vocabulary slots).</summary>
     private static IEnumerable<Tensor> PoolTensors(object pool)
     {
         foreach (var field in pool.GetType().GetFields(System.Reflection.BindingFlags.Instance | System.Reflection.BindingFlags.NonPublic))
@@ -76,6 +77,10 @@ public sealed class DecodePathTests(TinyLlamaFixture f) : IClassFixture<TinyLlam
                 case Tensor t: yield return t; break;
                 case Array a:
                     foreach (var item in a) if (item is Tensor u) yield return u;
+                    break;
+                case IDisposable part when part.GetType().Namespace?.StartsWith("PeftServe.Core.Adapters", StringComparison.Ordinal) == true
+                                           && part is not AdapterMethod:
+                    foreach (var t in PoolTensors(part)) yield return t;
                     break;
             }
     }

@@ -207,7 +207,9 @@ public sealed class TrainingForwardTests : IDisposable
             return inner.Qkv(layer, x, qkv);
         }
 
+        public Tensor TokenEmbeddings(Tensor inputIds, Tensor embeddings) => inner.TokenEmbeddings(inputIds, embeddings);
         public Tensor Embeddings(Tensor embeddings) => inner.Embeddings(embeddings);
+        public Tensor Logits(Tensor hidden, Tensor logits) => inner.Logits(hidden, logits);
         public void BeforeLinear(int layer, LinearSite site, Tensor x) => inner.BeforeLinear(layer, site, x);
         public bool ChangesKeysValues => inner.ChangesKeysValues;
         public (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values) => inner.KeysValues(layer, keys, values);

@@ -26,12 +26,17 @@ public sealed class LoraAdapter : Adapter
     /// <summary>Per [layer, target] after preparation: B transposed, a view of the host block.</summary>
     internal Tensor?[,]? UpRows { get; private set; }
 
-    internal LoraAdapter(AdapterMethod method, (Tensor, Tensor)?[,] weights)
+    /// <summary>DoRA, trained biases, LoRA on the embedding and LM head, saved modules; null for a plain LoRA.</summary>
+    public LoraVariants? Variants { get; }
+
+    internal LoraAdapter(AdapterMethod method, (Tensor, Tensor)?[,] weights, LoraVariants? variants = null)
     {
         Method = method;
         Weights = weights;
+        Variants = variants;
         MaxRank = weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).Select(w => (int)w!.Value.A.shape[0]).DefaultIfEmpty(0).Max();
-        _byteSize = Bytes(weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).SelectMany(w => new[] { w!.Value.A, w.Value.B }));
+        _byteSize = Bytes(weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).SelectMany(w => new[] { w!.Value.A, w.Value.B }))
+            + Bytes(variants?.Tensors.Distinct() ?? []);
     }
 
     public static string ModuleName(LoraTarget t) => t switch
@@ -55,16 +60,20 @@ public sealed class LoraAdapter : Adapter
     internal static LoraAdapter Read(AdapterMethod method, AdapterFolder f, string name, ModelConfig c, AdapterLimits limits)
     {
         var where = Path.Combine(f.Path, AdapterFolder.ConfigFile);
-        if (f.Bool("use_dora")) throw new AdapterException($"{where}: use_dora (DoRA) is not supported");
-        if (f.String("bias") is { } bias && bias != "none") throw new AdapterException($"{where}: bias '{bias}' is not supported (only \"none\")");
-        if (f.Config["modules_to_save"] is JsonArray { Count: > 0 })
-            throw new AdapterException($"{where}: modules_to_save (fully trained extra modules) is not supported");
         int configRank = f.Int("r", 8);
         double alpha = f.Double("lora_alpha", configRank);
         bool rslora = f.Bool("use_rslora");
         var rankPattern = ModuleSelection.ReadPatterns(f, "rank_pattern", integers: true);
         var alphaPattern = ModuleSelection.ReadPatterns(f, "alpha_pattern", integers: false);
         var selected = Selection(f, c);
+        // The scaling of a module (its full name) of rank r, as PEFT sets it: alpha_pattern, then alpha / r (or / sqrt(r) for rsLoRA).
+        double Scale(string module, long r)
+        {
+            double moduleAlpha = ModuleSelection.Lookup(alphaPattern, module, where, "alpha_pattern") ?? alpha;
+            return rslora ? moduleAlpha / Math.Sqrt(r) : moduleAlpha / r;
+        }
+        // DoRA, biases, embedding and LM head, saved modules; it also refuses config fields of variants not served.
+        var variants = new LoraVariantReader(f, c, limits, Scale);
 
         var targets = Enum.GetValues<LoraTarget>().ToDictionary(ModuleName);
         var found = new Dictionary<(int, LoraTarget), (Tensor? A, Tensor? B)>();
@@ -73,14 +82,19 @@ public sealed class LoraAdapter : Adapter
         foreach (var tensor in f.TensorNames.Order(StringComparer.Ordinal))
         {
             if (!AdapterFolder.TryParseLayerTensor(tensor, out var layer, out var module, out var rest) || !targets.TryGetValue(module, out var target))
-                throw new AdapterException($"{f.Path}: tensor '{tensor}' is not a LoRA weight of a decoder linear layer (q,k,v,o,gate,up,down_proj)");
-            if (rest is not ("lora_A.weight" or "lora_B.weight"))
-                throw new AdapterException($"{f.Path}: tensor '{tensor}' is not supported (expected lora_A.weight / lora_B.weight)");
+            {
+                variants.TakeModelTensor(tensor);
+                continue;
+            }
             if (layer >= c.NumLayers) throw new AdapterException($"{f.Path}: tensor '{tensor}' names layer {layer}, the base model has {c.NumLayers}");
+            if (rest is not ("lora_A.weight" or "lora_B.weight"))
+            {
+                variants.TakeLayerTensor(tensor, layer, target, rest);
+                continue;
+            }
             found.TryGetValue((layer, target), out var pair);
             found[(layer, target)] = rest == "lora_A.weight" ? (Load(f, tensor), pair.B) : (pair.A, Load(f, tensor));
         }
-        if (found.Count == 0) throw new AdapterException($"{f.Path}: no LoRA weights found");
 
         var weights = new (Tensor, Tensor)?[c.NumLayers, 7];
         foreach (var ((layer, target), (a, b)) in found.OrderBy(p => p.Key))
@@ -98,18 +112,21 @@ public sealed class LoraAdapter : Adapter
             if (r != (patternRank ?? configRank))
                 throw new AdapterException($"{where}: {module} has rank {r} in its tensors, but the config gives it rank {patternRank ?? configRank} " +
                     (patternRank is null ? "('r')" : "(from 'rank_pattern')"));
-            double moduleAlpha = ModuleSelection.Lookup(alphaPattern, module, where, "alpha_pattern") ?? alpha;
-            double scale = rslora ? moduleAlpha / Math.Sqrt(r) : moduleAlpha / r;
-            weights[layer, (int)target] = (a, b.mul_(scale));
+            weights[layer, (int)target] = (a, b.mul_(Scale(module, r)));
         }
         // PEFT gives every module the config targets a LoRA pair: one without weights is a mismatch too.
         for (int layer = 0; layer < c.NumLayers; layer++)
             foreach (var target in Enum.GetValues<LoraTarget>())
                 if (selected(layer, target) && weights[layer, (int)target] is null)
                     throw new AdapterException($"{where}: the config targets {FullName(layer, target)} ({Describe(f)}), but the weights have no LoRA pair for it");
+        var extras = variants.Finish(weights);
+        if (found.Count == 0 && extras is null) throw new AdapterException($"{f.Path}: no LoRA weights found");
         foreach (var w in weights)
             if (w is var (wa, wb)) { wa.DetachFromDisposeScope(); wb.DetachFromDisposeScope(); }
-        return new LoraAdapter(method, weights) { Name = name, SourcePath = f.Path };
+        if (extras is not null) foreach (var t in extras.Tensors) t?.DetachFromDisposeScope();
+        // Vocabulary-sized parts need a slot of the embeddings pool, which also holds the rest of such an adapter.
+        var servedBy = extras is { NeedsVocabularySlot: true } ? LoraEmbeddingsMethod.Instance : method;
+        return new LoraAdapter(servedBy, weights, extras) { Name = name, SourcePath = f.Path };
     }
 
     /// <summary>"model.layers.{layer}.self_attn.q_proj" and so on: the module's name in the base model.</summary>
@@ -155,6 +172,7 @@ public sealed class LoraAdapter : Adapter
     public override void PrepareForDevice(ScalarType dtype, bool pin)
     {
         if (_hostBlock is not null) return;
+        Variants?.ConvertLarge(dtype);
         long total = Weights.Cast<(Tensor A, Tensor B)?>().Where(w => w is not null).Sum(w => w!.Value.A.NumberOfElements + w.Value.B.NumberOfElements);
         using (var plain = torch.empty([total], dtype))
             _hostBlock = pin ? plain.pin_memory() : plain.clone();
@@ -179,7 +197,7 @@ public sealed class LoraAdapter : Adapter
                 UpRows[l, t] = up;
                 Weights[l, t] = (a, up.t());
             }
-        _byteSize = total * _hostBlock.ElementSize;
+        _byteSize = total * _hostBlock.ElementSize + Bytes(Variants?.Tensors.Distinct() ?? []);
     }
 
     public override void Dispose()
@@ -188,6 +206,7 @@ public sealed class LoraAdapter : Adapter
             if (w is { } pair) { pair.A.Dispose(); pair.B.Dispose(); }
         if (UpRows is not null) foreach (var u in UpRows) u?.Dispose();
         _hostBlock?.Dispose();
+        Variants?.Dispose();
     }
 }
 

@@ -11,7 +11,14 @@ namespace PeftServe.Core.Adapters.Lora;
 /// group (q|k|v, o, gate|up, down) the down-projections A as [S, targets, R, in], and per target the
 /// up-projections B transposed, [S, R, out], so each rank's row is contiguous. ranks[s, target] is the
 /// adapter's rank there (0 where it has no such target), so the kernels never touch padding. One extra
-/// slot past the capacity holds zeros: the tensor-op path sends rows without an adapter there.</summary>
+/// slot past the capacity holds zeros: the tensor-op path sends rows without an adapter there.
+///
+/// After the LoRA delta, each fused output may get a per-row affine term computed when the adapter is
+/// placed: output += output ⊙ gain + offset, gain and offset [S+1, width] per layer and group (zeros in
+/// the neutral slot and for adapters without them). DoRA's scale m / ||W + s B A|| is 1 + gain; trained and
+/// lora_B biases are offsets (<see cref="StoreOutputTerms"/>). These are slot-indexed tensor ops, the same on
+/// CPU and CUDA and inside a captured graph. A pool made with vocabulary slots also holds LoRA on the
+/// embedding and LM head and saved modules (<see cref="LoraVocabularySlots"/>).</summary>
 public sealed class LoraSlotPool : AdapterSlotPool
 {
     /// <summary>Targets grouped by the input they read, in the model's fused output order.</summary>
@@ -24,6 +31,12 @@ public sealed class LoraSlotPool : AdapterSlotPool
     private readonly Tensor[,] _b;       // [layer, target] -> [S+1, R, out]
     private readonly Tensor _ranks;      // [S+1, 7] int32 on the device
     private readonly int[,] _rankHost;   // the same on the host
+    private readonly LlamaModel _model;
+    private readonly Tensor[,] _gain, _offset;       // [layer, group] -> [S+1, group width]
+    private readonly bool[,,] _hasGain, _hasOffset;  // [slot, layer, group]
+
+    /// <summary>LoRA on the embedding and LM head and saved modules, in a pool made for them (else null).</summary>
+    internal LoraVocabularySlots? Vocabulary { get; }
 
     public override AdapterMethod Method { get; }
     public override int Capacity { get; }
@@ -31,10 +44,14 @@ public sealed class LoraSlotPool : AdapterSlotPool
     /// <summary>The zero slot past the capacity.</summary>
     internal int NeutralSlot => Capacity;
 
-    public LoraSlotPool(AdapterMethod method, LlamaModel model, AdapterLimits limits)
+    public LoraSlotPool(AdapterMethod method, LlamaModel model, AdapterLimits limits) : this(method, model, limits, limits.SlotsPerMethod, vocabulary: false) { }
+
+    /// <param name="vocabulary">Also hold LoRA on the embedding and LM head and saved embedding / LM head matrices.</param>
+    public LoraSlotPool(AdapterMethod method, LlamaModel model, AdapterLimits limits, int capacity, bool vocabulary)
     {
         Method = method;
-        Capacity = limits.SlotsPerMethod;
+        Capacity = capacity;
+        _model = model;
         _config = model.Config;
         _rank = limits.MaxRank;
         var (dev, dt) = (model.Device, model.DType);
@@ -49,21 +66,48 @@ public sealed class LoraSlotPool : AdapterSlotPool
         }
         _ranks = torch.zeros([Capacity + 1, 7], ScalarType.Int32, dev);
         _rankHost = new int[Capacity + 1, 7];
+        _gain = new Tensor[_config.NumLayers, Groups.Length];
+        _offset = new Tensor[_config.NumLayers, Groups.Length];
+        for (int l = 0; l < _config.NumLayers; l++)
+            for (int g = 0; g < Groups.Length; g++)
+            {
+                _gain[l, g] = torch.zeros([Capacity + 1, GroupWidth(g, _config)], dt, dev);
+                _offset[l, g] = torch.zeros([Capacity + 1, GroupWidth(g, _config)], dt, dev);
+            }
+        _hasGain = new bool[Capacity + 1, _config.NumLayers, Groups.Length];
+        _hasOffset = new bool[Capacity + 1, _config.NumLayers, Groups.Length];
+        if (vocabulary) Vocabulary = new LoraVocabularySlots(model, Capacity, _rank);
     }
 
-    /// <summary>Device bytes of a pool for <paramref name="model"/> under <paramref name="limits"/>.</summary>
-    public static long Bytes(ModelConfig c, AdapterLimits limits, ScalarType dtype)
+    /// <summary>Width of group <paramref name="group"/>'s fused output (q|k|v, o, gate|up, down).</summary>
+    internal static long GroupWidth(int group, ModelConfig c) => Groups[group].Sum(t => LoraAdapter.Shape(t, c).Out);
+
+    /// <summary>Where target <paramref name="j"/> of group <paramref name="group"/> starts in the fused output.</summary>
+    internal static long TargetOffset(int group, int j, ModelConfig c) => Groups[group].Take(j).Sum(t => LoraAdapter.Shape(t, c).Out);
+
+    /// <summary>Device bytes of a pool for <paramref name="model"/> under <paramref name="limits"/> (the plain LoRA pool).</summary>
+    public static long Bytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) => Bytes(c, limits, dtype, limits.SlotsPerMethod, vocabulary: false);
+
+    /// <summary>Device bytes of a pool of <paramref name="capacity"/> slots, with vocabulary slots or not.</summary>
+    public static long Bytes(ModelConfig c, AdapterLimits limits, ScalarType dtype, int capacity, bool vocabulary)
     {
-        long perSlot = Enum.GetValues<LoraTarget>().Sum(t => { var (i, o) = LoraAdapter.Shape(t, c); return (i + o) * limits.MaxRank; }) * c.NumLayers;
-        return (limits.SlotsPerMethod + 1) * perSlot * (dtype == ScalarType.Float32 ? 4 : 2);
+        if (capacity < 1) return 0;
+        // A, B, and each layer's gain and offset over every fused output.
+        long perSlot = Enum.GetValues<LoraTarget>().Sum(t => { var (i, o) = LoraAdapter.Shape(t, c); return (i + o) * limits.MaxRank + 2 * o; }) * c.NumLayers;
+        long bytes = (capacity + 1) * perSlot * (dtype == ScalarType.Float32 ? 4 : 2);
+        return bytes + (vocabulary ? LoraVocabularySlots.Bytes(c, capacity, limits.MaxRank, dtype) : 0);
     }
 
     public override void Store(int slot, Adapter adapter)
     {
         var lora = (LoraAdapter)adapter;
         if (lora.MaxRank > _rank) throw new AdapterException($"adapter '{lora.Name}' has rank {lora.MaxRank}, the LoRA slots hold at most {_rank}");
+        if (lora.Variants is { NeedsVocabularySlot: true } && Vocabulary is null)
+            throw new AdapterException($"adapter '{lora.Name}' has vocabulary-sized parts; it belongs in the embeddings pool, not this one");
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
+        // Checked before the slot is touched: a refused adapter leaves nothing behind.
+        if (lora.Variants is { } checkFirst) LoraVocabularySlots.CheckBaseCopies(_model, lora, checkFirst);
         var ranks = new int[7];
         for (int l = 0; l < _config.NumLayers; l++)
             for (int g = 0; g < Groups.Length; g++)
@@ -84,6 +128,57 @@ public sealed class LoraSlotPool : AdapterSlotPool
             }
         for (int t = 0; t < 7; t++) _rankHost[slot, t] = ranks[t];
         _ranks[slot] = torch.tensor(ranks, device: _ranks.device);
+        StoreOutputTerms(slot, lora);
+        Vocabulary?.Store(slot, lora);
+    }
+
+    /// <summary>Each fused output's gain and offset for the adapter in <paramref name="slot"/> (whose A and B are
+    /// already in place), per target: with base bias b0 (zero when the base has none), the bias b the adapter
+    /// wants (its trained bias, else b0), DoRA's scale g = m / ||W + s B A|| (1 without DoRA) and s · lora_B.bias
+    /// c: the output after the LoRA delta is W x + b0 + s B A x, and PEFT's is g (W x + s B A x) + b + c, so
+    /// gain = g - 1 and offset = b - g b0 + c.</summary>
+    private void StoreOutputTerms(int slot, LoraAdapter lora)
+    {
+        using var scope = torch.NewDisposeScope();
+        var v = lora.Variants;
+        for (int l = 0; l < _config.NumLayers; l++)
+            for (int g = 0; g < Groups.Length; g++)
+            {
+                var gainRow = _gain[l, g][slot];
+                var offsetRow = _offset[l, g][slot];
+                gainRow.zero_();
+                offsetRow.zero_();
+                _hasGain[slot, l, g] = _hasOffset[slot, l, g] = false;
+                if (v is null) continue;
+                for (int j = 0; j < Groups[g].Length; j++)
+                {
+                    var target = Groups[g][j];
+                    var (m, trained, loraBias) = (v.Magnitude[l, (int)target], v.TrainedBias[l, (int)target], v.LoraBias[l, (int)target]);
+                    if (m is null && trained is null && loraBias is null) continue;
+                    long offset = TargetOffset(g, j, _config), width = LoraAdapter.Shape(target, _config).Out;
+                    var baseBias = _model.ProjectionBias(l, (LinearSite)g)?.narrow(0, offset, width).to(ScalarType.Float32);
+                    Tensor scale;
+                    if (m is not null)
+                    {
+                        int r = (int)lora.Weights[l, (int)target]!.Value.A.shape[0];
+                        var norms = DoraNorms.Linear(_model, l, (LinearSite)g, offset, width,
+                            _a[l, g][slot][j].narrow(0, 0, r), _b[l, (int)target][slot].narrow(0, 0, r));
+                        scale = m.to(ScalarType.Float32, _model.Device) / norms;
+                        gainRow.narrow(0, offset, width).copy_(scale - 1);
+                        _hasGain[slot, l, g] = true;
+                    }
+                    else scale = torch.ones(width, ScalarType.Float32, _model.Device);
+                    var terms = torch.zeros(width, ScalarType.Float32, _model.Device);
+                    if (baseBias is not null) terms.add_((trained?.to(ScalarType.Float32, _model.Device) ?? baseBias) - scale * baseBias);
+                    else if (trained is not null) terms.add_(trained.to(ScalarType.Float32, _model.Device));
+                    if (loraBias is not null) terms.add_(loraBias.to(ScalarType.Float32, _model.Device));
+                    if ((baseBias is not null && m is not null) || trained is not null || loraBias is not null)
+                    {
+                        offsetRow.narrow(0, offset, width).copy_(terms);
+                        _hasOffset[slot, l, g] = true;
+                    }
+                }
+            }
     }
 
     /// <summary>On a GPU with a prepared (pinned, serving-dtype) adapter: the slot is zeroed and the adapter copied
@@ -92,7 +187,8 @@ public sealed class LoraSlotPool : AdapterSlotPool
     public override DeviceCopy? StoreAsync(int slot, Adapter adapter)
     {
         var lora = (LoraAdapter)adapter;
-        if (_ranks.device.type != DeviceType.CUDA || lora.UpRows is null || lora.Weights.Cast<(Tensor A, Tensor B)?>().Any(w => w is { } p && (!p.A.is_pinned() || p.A.dtype != _a[0, 0].dtype)))
+        // Adapters with more than A and B (DoRA's norms are computed from the slot's A and B) are placed synchronously.
+        if (_ranks.device.type != DeviceType.CUDA || lora.Variants is not null || lora.UpRows is null || lora.Weights.Cast<(Tensor A, Tensor B)?>().Any(w => w is { } p && (!p.A.is_pinned() || p.A.dtype != _a[0, 0].dtype)))
             return base.StoreAsync(slot, adapter);
         if (lora.MaxRank > _rank) throw new AdapterException($"adapter '{lora.Name}' has rank {lora.MaxRank}, the LoRA slots hold at most {_rank}");
         var copies = CopyStream.For(_ranks.device);
@@ -118,13 +214,31 @@ public sealed class LoraSlotPool : AdapterSlotPool
         var done = copies.Mark();
         for (int t = 0; t < 7; t++) _rankHost[slot, t] = ranks[t];
         _ranks[slot] = torch.tensor(ranks, device: _ranks.device);
+        StoreOutputTerms(slot, lora);   // a plain adapter: clears the gain and offset an earlier occupant may have left
         return done;
     }
 
     public override AdapterBatchOp CreateBatchOp(MethodRows rows) => new LoraBatchOp(this, rows);
 
-    /// <summary>The targets some slot's adapter touches ("QKVOGUD" letters).</summary>
-    public override string Signature => new(Enum.GetValues<LoraTarget>().Select(t => AnyUses(Enumerable.Range(0, Capacity), t) ? "QKVOGUD"[(int)t] : '-').ToArray());
+    /// <summary>The targets some slot's adapter touches ("QKVOGUD" letters), the groups whose outputs some slot scales
+    /// ("g") or offsets ("b"), and what the vocabulary slots hold.</summary>
+    public override string Signature =>
+        new string(Enum.GetValues<LoraTarget>().Select(t => AnyUses(Enumerable.Range(0, Capacity), t) ? "QKVOGUD"[(int)t] : '-').ToArray()) + "/" +
+        new string(Enumerable.Range(0, Groups.Length).SelectMany(g => new[] { AnyGain(AllSlots, g) ? 'g' : '-', AnyOffset(AllSlots, g) ? 'b' : '-' }).ToArray()) +
+        (Vocabulary is null ? "" : "/" + Vocabulary.Signature);
+
+    private IEnumerable<int> AllSlots => Enumerable.Range(0, Capacity);
+
+    /// <summary>Whether some adapter in <paramref name="slots"/> scales group <paramref name="group"/>'s output, in
+    /// <paramref name="layer"/> or (null) in any layer.</summary>
+    internal bool AnyGain(IEnumerable<int> slots, int group, int? layer = null) =>
+        slots.Any(s => layer is { } l ? _hasGain[s, l, group] : Enumerable.Range(0, _config.NumLayers).Any(x => _hasGain[s, x, group]));
+
+    internal bool AnyOffset(IEnumerable<int> slots, int group, int? layer = null) =>
+        slots.Any(s => layer is { } l ? _hasOffset[s, l, group] : Enumerable.Range(0, _config.NumLayers).Any(x => _hasOffset[s, x, group]));
+
+    internal Tensor Gain(int layer, int group) => _gain[layer, group];
+    internal Tensor Offset(int layer, int group) => _offset[layer, group];
 
     internal Tensor A(int layer, int group) => _a[layer, group];
     internal Tensor B(int layer, LoraTarget target) => _b[layer, (int)target];
@@ -138,7 +252,10 @@ public sealed class LoraSlotPool : AdapterSlotPool
     {
         foreach (var t in _a) t.Dispose();
         foreach (var t in _b) t.Dispose();
+        foreach (var t in _gain) t.Dispose();
+        foreach (var t in _offset) t.Dispose();
         _ranks.Dispose();
+        Vocabulary?.Dispose();
     }
 }
 
@@ -157,6 +274,9 @@ internal sealed class LoraBatchOp : AdapterBatchOp
 
     private readonly LoraSlotPool _pool;
     private readonly bool[] _active;   // per target: may any row's adapter use it?
+    private readonly bool[,] _gainActive, _offsetActive;   // [layer, group]: may any row's adapter scale / offset it?
+    private readonly LoraVocabularyOp? _vocabulary;
+    private Tensor? _index;            // [B] each row's slot, the neutral slot for rows without
     private Tensor? _pending;          // the group's delta being computed on the side stream (float32 [N, width])
     private int _pendingGroup = -1;
     private Tensor? _distinct;         // masked form: the distinct slots [u]
@@ -166,7 +286,24 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     {
         _pool = pool;
         _active = Enum.GetValues<LoraTarget>().Select(t => pool.AnyUses(rows.PossibleSlots, t)).ToArray();
+        int layers = pool.Config.NumLayers;
+        _gainActive = new bool[layers, LoraSlotPool.Groups.Length];
+        _offsetActive = new bool[layers, LoraSlotPool.Groups.Length];
+        // A static pass (a graph) decides per group, as the pool's signature does; an eager one per layer.
+        for (int l = 0; l < layers; l++)
+            for (int g = 0; g < LoraSlotPool.Groups.Length; g++)
+            {
+                _gainActive[l, g] = pool.AnyGain(rows.PossibleSlots, g, rows.IsStatic ? null : l);
+                _offsetActive[l, g] = pool.AnyOffset(rows.PossibleSlots, g, rows.IsStatic ? null : l);
+            }
+        if (pool.Vocabulary is { } vocabulary) _vocabulary = new LoraVocabularyOp(vocabulary, rows, () => Index);
     }
+
+    /// <summary>[B] each row's slot, rows without an adapter of this pool sent to the neutral slot.</summary>
+    private Tensor Index => _index ??= Rows.PoolIndex(_pool.NeutralSlot).DetachFromDisposeScope();
+
+    public override Tensor TokenEmbeddings(Tensor inputIds, Tensor embeddings) => _vocabulary?.TokenEmbeddings(inputIds, embeddings) ?? embeddings;
+    public override Tensor Logits(Tensor hidden, Tensor logits) => _vocabulary?.Logits(hidden, logits) ?? logits;
 
     /// <summary>With PEFTSERVE_LORA_OVERLAP=1 on CUDA, starts the group's delta on the side stream as soon as the
     /// projection's input is there: shrink and expand then run beside the base projection, and <see cref="Apply"/>
@@ -209,7 +346,18 @@ internal sealed class LoraBatchOp : AdapterBatchOp
         return result;
     }
 
-    private Tensor Apply(int layer, int group, Tensor x, Tensor output)
+    private Tensor Apply(int layer, int group, Tensor x, Tensor output) => ApplyOutputTerms(layer, group, ApplyDelta(layer, group, x, output));
+
+    /// <summary>output += output ⊙ gain + offset, each row's from its slot (DoRA's scale, trained and lora_B biases).</summary>
+    private Tensor ApplyOutputTerms(int layer, int group, Tensor output)
+    {
+        // One fused kernel: output + output * gain, written in place (each element reads only itself).
+        if (_gainActive[layer, group]) output.addcmul_(output, _pool.Gain(layer, group).index_select(0, Index).unsqueeze(1), 1);
+        if (_offsetActive[layer, group]) output.add_(_pool.Offset(layer, group).index_select(0, Index).unsqueeze(1));
+        return output;
+    }
+
+    private Tensor ApplyDelta(int layer, int group, Tensor x, Tensor output)
     {
         var targets = LoraSlotPool.Groups[group];
         if (!targets.Any(t => _active[(int)t])) return output;
@@ -288,6 +436,8 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     {
         _distinct?.Dispose();
         _mask?.Dispose();
+        _index?.Dispose();
+        _vocabulary?.Dispose();
         base.Dispose();
     }
 }

@@ -100,6 +100,10 @@ public abstract class TrainableAdapter : IdentityAdapterHooks, IDisposable
     /// <summary>Writes adapter_config.json and adapter_model.safetensors into <paramref name="dir"/>.</summary>
     public abstract void Save(string dir);
 
+    /// <summary>The LM head the training loss goes through, in <paramref name="like"/>'s dtype, when the method trains
+    /// one of its own (LoRA's modules_to_save lm_head); null for the base model's.</summary>
+    public virtual Tensor? LmHead(Tensor like) => null;
+
     /// <summary>Helper for <see cref="Save"/>: float32 CPU copies of tensors, in the folder format.</summary>
     protected static void Write(string dir, object config, IEnumerable<KeyValuePair<string, Tensor>> tensors)
     {
@@ -139,6 +143,10 @@ public sealed record TrainingOptions
     public int Rank { get; init; } = 8;
     /// <summary>LoRA alpha (scale alpha/rank); default 2*rank.</summary>
     public double? Alpha { get; init; }
+    /// <summary>LoRA/QLoRA: DoRA (PEFT's use_dora), a trained magnitude per output of each target.</summary>
+    public bool UseDora { get; init; }
+    /// <summary>LoRA/QLoRA: modules trained whole and saved with the adapter (PEFT's modules_to_save): lm_head, embed_tokens.</summary>
+    public IReadOnlyList<string> ModulesToSave { get; init; } = [];
     /// <summary>LoRA dropout on each LoRA input in training (PEFT's lora_dropout); never when serving.</summary>
     public double LoraDropout { get; init; }
     /// <summary>LoRA target modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).</summary>
