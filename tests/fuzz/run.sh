@@ -45,7 +45,7 @@ for t in "${targets[@]}"; do
     >"$out/findings/$t.log" 2>&1 || { log "$t: afl-fuzz failed (see $out/findings/$t.log)"; tail -20 "$out/findings/$t.log" >&2; exit 2; }
   stats=$out/findings/$t/default/fuzzer_stats
   execs=$(awk -F': *' '$1 ~ /^execs_done/ {print $2}' "$stats")
-  paths=$(awk -F': *' '$1 ~ /^corpus_count|^paths_total/ {print $2}' "$stats" | head -1)
+  paths=$(awk -F': *' '$1 ~ /^corpus_count|^paths_total/ && p == "" {p = $2} END {print p}' "$stats")
   found=$(find "$out/findings/$t/default/crashes" -type f ! -name README.txt | wc -l)
   hangs=$(find "$out/findings/$t/default/hangs" -type f | wc -l)
   printf '%-15s %10s execs  %5s corpus entries  %3s crashes  %3s hangs\n' "$t" "$execs" "$paths" "$found" "$hangs"
