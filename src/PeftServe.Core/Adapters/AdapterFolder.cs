@@ -128,6 +128,16 @@ public sealed partial class AdapterFolder : IDisposable
         return Float(name);
     }
 
+    /// <summary>The tensor's real values as float32 on the CPU, also in metadata-only mode: for the few checks
+    /// that compare values (a saved copy of a base weight, tied matrices), where the header cannot answer.</summary>
+    public Tensor Values(string name, params long[] shape)
+    {
+        var t = Float(name, shape);
+        if (t.device_type != DeviceType.META) return t;
+        t.Dispose();
+        return _weights.ToTensor(_names[name], dtype: ScalarType.Float32);
+    }
+
     // ---- config helpers: every bad value names the file and key ----
 
     public int Int(string key, int? fallback = null) => Config[key] switch

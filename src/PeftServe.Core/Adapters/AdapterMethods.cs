@@ -38,7 +38,8 @@ public static class AdapterMethods
     {
         using var folder = AdapterFolder.Open(path, metadataOnly: true);
         var method = ForPeftType(folder.PeftType, Path.Combine(path, AdapterFolder.ConfigFile));
-        method.Load(folder, name, model, limits).Dispose();
+        // The adapter's own method: a LoRA with embedding or LM head parts is served by another pool than plain LoRA.
+        using (var adapter = method.Load(folder, name, model, limits)) method = adapter.Method;
         folder.CheckFiniteValues();
         return method;
     }

@@ -208,6 +208,8 @@ internal sealed class LoraVariantSpec
         ["rank_pattern"] = RankPattern,
         ["target_modules"] = Linear.Keys.Select(k => k.Module).Distinct()
             .Concat(EmbedLora is null ? [] : ["embed_tokens"]).Concat(HeadLora is null ? [] : ["lm_head"]).ToArray(),
+        // LoRA on some layers only: say which, as PEFT's config must (target_modules alone would claim every layer).
+        ["layers_to_transform"] = Linear.Keys.Select(k => k.Layer).Distinct().Order().ToArray() is { Length: > 0 } layers && layers.Length < Base.Layers ? layers : null,
         ["init_lora_weights"] = true,
         ["peft_version"] = "0.21.0",
     };

@@ -98,6 +98,38 @@ public sealed class LoraVariantValidationTests : IDisposable
         Assert.Contains("use_dora is not set", e.Message);
     }
 
+    public static TheoryData<string> Variants() => ["dora", "lora-bias", "saved-head", "saved-embed", "embed-lora", "head-lora-dora", "tied-embed-lora", "everything"];
+
+    /// <summary>Uploads are checked from the safetensors header alone (no float32 copy): that check must accept
+    /// every variant the full load accepts, or a valid adapter gets a 422.</summary>
+    [Theory]
+    [MemberData(nameof(Variants))]
+    public void MetadataValidationAcceptsEveryVariantTheFullLoadAccepts(string variant)
+    {
+        var spec = variant switch
+        {
+            "dora" => Spec(dora: true).WithLinear(30, LoraVariantSpec.Targets),
+            "lora-bias" => Spec(loraBias: true).WithLinear(32, ["o_proj"]),
+            "saved-head" => Spec(modulesToSave: ["lm_head"]).WithLinear(35, ["v_proj"]),
+            "saved-embed" => Spec(modulesToSave: ["embed_tokens"]).WithLinear(36, ["k_proj"]),
+            "embed-lora" => Spec().WithLinear(37, ["v_proj"]).WithEmbedLora(38),
+            "head-lora-dora" => Spec(dora: true).WithHeadLora(39),
+            "tied-embed-lora" => new LoraVariantSpec { Base = ReferenceLlama.Tiny, EnsureWeightTying = true }.WithEmbedLora(43),
+            _ => Spec(dora: true, modulesToSave: ["embed_tokens", "lm_head"]).WithLinear(40, LoraVariantSpec.Targets),
+        };
+        if (variant is "saved-head" or "everything") spec.SavedHead = Matrix(41, ReferenceLlama.Tiny.Vocab, ReferenceLlama.Tiny.Hidden);
+        if (variant is "saved-embed" or "everything") spec.SavedEmbed = Matrix(42, ReferenceLlama.Tiny.Vocab, ReferenceLlama.Tiny.Hidden);
+        var dir = spec.Write(_dir.Path, $"v-{variant}");
+        using var loaded = AdapterMethods.Load(dir, "x", _config, new AdapterLimits());
+        Assert.Equal(loaded.Method, AdapterMethods.Validate(dir, "x", _config, new AdapterLimits()));
+    }
+
+    private static double[][] Matrix(int seed, int rows, int cols)
+    {
+        var rng = new Random(seed);
+        return Enumerable.Range(0, rows).Select(_ => Enumerable.Range(0, cols).Select(_ => rng.NextDouble() - 0.5).ToArray()).ToArray();
+    }
+
     [Fact]
     public void UseDoraWithoutAMagnitudeNamesTheModule()
     {

@@ -97,11 +97,12 @@ internal sealed class LoraVariantReader
         _ => _c.MlpBias,
     };
 
-    /// <summary>A float tensor of this shape, finite.</summary>
-    private Tensor Load(string name, params long[] shape)
+    /// <summary>A float tensor of this shape, finite: a shape-only stand-in when the folder is opened for
+    /// metadata, unless <paramref name="values"/> (a later check compares its values).</summary>
+    private Tensor Load(string name, long[] shape, bool values = false)
     {
-        var t = _f.Float(name, shape);
-        if (!torch.isfinite(t).all().item<bool>())
+        var t = values ? _f.Values(name, shape) : _f.Float(name, shape);
+        if (!AdapterFolder.AllFinite(t))
         {
             t.Dispose();
             throw new AdapterException($"{_f.Path}: tensor '{name}' holds NaN or infinite values");
@@ -118,16 +119,16 @@ internal sealed class LoraVariantReader
         {
             case "lora_magnitude_vector":
                 if (!_useDora) throw new AdapterException($"{_f.Path}: tensor '{tensor}' is a DoRA magnitude, but use_dora is not set in {AdapterFolder.ConfigFile} (PEFT would ignore it)");
-                _magnitude[(layer, target)] = Load(tensor, outF);
+                _magnitude[(layer, target)] = Load(tensor, [outF]);
                 break;
             case "lora_B.bias":
                 if (!_loraBias) throw new AdapterException($"{_f.Path}: tensor '{tensor}' is lora_B's bias, but lora_bias is not set in {AdapterFolder.ConfigFile} (PEFT would ignore it)");
-                _loraBiasRaw[(layer, target)] = Load(tensor, outF);
+                _loraBiasRaw[(layer, target)] = Load(tensor, [outF]);
                 break;
             case "base_layer.bias" or "bias":
                 if (!BaseHasBias(target))
                     throw new AdapterException($"{_f.Path}: tensor '{tensor}' is a trained bias, but the base model's {LoraAdapter.ModuleName(target)} has no bias (PEFT would ignore it)");
-                _trainedBias[(layer, target)] = (Load(tensor, outF), rest == "base_layer.bias");
+                _trainedBias[(layer, target)] = (Load(tensor, [outF]), rest == "base_layer.bias");
                 break;
             default:
                 throw new AdapterException($"{_f.Path}: tensor '{tensor}' is not supported (a LoRA layer holds lora_A.weight, lora_B.weight, " +
@@ -152,21 +153,22 @@ internal sealed class LoraVariantReader
                     Head + ".lora_A.weight" => [info.Shape[0], h],
                     _ => [v, info.Shape[1]],
                 };
-                _model[tensor] = Load(tensor, expected);
+                _model[tensor] = Load(tensor, expected, values: _keepsTie);   // the tie check compares head and embedding LoRA
                 break;
             case Embed + ".lora_magnitude_vector" or Head + ".lora_magnitude_vector":
                 if (!_useDora) throw new AdapterException($"{_f.Path}: tensor '{tensor}' is a DoRA magnitude, but use_dora is not set in {AdapterFolder.ConfigFile} (PEFT would ignore it)");
-                _model[tensor] = Load(tensor, tensor.StartsWith(Embed, StringComparison.Ordinal) ? h : v);
+                _model[tensor] = Load(tensor, [tensor.StartsWith(Embed, StringComparison.Ordinal) ? h : v]);
                 break;
             case Head + ".lora_B.bias":
                 if (!_loraBias) throw new AdapterException($"{_f.Path}: tensor '{tensor}' is lora_B's bias, but lora_bias is not set in {AdapterFolder.ConfigFile} (PEFT would ignore it)");
-                _model[tensor] = Load(tensor, v);
+                _model[tensor] = Load(tensor, [v]);
                 break;
             case Embed + ".weight" or Head + ".weight":
-                _model[tensor] = Load(tensor, v, h);
+                // Both saved on a tied base: compared with each other.
+                _model[tensor] = Load(tensor, [v, h], values: _c.TieWordEmbeddings && _f.Contains(Embed + ".weight") && _f.Contains(Head + ".weight"));
                 break;
             case Embed + ".base_layer.weight" or Head + ".base_layer.weight":
-                using (var copy = Load(tensor, v, h))
+                using (var copy = Load(tensor, [v, h], values: true))
                     _copies[tensor] = WeightRowSummary.Of(tensor, copy, _f.Info(tensor).DType.ToScalarType());
                 break;
             default:
