@@ -96,6 +96,29 @@ public sealed class StoreVersionFileTests
         return body.GetProperty("choices")[0].GetProperty("text").GetString()!;
     }
 
+    /// <summary>The version file names only the last change. A replica that stores two adapters between two of
+    /// its polls must still know both changes were its own: the first adapter, already loaded, is not dropped
+    /// and read from disk again.</summary>
+    [Fact]
+    public async Task ChangesThisReplicaMadeBetweenTwoPollsKeepItsLoadedCopies()
+    {
+        var store = Directory.CreateTempSubdirectory("peftserve-shared-").FullName;
+        try
+        {
+            await using var server = await TestServer.StartOnStoreAsync(store, "--PeftServe:StorePollMilliseconds", "1500");
+            using (var up = await server.Http.PostAsync("v1/adapters", Folder("first", Example("tiny-lora-r4-qv"))))
+                Assert.Equal(System.Net.HttpStatusCode.Created, up.StatusCode);
+            string text = await Greedy(server, "first");
+            using (var up = await server.Http.PostAsync("v1/adapters", Folder("second", Example("tiny-ia3"))))
+                Assert.Equal(System.Net.HttpStatusCode.Created, up.StatusCode);
+            await Task.Delay(3500);   // two polls: both folders' fingerprints have moved since the listener started
+            Assert.Equal(text, await Greedy(server, "first"));
+            Assert.Equal(1, await server.MetricAsync("peftserve_adapter_cache_misses_total"));
+            Assert.Equal(1, await server.MetricAsync("peftserve_adapter_cache_hits_total{tier=\"device\"}"));
+        }
+        finally { Directory.Delete(store, true); }
+    }
+
     [Fact]
     public async Task AnAdapterReplacedThroughOneReplicaIsNotServedStaleByTheOther()
     {
@@ -116,6 +139,10 @@ public sealed class StoreVersionFileTests
 
             using (var up = await a1.Http.PostAsync("v1/adapters", Folder("shared", Example("tiny-lora-r4-qv"))))
                 Assert.Equal(System.Net.HttpStatusCode.Created, up.StatusCode);
+            // B hears of the first store before the next changes (else all three may reach it as one).
+            var heard = System.Diagnostics.Stopwatch.StartNew();
+            while (!notices.Contains("shared stored") && heard.Elapsed < TimeSpan.FromSeconds(5)) await Task.Delay(20);
+            Assert.Contains("shared stored", notices);
             Assert.Equal(v1, await Greedy(b1, "shared"));          // B now holds v1 in its caches
             using (var del = await a1.Http.DeleteAsync("v1/adapters/shared"))
                 Assert.Equal(System.Net.HttpStatusCode.OK, del.StatusCode);

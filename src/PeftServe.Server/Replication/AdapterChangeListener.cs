@@ -52,6 +52,7 @@ public sealed class AdapterChangeListener(ModelHost host, AdapterChanges changes
                 {
                     bool before = fingerprints.TryGetValue(name, out var a), after = now.TryGetValue(name, out var b);
                     if (before && after && a == b) continue;
+                    if (changes.MadeHere(name, after ? b : null)) continue;
                     await changes.ApplyAsync(new AdapterChange(name, after ? "stored" : "deleted", "another replica"), "store fingerprints");
                 }
                 fingerprints = now;

@@ -32,6 +32,7 @@ public sealed class AdapterChanges(ModelHost host, IHubContext<ChatHub> hub, IOp
     {
         var change = new AdapterChange(name, kind, ReplicaId);
         host.Engine.InvalidateAdapter(name);
+        _madeHere[name] = StoreVersionFile.Fingerprint(host.Store.Directory, name);
         try { StoreVersionFile.Write(host.Store.Directory, change); }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -59,6 +60,15 @@ public sealed class AdapterChanges(ModelHost host, IHubContext<ChatHub> hub, IOp
         log.LogInformation("Adapter {Adapter} {Kind} by replica {Origin} (heard through {Via}): cached copies dropped", change.Name, change.Kind, change.Origin, via);
         if (redis is null) await NotifyClientsAsync(change);
     }
+
+    /// <summary>Whether the store's folder for <paramref name="name"/> (<paramref name="fingerprint"/>, null when
+    /// absent) is as this replica's own last change left it. The version file names only the last change, so a
+    /// poll that finds several folders moved uses this to tell its own changes from the others': without it,
+    /// an adapter this replica stored and already loaded would be dropped and read again.</summary>
+    public bool MadeHere(string name, string? fingerprint) =>
+        _madeHere.TryGetValue(name, out var own) && own == fingerprint;
+
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, string?> _madeHere = new(StringComparer.Ordinal);
 
     private async Task NotifyClientsAsync(AdapterChange change)
     {

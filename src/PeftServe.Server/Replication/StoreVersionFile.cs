@@ -57,13 +57,21 @@ public static class StoreVersionFile
         foreach (var dir in new DirectoryInfo(store).EnumerateDirectories())
         {
             if (!AdapterNames.IsSafe(dir.Name)) continue;   // hidden staging and trash folders
-            try
-            {
-                result[dir.Name] = string.Join(';', dir.EnumerateFiles().OrderBy(f => f.Name, StringComparer.Ordinal)
-                    .Select(f => string.Create(CultureInfo.InvariantCulture, $"{f.Name}:{f.Length}:{f.LastWriteTimeUtc.Ticks}")));
-            }
-            catch (IOException) { }   // deleted while we looked: absent next time
+            if (Fingerprint(dir) is { } f) result[dir.Name] = f;
         }
         return result;
+    }
+
+    /// <summary>One adapter folder's fingerprint, or null when it is not in the store.</summary>
+    public static string? Fingerprint(string store, string name) => Fingerprint(new DirectoryInfo(Path.Combine(store, name)));
+
+    private static string? Fingerprint(DirectoryInfo dir)
+    {
+        try
+        {
+            return string.Join(';', dir.EnumerateFiles().OrderBy(f => f.Name, StringComparer.Ordinal)
+                .Select(f => string.Create(CultureInfo.InvariantCulture, $"{f.Name}:{f.Length}:{f.LastWriteTimeUtc.Ticks}")));
+        }
+        catch (IOException) { return null; }   // absent, or deleted while we looked
     }
 }
