@@ -160,6 +160,14 @@ public sealed class TrainingRun : IDisposable
             torch.manual_seed(options.Seed);
             Adapter = Method.Create(Model, options.Method with { Tokenizer = Tokenizer, BaseModelName = options.Method.BaseModelName is "" ? baseName : options.Method.BaseModelName });
         }
+        // Past a sliding window, full attention (ours) and the model's windowed attention differ: refuse, as serving caps there.
+        if (Model.Config.SlidingWindow is { } window && options.MaxLength + Adapter.VirtualTokens > window)
+        {
+            Adapter.Dispose();
+            if (_ownsModel) Model.Dispose();
+            throw new ArgumentException($"--max-length {options.MaxLength}{(Adapter.VirtualTokens > 0 ? $" plus {Adapter.VirtualTokens} virtual tokens" : "")} " +
+                                        $"exceeds the model's sliding attention window of {window} positions");
+        }
         Optimizer = new AdamW(Adapter.Parameters) { WeightDecay = options.WeightDecay };
         int warmup = options.WarmupSteps ?? options.MaxSteps / 10;
         Schedule = new LrSchedule(options.LearningRate ?? DefaultLearningRate(Method.Name), warmup, options.MaxSteps, options.Schedule);

@@ -203,4 +203,19 @@ public sealed class TrainerFeatureTests(TrainerFixture f) : IClassFixture<Traine
         Assert.Equal(2, Program.Run(["--method", "lora", "--data", f.TextData], TextWriter.Null));            // --output missing
         Assert.Equal(1, Program.Run(["--method", "nope", "--data", f.TextData, "--output", output], TextWriter.Null));
     }
+
+    /// <summary>Past a model's sliding attention window our full attention would differ from the model's: training
+    /// sequences (virtual tokens included) must fit in the window.</summary>
+    [Fact]
+    public void TrainingSequencesLongerThanASlidingWindowAreRefused()
+    {
+        using var windowed = Core.Model.LlamaModel.CreateRandom(f.Model.Config with { SlidingWindow = 24 }, new Core.Model.ModelOptions(), seed: 2);
+        var tooLong = Assert.Throws<ArgumentException>(() => new TrainingRun(f.Options("lora", steps: 1) with { MaxLength = 32 }, windowed));
+        Assert.Contains("sliding attention window of 24", tooLong.Message);
+        var withVirtual = Assert.Throws<ArgumentException>(() => new TrainingRun(
+            f.Options("prompt", steps: 1) with { MaxLength = 20, Method = new TrainingOptions { NumVirtualTokens = 6 } }, windowed));
+        Assert.Contains("plus 6 virtual tokens", withVirtual.Message);
+        using var fits = new TrainingRun(f.Options("lora", steps: 1) with { MaxLength = 24 }, windowed);
+        fits.Train();
+    }
 }

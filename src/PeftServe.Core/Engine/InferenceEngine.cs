@@ -52,10 +52,13 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         _cache = new PagedKvCache(model.Config, blocks, options.KvBlockSize, model.DType, model.Device);
         _adapters = new AdapterManager(model, options.AdapterLimits, options.AdapterStore, options.HostCacheBytes);
         _adapters.LoadFinished += () => _wake.Release();
-        MaxColumns = Math.Min(_cache.UsableBlocks * options.KvBlockSize, model.Config.MaxPositionEmbeddings);
+        MaxColumns = Math.Min(_cache.UsableBlocks * options.KvBlockSize, model.Config.MaxSequenceLength);
         _runner = new ModelRunner(model, _cache, options.MaxBatchSize, MaxColumns, options.CudaGraphs, _log);
         _log.LogInformation("KV cache: {Blocks} blocks of {BlockSize} tokens ({MiB:F1} MiB), at most {MaxColumns} tokens per sequence; batch up to {MaxBatch}, queue up to {Queue}",
             blocks, options.KvBlockSize, blocks * _cache.BytesPerBlock / 1048576.0, MaxColumns, options.MaxBatchSize, options.MaxQueueLength);
+        if (model.Config.SlidingWindow is { } window && window < model.Config.MaxPositionEmbeddings)
+            _log.LogWarning("The model uses sliding-window attention ({Window} positions): sequences are capped at the window, where it equals full attention",
+                window);
         _loop = new Thread(Run) { IsBackground = true, Name = "peftserve-engine" };
         _loop.Start();
     }

@@ -43,8 +43,16 @@ public sealed record ModelConfig
     public int? BosTokenId { get; init; }
     public IReadOnlyList<int> EosTokenIds { get; init; } = [];
     public int? PadTokenId { get; init; }
+    /// <summary>Sliding-window attention (Mistral v0.1's sliding_window; Qwen2's when use_sliding_window is set and
+    /// some layer is at or beyond max_window_layers): a query sees only the last this-many positions. Null: none.
+    /// A sequence no longer than the window attends exactly as with full attention, so sequences are capped here
+    /// (as early vLLM did) rather than served with a window the decode kernels do not apply.</summary>
+    public int? SlidingWindow { get; init; }
 
     public int KvGroups => NumHeads / NumKvHeads;
+
+    /// <summary>The longest sequence this model is served or trained with: its positions, within any sliding window.</summary>
+    public int MaxSequenceLength => SlidingWindow is { } w ? Math.Min(w, MaxPositionEmbeddings) : MaxPositionEmbeddings;
 
     /// <summary>Reads and checks DIR/config.json. Errors name the file and the key.</summary>
     public static ModelConfig Load(string modelDir)
@@ -113,7 +121,24 @@ public sealed record ModelConfig
             BosTokenId = root["bos_token_id"]?.GetValueKind() == JsonValueKind.Number ? root["bos_token_id"]!.GetValue<int>() : null,
             EosTokenIds = ReadIds(root["eos_token_id"]),
             PadTokenId = root["pad_token_id"]?.GetValueKind() == JsonValueKind.Number ? root["pad_token_id"]!.GetValue<int>() : null,
+            SlidingWindow = ParseSlidingWindow(root, qwen, Int("num_hidden_layers"), source),
         };
+    }
+
+    /// <summary>Mistral: sliding_window (null or absent: none). Qwen2: only with use_sliding_window, and only if some
+    /// layer index reaches max_window_layers. Any config may turn it off with use_sliding_window: false.</summary>
+    private static int? ParseSlidingWindow(JsonObject root, bool qwen, int layers, string source)
+    {
+        if (root["sliding_window"] is not { } node || node.GetValueKind() == JsonValueKind.Null) return null;
+        var use = root["use_sliding_window"]?.GetValueKind();
+        if (use == JsonValueKind.False || (qwen && use != JsonValueKind.True)) return null;
+        if (qwen && root["max_window_layers"] is { } mw && mw.GetValueKind() == JsonValueKind.Number && mw.GetValue<int>() >= layers) return null;
+        int window;
+        try { window = node.GetValue<int>(); }
+        catch (Exception e) when (e is FormatException or InvalidOperationException)
+        { throw new ModelLoadException($"{source}: 'sliding_window' must be an integer or null"); }
+        if (window < 1) throw new ModelLoadException($"{source}: 'sliding_window' must be at least 1 (got {window})");
+        return window;
     }
 
     /// <summary>An id or a list of ids (generation_config.json and config.json allow both).</summary>

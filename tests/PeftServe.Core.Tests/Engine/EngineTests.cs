@@ -1,6 +1,7 @@
 using PeftServe.Core.Adapters;
 using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
+using PeftServe.Core.Model;
 using PeftServe.Core.Tests.Adapters;
 using PeftServe.Core.Tests.Model;
 using PeftServe.Core.Tokenization;
@@ -220,6 +221,20 @@ public sealed class EngineTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFix
         Assert.Throws<ArgumentException>(() => engine.Submit(new GenerationRequest { PromptIds = [f.Model.Config.VocabSize] }));
         Assert.Throws<ArgumentException>(() => engine.Submit(new GenerationRequest { PromptIds = [1], Sampling = new SamplingParams { TopP = 0 } }));
         Assert.Throws<ArgumentException>(() => engine.Submit(new GenerationRequest { PromptIds = new int[engine.MaxColumns] }));
+    }
+
+    /// <summary>A model with a sliding attention window holds sequences up to the window: a prompt that fits is
+    /// served and stops at the window (finish "length"), a longer one is refused.</summary>
+    [Fact]
+    public async Task ASlidingWindowCapsTheSequence()
+    {
+        using var windowed = LlamaModel.CreateRandom(f.Model.Config with { SlidingWindow = 12 }, new ModelOptions(), seed: 3);
+        await using var engine = new InferenceEngine(windowed, null, new EngineOptions { KvBlockSize = 4 });
+        Assert.Equal(12, engine.MaxColumns);
+        var result = await engine.Submit(new GenerationRequest { PromptIds = [1, 5, 9, 13, 17, 21, 25, 29], Sampling = SamplingParams.Greedy(32) }).CollectAsync();
+        Assert.Equal(FinishReason.Length, result.Finish);
+        Assert.Equal(12 - 8, result.Ids.Count);
+        Assert.Throws<ArgumentException>(() => engine.Submit(new GenerationRequest { PromptIds = new int[12] }));
     }
 
     [Fact]

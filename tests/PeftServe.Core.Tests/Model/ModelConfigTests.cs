@@ -105,6 +105,33 @@ public class ModelConfigTests
         Assert.Contains("GPT2LMHeadModel", Assert.Throws<ModelLoadException>(() => ModelConfig.Parse(json)).Message);
     }
 
+    private static JsonObject Qwen2(string extra) => (JsonObject)JsonNode.Parse($$"""
+        { "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 100, "hidden_size": 64, "max_position_embeddings": 32768,
+          "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2 {{extra.Replace('\'', '"')}} }
+        """)!;
+
+    [Fact]
+    public void SlidingWindowsCapTheSequenceWhereTheModelUsesThem()
+    {
+        // Mistral 7B v0.1: a 4096-position window within 32768 positions; v0.2 and later: none.
+        var v01 = ModelConfig.Parse(Base(", 'max_position_embeddings': 32768, 'sliding_window': 4096"));
+        Assert.Equal((4096, 4096), (v01.SlidingWindow, v01.MaxSequenceLength));
+        Assert.Null(ModelConfig.Parse(Base(", 'max_position_embeddings': 32768, 'sliding_window': null")).SlidingWindow);
+        Assert.Null(ModelConfig.Parse(Base(", 'sliding_window': 4096, 'use_sliding_window': false")).SlidingWindow);
+        Assert.Equal(32768, ModelConfig.Parse(Base(", 'max_position_embeddings': 32768")).MaxSequenceLength);
+        // A window wider than the positions changes nothing.
+        Assert.Equal(2048, ModelConfig.Parse(Base(", 'max_position_embeddings': 2048, 'sliding_window': 4096")).MaxSequenceLength);
+
+        // Qwen2 writes sliding_window but uses it only with use_sliding_window, on layers from max_window_layers on.
+        Assert.Null(ModelConfig.Parse(Qwen2(", 'sliding_window': 4096, 'use_sliding_window': false, 'max_window_layers': 2")).SlidingWindow);
+        Assert.Null(ModelConfig.Parse(Qwen2(", 'sliding_window': 4096, 'max_window_layers': 2")).SlidingWindow);
+        Assert.Null(ModelConfig.Parse(Qwen2(", 'sliding_window': 4096, 'use_sliding_window': true, 'max_window_layers': 4")).SlidingWindow);
+        Assert.Equal(4096, ModelConfig.Parse(Qwen2(", 'sliding_window': 4096, 'use_sliding_window': true, 'max_window_layers': 2")).MaxSequenceLength);
+
+        Assert.Contains("sliding_window", Assert.Throws<ModelLoadException>(() => ModelConfig.Parse(Base(", 'sliding_window': 'wide'"))).Message);
+        Assert.Contains("sliding_window", Assert.Throws<ModelLoadException>(() => ModelConfig.Parse(Base(", 'sliding_window': 0"))).Message);
+    }
+
     [Fact]
     public void MissingConfigFileNamesThePath()
     {
