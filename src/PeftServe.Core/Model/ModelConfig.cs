@@ -133,6 +133,9 @@ public sealed record ModelConfig
         var use = root["use_sliding_window"]?.GetValueKind();
         if (use == JsonValueKind.False || (qwen && use != JsonValueKind.True)) return null;
         if (qwen && root["max_window_layers"] is { } mw && mw.GetValueKind() == JsonValueKind.Number && mw.GetValue<int>() >= layers) return null;
+        // transformers 5 may list each layer's kind: a window with no "sliding_attention" layer is unused.
+        if (root["layer_types"] is JsonArray kinds && !kinds.Any(k => k?.GetValueKind() == JsonValueKind.String && k.GetValue<string>() == "sliding_attention"))
+            return null;
         int window;
         try { window = node.GetValue<int>(); }
         catch (Exception e) when (e is FormatException or InvalidOperationException)

@@ -127,6 +127,8 @@ public class ModelConfigTests
         Assert.Null(ModelConfig.Parse(Qwen2(", 'sliding_window': 4096, 'max_window_layers': 2")).SlidingWindow);
         Assert.Null(ModelConfig.Parse(Qwen2(", 'sliding_window': 4096, 'use_sliding_window': true, 'max_window_layers': 4")).SlidingWindow);
         Assert.Equal(4096, ModelConfig.Parse(Qwen2(", 'sliding_window': 4096, 'use_sliding_window': true, 'max_window_layers': 2")).MaxSequenceLength);
+        Assert.Null(ModelConfig.Parse(Base(", 'sliding_window': 4096, 'layer_types': ['full_attention', 'full_attention']")).SlidingWindow);
+        Assert.Equal(4096, ModelConfig.Parse(Base(", 'sliding_window': 4096, 'layer_types': ['full_attention', 'sliding_attention']")).SlidingWindow);
 
         Assert.Contains("sliding_window", Assert.Throws<ModelLoadException>(() => ModelConfig.Parse(Base(", 'sliding_window': 'wide'"))).Message);
         Assert.Contains("sliding_window", Assert.Throws<ModelLoadException>(() => ModelConfig.Parse(Base(", 'sliding_window': 0"))).Message);
