@@ -197,7 +197,8 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
     [InlineData("\"presence_penalty\": 2.5", "presence_penalty")]
     [InlineData("\"frequency_penalty\": -3", "frequency_penalty")]
     [InlineData("\"seed\": 1.5", "seed")]
-    [InlineData("\"n\": 2", "n")]
+    [InlineData("\"n\": -1", "n")]
+    [InlineData("\"n\": 1000000", "n")]
     [InlineData("\"max_tokens\": 4294967296", "max_tokens")]
     public async Task OutOfRangeCompletionParametersAreRefused(string parameter, string param)
     {

@@ -143,6 +143,60 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         Assert.All(chunks, c => Assert.Equal(chunks[0].GetProperty("id").GetString(), c.GetProperty("id").GetString()));
     }
 
+    /// <summary>n choices: choice i samples as a single request with seed + i would, the prompt is counted once
+    /// and every choice's tokens are; greedy choices are all the greedy text.</summary>
+    [Fact]
+    public async Task SeveralChoicesSampleWithSeedPlusTheirIndex()
+    {
+        object Body(long seed, int n) => new { model = "tiny-lora-r4-qv", prompt = "Once upon", max_tokens = 10, temperature = 1, seed, n, ignore_eos = true };
+        var three = await S.PostJsonAsync("v1/completions", Body(11, 3));
+        var choices = three.GetProperty("choices");
+        Assert.Equal(3, choices.GetArrayLength());
+        var singles = new List<string>();
+        for (int i = 0; i < 3; i++)
+        {
+            Assert.Equal(i, choices[i].GetProperty("index").GetInt32());
+            Assert.Equal("length", choices[i].GetProperty("finish_reason").GetString());
+            var single = await S.PostJsonAsync("v1/completions", Body(11 + i, 1));
+            singles.Add(single.GetProperty("choices")[0].GetProperty("text").GetString()!);
+            Assert.Equal(singles[i], choices[i].GetProperty("text").GetString());
+            if (i == 0) Assert.Equal(single.GetProperty("usage").GetProperty("prompt_tokens").GetInt32(), three.GetProperty("usage").GetProperty("prompt_tokens").GetInt32());
+        }
+        Assert.True(singles.Distinct().Count() > 1, "different seeds should sample different texts");
+        Assert.Equal(30, three.GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+
+        var greedy = await S.PostJsonAsync("v1/chat/completions", new { messages = new[] { new { role = "user", content = "hi" } }, max_tokens = 6, temperature = 0, n = 2 });
+        var one = await S.PostJsonAsync("v1/chat/completions", new { messages = new[] { new { role = "user", content = "hi" } }, max_tokens = 6, temperature = 0 });
+        var expected = one.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString();
+        Assert.All(greedy.GetProperty("choices").EnumerateArray(), c => Assert.Equal(expected, c.GetProperty("message").GetProperty("content").GetString()));
+    }
+
+    [Fact]
+    public async Task StreamedChoicesEachOpenCarryTheirIndexAndFinish()
+    {
+        var body = new { messages = new[] { new { role = "user", content = "hi" } }, max_tokens = 8, temperature = 1, seed = 5, n = 3, ignore_eos = true };
+        var oneShot = await S.PostJsonAsync("v1/chat/completions", body);
+        using var request = new HttpRequestMessage(HttpMethod.Post, "v1/chat/completions")
+        {
+            Content = JsonContent.Create(new { body.messages, body.max_tokens, body.temperature, body.seed, body.n, body.ignore_eos, stream = true, stream_options = new { include_usage = true } }),
+        };
+        using var response = await S.Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
+        var lines = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("data: [DONE]", lines[^1]);
+        var chunks = lines[..^1].Select(l => JsonDocument.Parse(l["data: ".Length..]).RootElement).ToList();
+        Assert.Equal(24, chunks[^1].GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+        var perChoice = chunks.Where(c => c.GetProperty("choices").GetArrayLength() == 1).GroupBy(c => c.GetProperty("choices")[0].GetProperty("index").GetInt32())
+            .ToDictionary(g => g.Key, g => g.Select(c => c.GetProperty("choices")[0]).ToList());
+        Assert.Equal([0, 1, 2], perChoice.Keys.Order());
+        foreach (var (index, parts) in perChoice)
+        {
+            Assert.Equal("assistant", parts[0].GetProperty("delta").GetProperty("role").GetString());   // each choice opens with its role
+            Assert.Equal("length", parts[^1].GetProperty("finish_reason").GetString());
+            var text = string.Concat(parts.Select(p => p.GetProperty("delta").TryGetProperty("content", out var t) ? t.GetString() : ""));
+            Assert.Equal(oneShot.GetProperty("choices")[index].GetProperty("message").GetProperty("content").GetString(), text);
+        }
+    }
+
     [Fact]
     public async Task TokenIdPromptsAndEchoAreAccepted()
     {
@@ -172,7 +226,9 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
     [InlineData("""{"prompt":"x","max_tokens":100000}""", 400, "context_length_exceeded")]
     [InlineData("""{"prompt":"x","temperature":7}""", 400, null)]
     [InlineData("""{"prompt":"x","top_p":"high"}""", 400, null)]
-    [InlineData("""{"prompt":"x","n":3}""", 400, null)]
+    [InlineData("""{"prompt":"x","n":0}""", 400, null)]
+    [InlineData("""{"prompt":"x","n":17}""", 400, null)]
+    [InlineData("""{"prompt":"x","n":2,"best_of":3}""", 400, "unsupported_parameter")]
     [InlineData("""{"prompt":[999999]}""", 400, null)]
     [InlineData("""{"max_tokens":3}""", 400, null)]
     [InlineData("""{"prompt":"x","stop":["a","b","c","d","e"]}""", 400, null)]
@@ -201,8 +257,10 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         Assert.Equal(HttpStatusCode.NotFound, unknown.StatusCode);
     }
 
-    [Fact]
-    public async Task AClientThatDisconnectsCancelsItsRequest()
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    public async Task AClientThatDisconnectsCancelsItsRequest(int n)
     {
         // Warm the streaming path first, so that the generation below is still running when the client goes.
         using (var warm = await S.Http.PostAsJsonAsync("v1/completions", new { prompt = "Warm", max_tokens = 4, stream = true }))
@@ -214,7 +272,7 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
             var uri = new Uri(S.Url);
             await tcp.ConnectAsync(uri.Host, uri.Port);
             var stream = tcp.GetStream();
-            var json = """{"prompt":"Long story","max_tokens":248,"ignore_eos":true,"stream":true}""";
+            var json = $$"""{"prompt":"Long story","max_tokens":248,"ignore_eos":true,"stream":true,"n":{{n}}}""";
             var head = $"POST /v1/completions HTTP/1.1\r\nHost: {uri.Authority}\r\nContent-Type: application/json\r\nContent-Length: {json.Length}\r\n\r\n{json}";
             await stream.WriteAsync(Encoding.ASCII.GetBytes(head));
             var buffer = new byte[256];
@@ -222,12 +280,12 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
             tcp.Client.Close();
         }
         double after = before;
-        for (int i = 0; i < 100 && after <= before; i++)
+        for (int i = 0; i < 100 && after < before + n; i++)
         {
             await Task.Delay(100);
             after = await S.MetricAsync("peftserve_engine_requests_total{outcome=\"cancelled\"}");
         }
-        Assert.True(after > before, "the engine did not see the request cancelled");
+        Assert.True(after >= before + n, $"the engine saw {after - before} of the {n} choices cancelled");
     }
 
     [Fact]

@@ -58,36 +58,35 @@ public static class OpenAiEndpoints
         var req = OpenAiRequests.ParseCompletion(body);
         var (modelId, adapter) = gen.ResolveModel(req.Settings.Model);
         var prompt = req.PromptIds?.ToArray() ?? gen.TextPrompt(req.PromptText!);
-        var request = gen.Build(req.Settings, prompt, adapter, defaultMaxTokens: 16);
-        var generation = gen.Start("completions", modelId, request, context.RequestAborted);
-        string id = "cmpl-" + generation.Id["req-".Length..];
+        using var choices = Choices.Start(gen, "completions", modelId, req.Settings, prompt, adapter, defaultMaxTokens: 16, context.RequestAborted);
+        string id = "cmpl-" + choices.Id["req-".Length..];
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         string echo = req.Echo ? req.PromptText ?? gen.Decode(prompt) : "";
 
         if (!req.Settings.Stream)
         {
-            var text = new StringBuilder(echo);
-            await foreach (var e in generation.WithCancellation(context.RequestAborted)) text.Append(e.Text);
+            var texts = choices.Generations.Select(_ => new StringBuilder(echo)).ToArray();
+            await foreach (var (i, e) in choices.ReadAllAsync(context.RequestAborted)) texts[i].Append(e.Text);
             await Results.Json(new
             {
                 id, @object = "text_completion", created, model = modelId,
-                choices = new[] { new { index = 0, text = text.ToString(), logprobs = (object?)null, finish_reason = FinishName(generation.Finish) } },
-                usage = Usage(generation),
+                choices = texts.Select((text, i) => new { index = i, text = text.ToString(), logprobs = (object?)null, finish_reason = FinishName(choices.Generations[i].Finish) }),
+                usage = Usage(choices),
             }).ExecuteAsync(context);
             return;
         }
 
         var sse = new SseWriter(context.Response);
-        object Chunk(string text, string? finish) => new
+        object Chunk(int index, string text, string? finish) => new
         {
             id, @object = "text_completion", created, model = modelId,
-            choices = new[] { new { index = 0, text, logprobs = (object?)null, finish_reason = finish } },
+            choices = new[] { new { index, text, logprobs = (object?)null, finish_reason = finish } },
         };
-        await Stream(context, sse, generation, req.Settings.IncludeUsage,
-            first: echo.Length > 0 ? Chunk(echo, null) : null,
-            token: t => Chunk(t, null),
-            final: f => Chunk("", f),
-            usage: () => new { id, @object = "text_completion", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(generation) });
+        await Stream(context, sse, choices, req.Settings.IncludeUsage,
+            first: echo.Length > 0 ? i => Chunk(i, echo, null) : null,
+            token: (i, t) => Chunk(i, t, null),
+            final: (i, f) => Chunk(i, "", f),
+            usage: () => new { id, @object = "text_completion", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(choices) });
     }
 
     private static async Task ChatCompletions(HttpContext context, GenerationService gen)
@@ -96,60 +95,73 @@ public static class OpenAiEndpoints
         var req = OpenAiRequests.ParseChat(body);
         var (modelId, adapter) = gen.ResolveModel(req.Settings.Model);
         var prompt = gen.ChatPrompt(req.Messages);
-        var request = gen.Build(req.Settings, prompt, adapter, gen.DefaultChatMaxTokens);
-        var generation = gen.Start("chat", modelId, request, context.RequestAborted);
-        string id = "chatcmpl-" + generation.Id["req-".Length..];
+        using var choices = Choices.Start(gen, "chat", modelId, req.Settings, prompt, adapter, gen.DefaultChatMaxTokens, context.RequestAborted);
+        string id = "chatcmpl-" + choices.Id["req-".Length..];
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
 
         if (!req.Settings.Stream)
         {
-            var text = new StringBuilder();
-            await foreach (var e in generation.WithCancellation(context.RequestAborted)) text.Append(e.Text);
+            var texts = choices.Generations.Select(_ => new StringBuilder()).ToArray();
+            await foreach (var (i, e) in choices.ReadAllAsync(context.RequestAborted)) texts[i].Append(e.Text);
             await Results.Json(new
             {
                 id, @object = "chat.completion", created, model = modelId,
-                choices = new[] { new { index = 0, message = new { role = "assistant", content = text.ToString() }, logprobs = (object?)null, finish_reason = FinishName(generation.Finish) } },
-                usage = Usage(generation),
+                choices = texts.Select((text, i) => new
+                {
+                    index = i, message = new { role = "assistant", content = text.ToString() }, logprobs = (object?)null,
+                    finish_reason = FinishName(choices.Generations[i].Finish),
+                }),
+                usage = Usage(choices),
             }).ExecuteAsync(context);
             return;
         }
 
         var sse = new SseWriter(context.Response);
-        object Chunk(object delta, string? finish) => new
+        object Chunk(int index, object delta, string? finish) => new
         {
             id, @object = "chat.completion.chunk", created, model = modelId,
-            choices = new[] { new { index = 0, delta, logprobs = (object?)null, finish_reason = finish } },
+            choices = new[] { new { index, delta, logprobs = (object?)null, finish_reason = finish } },
         };
-        await Stream(context, sse, generation, req.Settings.IncludeUsage,
-            first: Chunk(new { role = "assistant", content = "" }, null),
-            token: t => Chunk(new { content = t }, null),
-            final: f => Chunk(new { }, f),
-            usage: () => new { id, @object = "chat.completion.chunk", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(generation) });
+        await Stream(context, sse, choices, req.Settings.IncludeUsage,
+            first: i => Chunk(i, new { role = "assistant", content = "" }, null),
+            token: (i, t) => Chunk(i, new { content = t }, null),
+            final: (i, f) => Chunk(i, new { }, f),
+            usage: () => new { id, @object = "chat.completion.chunk", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(choices) });
     }
 
-    private static object Usage(Generation g) => new
+    /// <summary>OpenAI's usage: the prompt counted once, the completion tokens of every choice.</summary>
+    private static object Usage(Choices c) => new
     {
-        prompt_tokens = g.PromptTokens,
-        completion_tokens = g.CompletionTokens,
-        total_tokens = g.PromptTokens + g.CompletionTokens,
+        prompt_tokens = c.PromptTokens,
+        completion_tokens = c.CompletionTokens,
+        total_tokens = c.PromptTokens + c.CompletionTokens,
     };
 
-    /// <summary>Streams a generation as SSE. The headers wait for the first event, so a request that
-    /// fails before its first token (an adapter that cannot be loaded) still gets its status code; a
-    /// failure after that becomes an error event. A client that goes away cancels the request.</summary>
-    private static async Task Stream(HttpContext context, SseWriter sse, Generation generation, bool includeUsage,
-        object? first, Func<string, object> token, Func<string, object> final, Func<object> usage)
+    /// <summary>Streams the choices as SSE, each chunk naming its choice's index; a choice's
+    /// <paramref name="first"/> chunk (the chat role, the completion's echo) comes before its first token. The
+    /// headers wait for the first event, so a request that fails before its first token (an adapter that cannot
+    /// be loaded) still gets its status code; a failure after that becomes an error event. A client that goes
+    /// away cancels every choice.</summary>
+    private static async Task Stream(HttpContext context, SseWriter sse, Choices choices, bool includeUsage,
+        Func<int, object>? first, Func<int, string, object> token, Func<int, string, object> final, Func<object> usage)
     {
         var aborted = context.RequestAborted;
+        var opened = new bool[choices.Generations.Count];
+        async Task Open(int i)
+        {
+            if (opened[i]) return;
+            opened[i] = true;
+            if (first is not null) await sse.WriteAsync(first(i), aborted);
+        }
         try
         {
-            await foreach (var e in generation.WithCancellation(aborted))
+            await foreach (var (i, e) in choices.ReadAllAsync(aborted))
             {
-                if (!sse.Started && first is not null) await sse.WriteAsync(first, aborted);
-                if (e.Text.Length > 0) await sse.WriteAsync(token(e.Text), aborted);
-                if (e.Finish is { } f) await sse.WriteAsync(final(FinishName(f)), aborted);
+                await Open(i);
+                if (e.Text.Length > 0) await sse.WriteAsync(token(i, e.Text), aborted);
+                if (e.Finish is { } f) await sse.WriteAsync(final(i, FinishName(f)), aborted);
             }
-            if (!sse.Started && first is not null) await sse.WriteAsync(first, aborted);
+            for (int i = 0; i < opened.Length; i++) await Open(i);
             if (includeUsage) await sse.WriteAsync(usage(), aborted);
             await sse.DoneAsync(aborted);
         }

@@ -18,6 +18,8 @@ public sealed record GenerationSettings
     public bool IgnoreEos { get; init; }
     public bool Stream { get; init; }
     public bool IncludeUsage { get; init; }
+    /// <summary>How many choices to sample for the prompt (OpenAI's n).</summary>
+    public int N { get; init; } = 1;
 }
 
 /// <summary>A parsed /v1/completions body: the prompt as text or as token ids.</summary>
@@ -31,6 +33,8 @@ public sealed record ChatRequest(GenerationSettings Settings, IReadOnlyList<Chat
 public static class OpenAiRequests
 {
     public const int MaxStopStrings = 4;
+    /// <summary>The most choices one request may ask for (each is a sequence in the engine's batch).</summary>
+    public const int MaxChoices = 16;
 
     /// <summary>Parameters every generation endpoint reads. "user" only names the caller for the
     /// caller's own records and changes nothing generated.</summary>
@@ -109,7 +113,7 @@ public static class OpenAiRequests
                 "tool_choice" => v.ValueKind == JsonValueKind.String && v.GetString() == "none",
                 "parallel_tool_calls" or "top_logprobs" => false,
                 "logprobs" => v.ValueKind == JsonValueKind.False,
-                "best_of" => v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out var b) && b == 1,
+                "best_of" => true,   // checked against n by ParseCompletion
                 _ => true,
             };
             if (!neutral)
@@ -140,6 +144,9 @@ public static class OpenAiRequests
             default: throw new ApiException(400, "'prompt' must be a string or a list of token ids", "prompt");
         }
         if (text is { Length: 0 }) throw new ApiException(400, "'prompt' must not be empty", "prompt");
+        // best_of = n samples n and returns them all; more would need ranking by log probability, which this server does not compute.
+        if (Int(root, "best_of") is { } bestOf && bestOf != settings.N)
+            throw new ApiException(400, $"best_of ({bestOf}) must equal n ({settings.N}): this server returns every sequence it samples", "best_of", "unsupported_parameter");
         return new CompletionRequest(settings, text, ids, Bool(root, "echo") ?? false);
     }
 
@@ -184,8 +191,8 @@ public static class OpenAiRequests
     public static GenerationSettings ParseSettings(JsonElement root, bool chat)
     {
         CheckParameters(root, chat);
-        var n = Int(root, "n");
-        if (n is not null and not 1) throw new ApiException(400, "only n = 1 is supported", "n");
+        var n = Int(root, "n") ?? 1;
+        if (n is < 1 or > MaxChoices) throw new ApiException(400, $"n must be between 1 and {MaxChoices}; got {n}", "n");
         int? maxTokens = Int(root, "max_tokens");
         if (chat) maxTokens = Int(root, "max_completion_tokens") ?? maxTokens;
         if (maxTokens is < 1) throw new ApiException(400, $"max_tokens must be at least 1; got {maxTokens}", chat && root.TryGetProperty("max_completion_tokens", out _) ? "max_completion_tokens" : "max_tokens");
@@ -214,6 +221,7 @@ public static class OpenAiRequests
             IgnoreEos = Bool(root, "ignore_eos") ?? false,
             Stream = stream,
             IncludeUsage = includeUsage,
+            N = n,
         };
         Check(s);
         return s;
