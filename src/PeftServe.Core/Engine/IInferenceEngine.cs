@@ -21,7 +21,11 @@ public sealed record GenerationRequest
 /// (possibly empty: a character can span tokens, and text that may begin a stop string is held back).
 /// <see cref="Finish"/> is set on the last event of a request; a request that ends by a stop string
 /// or by cancellation may end with an event that carries no token (<see cref="TokenId"/> = -1).</summary>
-public readonly record struct GenerationEvent(int TokenId, string Text, int Index, FinishReason? Finish);
+public readonly record struct GenerationEvent(int TokenId, string Text, int Index, FinishReason? Finish, TokenLogprob? Logprob = null);
+
+/// <summary>A generated token's log probability and the most likely tokens' (best first), when the request asked
+/// for them (<see cref="SamplingParams.Logprobs"/>).</summary>
+public sealed record TokenLogprob(int TokenId, float Logprob, IReadOnlyList<(int TokenId, float Logprob)> Top);
 
 /// <summary>Thrown by <see cref="IInferenceEngine.Submit"/> when the waiting queue is full: the request
 /// was refused at once and nothing of it is kept, so the caller may retry later.</summary>

@@ -401,10 +401,10 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
     /// their last column. A pass that throws (out of device memory, say) ends no one at first: its rows become
     /// suspects, which later passes run one at a time, so that only a request that fails alone is failed
     /// (with the error) and everyone else goes on.</summary>
-    private bool Pass(List<(Sequence S, int Count)> rows, Func<List<(Sequence S, int Count)>, long[]> run)
+    private bool Pass(List<(Sequence S, int Count)> rows, Func<List<(Sequence S, int Count)>, StepTokens> run)
     {
         if (rows.Count == 0) return false;
-        long[] sampled;
+        StepTokens sampled;
         try
         {
             sampled = run(rows);
@@ -431,7 +431,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
             s.Cached += n;
             if (s.Cached < s.Columns) continue;          // a prompt chunk that is not the last
             Interlocked.Increment(ref _generatedTokens);
-            if (s.Accept((int)sampled[r], MaxColumns)) Retire(s, null);
+            if (s.Accept((int)sampled.Ids[r], MaxColumns, sampled.Logprobs?[r])) Retire(s, null);
         }
         return true;
     }

@@ -99,7 +99,7 @@ internal sealed class ModelRunner : IDisposable
 
     /// <summary>One eager forward over the next <c>Count</c> columns of each row (right-aligned in one
     /// chunk). Returns the sampled token of every row (meaningful for rows whose chunk ends their prompt).</summary>
-    public long[] Prefill(IReadOnlyList<(Sequence S, int Count)> rows)
+    public StepTokens Prefill(IReadOnlyList<(Sequence S, int Count)> rows)
     {
         int b = rows.Count, chunk = rows.Max(r => r.Count);
         var ids = new long[b * chunk];
@@ -129,14 +129,14 @@ internal sealed class ModelRunner : IDisposable
         using var adapters = AdapterBatch.Create(sequences.Select(s => s.Adapter).ToList(), virtualStart, device);
         var logits = _model.Forward(torch.tensor(ids, [b, chunk], device: device), torch.tensor(positions, [b, chunk], device: device),
             view, lastTokenOnly: true, adapters)[.., 0, ..];
-        return Sample(logits, sampling, penalties);
+        return Sample(logits, sampling, penalties, sequences);
     }
 
     // ------------------------------------------------------------------ decode
 
     /// <summary>One decode step: every row extends by one token (its last token is at column Cached, its block
     /// table already covers it). Returns each row's sampled token.</summary>
-    public long[] Decode(IReadOnlyList<Sequence> rows)
+    public StepTokens Decode(IReadOnlyList<Sequence> rows)
     {
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
         MaybeFail(rows);
@@ -184,7 +184,7 @@ internal sealed class ModelRunner : IDisposable
             int longest = rows.Max(s => s.Cached + 1);
             logits = DecodeForward(inputs, pools, rows, (longest + _cache.BlockSize - 1) / _cache.BlockSize);
         }
-        var sampled = Sample(logits.narrow(0, 0, b), sampling, penalties);
+        var sampled = Sample(logits.narrow(0, 0, b), sampling, penalties, rows);
         if (Profile)
         {
             _totalTicks += System.Diagnostics.Stopwatch.GetTimestamp() - start;
@@ -267,12 +267,30 @@ internal sealed class ModelRunner : IDisposable
     /// <summary>Samples every row, adds the tokens to the penalty counts of the rows that keep some (a
     /// prompt chunk that is not the last holds no row, so its draw is not counted), and reads the ids back:
     /// the one host sync of the pass.</summary>
-    private long[] Sample(Tensor logits, SamplingBatch sampling, (Tensor Read, Tensor Write)? penalties)
+    private StepTokens Sample(Tensor logits, SamplingBatch sampling, (Tensor Read, Tensor Write)? penalties, IReadOnlyList<Sequence> rows)
     {
         var counts = penalties is { } p ? _penalties.Read(p.Read) : null;
         var next = Sampler.Sample(logits, sampling, counts);
         if (penalties is { } q) _penalties.Record(q.Write, next);
-        return next.cpu().data<long>().ToArray();
+        int top = rows.Max(s => s.Sampling.Logprobs ?? -1);
+        if (top < 0) return new StepTokens(next.cpu().data<long>().ToArray(), null);
+
+        // Some row wants log probabilities: they travel with the ids, still one copy.
+        using var packed = Sampler.PackLogprobs(logits, next, top);
+        var host = packed.cpu().data<double>().ToArray();
+        int width = 2 + 2 * top;
+        var ids = new long[rows.Count];
+        var logprobs = new TokenLogprob?[rows.Count];
+        for (int r = 0; r < rows.Count; r++)
+        {
+            int o = r * width;
+            ids[r] = (long)host[o];
+            if (rows[r].Sampling.Logprobs is not { } k) continue;
+            var best = new (int, float)[k];
+            for (int j = 0; j < k; j++) best[j] = ((int)host[o + 2 + j], (float)host[o + 2 + top + j]);
+            logprobs[r] = new TokenLogprob((int)ids[r], (float)host[o + 1], best);
+        }
+        return new StepTokens(ids, logprobs);
     }
 
     /// <summary>A sequence stops running (finished, cancelled, failed or preempted): its penalty row goes back.</summary>
@@ -300,3 +318,6 @@ internal sealed class ModelRunner : IDisposable
         }
     }
 }
+
+/// <summary>What one pass sampled: a token per row, and its log probabilities for rows that asked (else null).</summary>
+internal sealed record StepTokens(long[] Ids, TokenLogprob?[]? Logprobs);

@@ -52,7 +52,7 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     public void AttachTokenizer(Tokenizer? tokenizer) => _decoder = tokenizer?.CreateStreamingDecoder();
 
     /// <summary>Takes a sampled token and streams it. Returns true when the sequence is finished.</summary>
-    public bool Accept(int token, int maxColumns)
+    public bool Accept(int token, int maxColumns, TokenLogprob? logprob = null)
     {
         Tokens.Add(token);
         int index = Generated - 1;
@@ -68,12 +68,12 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
         int stopAt = FirstStop(text);
         if (stopAt >= 0)
         {
-            Emit(new GenerationEvent(token, text[..stopAt], index, FinishReason.Stop));
+            Emit(new GenerationEvent(token, text[..stopAt], index, FinishReason.Stop, logprob));
             return true;
         }
         int release = finish is null ? text.Length - HeldSuffix(text) : text.Length;
         _held.Remove(0, release);
-        Emit(new GenerationEvent(token, text[..release], index, finish));
+        Emit(new GenerationEvent(token, text[..release], index, finish, logprob));
         return finish is not null;
     }
 

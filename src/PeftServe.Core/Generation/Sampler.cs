@@ -170,6 +170,25 @@ public static class Sampler
         return result.MoveToOuterDisposeScope();
     }
 
+    /// <summary>For rows that ask for log probabilities: the log-softmax of the raw <paramref name="logits"/> [B, V]
+    /// (float32, before penalties and temperature), packed per row as [sampled id, its log probability, the
+    /// <paramref name="top"/> best ids, their log probabilities] in float64 (ids are exact there), so that ids and
+    /// values come back to the host in the pass's one copy. Returns [B, 2 + 2 top].</summary>
+    public static Tensor PackLogprobs(Tensor logits, Tensor sampled, int top)
+    {
+        using var scope = NewDisposeScope();
+        var logProbabilities = logits.to_type(ScalarType.Float32).log_softmax(1);
+        var ids = sampled.to_type(ScalarType.Int64).unsqueeze(1);
+        var parts = new List<Tensor> { ids.to_type(ScalarType.Float64), logProbabilities.gather(1, ids).to_type(ScalarType.Float64) };
+        if (top > 0)
+        {
+            var best = logProbabilities.topk(top, dim: 1);
+            parts.Add(best.indexes.to_type(ScalarType.Float64));
+            parts.Add(best.values.to_type(ScalarType.Float64));
+        }
+        return cat(parts, 1).MoveToOuterDisposeScope();
+    }
+
     internal static Tensor ApplyPenalties(Tensor logits, Tensor counts, Tensor presence, Tensor frequency)
     {
         using var scope = NewDisposeScope();

@@ -34,6 +34,14 @@ public sealed record SamplingParams
     /// <summary>OpenAI frequency penalty in [-2, 2]: logits[id] -= FrequencyPenalty * count(id).</summary>
     public float FrequencyPenalty { get; init; }
 
+    /// <summary>The most alternatives <see cref="Logprobs"/> may ask for.</summary>
+    public const int MaxLogprobs = 20;
+
+    /// <summary>Null: no log probabilities. Otherwise each generated token comes with its log probability under the
+    /// model (the raw distribution, before penalties and temperature, as vLLM reports by default) and that of the
+    /// this-many most likely tokens (0 to <see cref="MaxLogprobs"/>).</summary>
+    public int? Logprobs { get; init; }
+
     /// <summary>True when this request decodes greedily (temperature 0).</summary>
     public bool IsGreedy => Temperature == 0f;
 
@@ -66,6 +74,8 @@ public sealed record SamplingParams
             throw new ArgumentException($"presence_penalty must be in [-2, 2]; got {PresencePenalty}.", nameof(PresencePenalty));
         if (!(FrequencyPenalty >= -2f && FrequencyPenalty <= 2f))
             throw new ArgumentException($"frequency_penalty must be in [-2, 2]; got {FrequencyPenalty}.", nameof(FrequencyPenalty));
+        if (Logprobs is < 0 or > MaxLogprobs)
+            throw new ArgumentException($"logprobs must be between 0 and {MaxLogprobs}; got {Logprobs}.", nameof(Logprobs));
         if (StopTokenIds is null)
             throw new ArgumentException("stop token ids must not be null (use an empty list).", nameof(StopTokenIds));
         foreach (var id in StopTokenIds)

@@ -223,6 +223,42 @@ public sealed class EngineTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFix
         Assert.Throws<ArgumentException>(() => engine.Submit(new GenerationRequest { PromptIds = new int[engine.MaxColumns] }));
     }
 
+    /// <summary>Log probabilities ride with the sampled ids: each token's is the log-softmax of the model's logits at
+    /// its position (computed here by a plain full forward), and its best alternatives are the top of that row.
+    /// A request that asks for none, in the same batch, gets none.</summary>
+    [Fact]
+    public async Task LogprobsAreTheModelsLogSoftmaxAtEachGeneratedToken()
+    {
+        await using var engine = NewEngine();
+        var asked = engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = new SamplingParams { Temperature = 0.8f, Seed = 3, MaxTokens = 6, Logprobs = 3 } });
+        var plain = engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(6) });
+        var events = new List<GenerationEvent>();
+        await foreach (var e in asked) if (e.TokenId >= 0) events.Add(e);
+        await foreach (var e in plain) Assert.Null(e.Logprob);
+        Assert.Equal(6, events.Count);
+
+        var all = Prompt.Concat(events.Select(e => e.TokenId)).Select(x => (long)x).ToArray();
+        using var ids = torch.tensor(all, [1, all.Length]);
+        using var logits = FullLogits.Compute(f.Model, ids);
+        using var expected = logits[0].log_softmax(1);
+        for (int i = 0; i < events.Count; i++)
+        {
+            var lp = events[i].Logprob!;
+            int position = Prompt.Length - 1 + i;   // the logits that predicted token i
+            Assert.Equal(events[i].TokenId, lp.TokenId);
+            Assert.Equal(expected[position, lp.TokenId].item<float>(), lp.Logprob, 1e-4f);
+            Assert.Equal(3, lp.Top.Count);
+            var best = expected[position].topk(3).indexes.data<long>().ToArray();
+            Assert.Equal(best.Select(x => (int)x), lp.Top.Select(t => t.TokenId));
+            foreach (var (id, value) in lp.Top) Assert.Equal(expected[position, id].item<float>(), value, 1e-4f);
+            Assert.True(lp.Top[0].Logprob >= lp.Logprob - 1e-6f);
+        }
+    }
+
+    [Fact]
+    public void LogprobsBeyondTwentyAreRefused() =>
+        Assert.Throws<ArgumentException>(() => new SamplingParams { Logprobs = 21 }.Validate());
+
     /// <summary>A model with a sliding attention window holds sequences up to the window: a prompt that fits is
     /// served and stops at the window (finish "length"), a longer one is refused.</summary>
     [Fact]
