@@ -157,8 +157,6 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
     [InlineData("response_format", """{"type": "json_object"}""")]
     [InlineData("response_format", """{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}""")]
     [InlineData("tool_choice", "\"auto\"")]
-    [InlineData("top_logprobs", "2")]
-    [InlineData("logprobs", "true")]
     [InlineData("functions", """[{"name": "f"}]""")]
     [InlineData("repetition_penalty", "1.2")]
     [InlineData("min_p", "0.1")]
@@ -169,6 +167,21 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
         var error = await Error(response, 400, "unsupported_parameter");
         Assert.Equal(name, error.GetProperty("param").GetString());
         Assert.Contains($"'{name}'", error.GetProperty("message").GetString());
+    }
+
+    [Theory]
+    [InlineData("v1/chat/completions", "\"top_logprobs\": 2", "top_logprobs")]                        // without logprobs: true
+    [InlineData("v1/chat/completions", "\"logprobs\": true, \"top_logprobs\": 21", "top_logprobs")]
+    [InlineData("v1/chat/completions", "\"logprobs\": true, \"top_logprobs\": -1", "top_logprobs")]
+    [InlineData("v1/chat/completions", "\"logprobs\": 3", "logprobs")]
+    [InlineData("v1/completions", "\"logprobs\": 21", "logprobs")]
+    [InlineData("v1/completions", "\"logprobs\": true", "logprobs")]
+    [InlineData("v1/completions", "\"logprobs\": 1, \"echo\": true", "echo")]
+    public async Task LogprobRequestsOutOfRangeAreRefusedByName(string path, string parameter, string param)
+    {
+        var body = path.Contains("chat") ? $$"""{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,{{parameter}}}""" : $$"""{"prompt":"hi","max_tokens":2,{{parameter}}}""";
+        var error = await Error(await Post(path, body), 400);
+        Assert.Equal(param, error.GetProperty("param").GetString());
     }
 
     [Theory]

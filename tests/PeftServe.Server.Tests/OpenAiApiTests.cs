@@ -197,6 +197,68 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         }
     }
 
+    /// <summary>Completions' logprobs: one entry per generated token; a greedy token is its row's most likely
+    /// one; offsets run along the text; the stream carries the same numbers as the one-shot answer.</summary>
+    [Fact]
+    public async Task CompletionLogprobsFollowTheTokensAndMatchWhenStreamed()
+    {
+        object Body(bool stream) => new { prompt = "Once upon", max_tokens = 6, temperature = 0, logprobs = 2, ignore_eos = true, stream };
+        var oneShot = await S.PostJsonAsync("v1/completions", Body(false));
+        var lp = oneShot.GetProperty("choices")[0].GetProperty("logprobs");
+        var tokens = lp.GetProperty("tokens").EnumerateArray().Select(t => t.GetString()!).ToList();
+        var values = lp.GetProperty("token_logprobs").EnumerateArray().Select(v => v.GetSingle()).ToList();
+        var tops = lp.GetProperty("top_logprobs").EnumerateArray().ToList();
+        var offsets = lp.GetProperty("text_offset").EnumerateArray().Select(v => v.GetInt32()).ToList();
+        Assert.Equal(6, tokens.Count);
+        Assert.Equal((6, 6, 6), (values.Count, tops.Count, offsets.Count));
+        for (int i = 0; i < 6; i++)
+        {
+            Assert.True(values[i] <= 0);
+            var alternatives = tops[i].EnumerateObject().ToDictionary(p => p.Name, p => p.Value.GetSingle());
+            Assert.InRange(alternatives.Count, 1, 3);   // the two best, and the chosen one (here among them)
+            Assert.Equal(alternatives.Values.Max(), values[i], 1e-5f);   // greedy: the chosen token is the most likely
+            Assert.Equal(i == 0 ? 0 : offsets[i - 1] + tokens[i - 1].Length, offsets[i]);
+        }
+
+        using var request = new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = JsonContent.Create(Body(true)) };
+        using var response = await S.Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
+        var streamed = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries)[..^1]
+            .Select(l => JsonDocument.Parse(l["data: ".Length..]).RootElement.GetProperty("choices")[0])
+            .Where(c => c.GetProperty("logprobs").ValueKind == JsonValueKind.Object).Select(c => c.GetProperty("logprobs")).ToList();
+        Assert.Equal(tokens, streamed.Select(c => c.GetProperty("tokens")[0].GetString()!));
+        Assert.Equal(values, streamed.Select(c => c.GetProperty("token_logprobs")[0].GetSingle()));
+        Assert.Equal(offsets, streamed.Select(c => c.GetProperty("text_offset")[0].GetInt32()));
+    }
+
+    [Fact]
+    public async Task ChatLogprobsListEachTokenWithItsBytesAndAlternatives()
+    {
+        var answer = await S.PostJsonAsync("v1/chat/completions", new { messages = new[] { new { role = "user", content = "hi" } }, max_tokens = 5, temperature = 0.7, seed = 4, logprobs = true, top_logprobs = 3, ignore_eos = true });
+        var content = answer.GetProperty("choices")[0].GetProperty("logprobs").GetProperty("content").EnumerateArray().ToList();
+        Assert.Equal(answer.GetProperty("usage").GetProperty("completion_tokens").GetInt32(), content.Count);
+        foreach (var entry in content)
+        {
+            var token = entry.GetProperty("token").GetString()!;
+            Assert.Equal(Encoding.UTF8.GetBytes(token).Select(b => (int)b), entry.GetProperty("bytes").EnumerateArray().Select(b => b.GetInt32()));
+            var alternatives = entry.GetProperty("top_logprobs").EnumerateArray().Select(a => a.GetProperty("logprob").GetSingle()).ToList();
+            Assert.Equal(3, alternatives.Count);
+            Assert.Equal(alternatives.OrderDescending(), alternatives);
+            Assert.True(entry.GetProperty("logprob").GetSingle() <= alternatives[0] + 1e-6f);
+        }
+        var plain = await S.PostJsonAsync("v1/chat/completions", new { messages = new[] { new { role = "user", content = "hi" } }, max_tokens = 2 });
+        Assert.Equal(JsonValueKind.Null, plain.GetProperty("choices")[0].GetProperty("logprobs").ValueKind);
+
+        // The OpenAI client reads them as its own.
+        var viaClient = (await Client().GetChatClient("tiny-lora-r4-qv").CompleteChatAsync(Hello,
+            new ChatCompletionOptions { IncludeLogProbabilities = true, TopLogProbabilityCount = 2, MaxOutputTokenCount = 4, Temperature = 0 })).Value;
+        Assert.Equal(viaClient.Usage.OutputTokenCount, viaClient.ContentTokenLogProbabilities.Count);
+        Assert.All(viaClient.ContentTokenLogProbabilities, t =>
+        {
+            Assert.Equal(2, t.TopLogProbabilities.Count);
+            Assert.Equal(t.TopLogProbabilities[0].LogProbability, t.LogProbability, 1e-5f);   // greedy
+        });
+    }
+
     [Fact]
     public async Task TokenIdPromptsAndEchoAreAccepted()
     {

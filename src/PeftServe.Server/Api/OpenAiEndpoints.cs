@@ -63,29 +63,40 @@ public static class OpenAiEndpoints
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         string echo = req.Echo ? req.PromptText ?? gen.Decode(prompt) : "";
 
+        var logprobs = req.Settings.Logprobs is null ? null : new LogprobFormat(gen.TokenText);
         if (!req.Settings.Stream)
         {
-            var texts = choices.Generations.Select(_ => new StringBuilder(echo)).ToArray();
-            await foreach (var (i, e) in choices.ReadAllAsync(context.RequestAborted)) texts[i].Append(e.Text);
+            var (texts, tokens) = await Collect(choices, echo, context.RequestAborted);
             await Results.Json(new
             {
                 id, @object = "text_completion", created, model = modelId,
-                choices = texts.Select((text, i) => new { index = i, text = text.ToString(), logprobs = (object?)null, finish_reason = FinishName(choices.Generations[i].Finish) }),
+                choices = texts.Select((text, i) => new
+                {
+                    index = i, text, logprobs = logprobs?.Completion(tokens[i], echo.Length), finish_reason = FinishName(choices.Generations[i].Finish),
+                }),
                 usage = Usage(choices),
             }).ExecuteAsync(context);
             return;
         }
 
         var sse = new SseWriter(context.Response);
-        object Chunk(int index, string text, string? finish) => new
+        var offsets = new int[choices.Generations.Count];
+        object Chunk(int index, string text, TokenLogprob? logprob, string? finish) => new
         {
             id, @object = "text_completion", created, model = modelId,
-            choices = new[] { new { index, text, logprobs = (object?)null, finish_reason = finish } },
+            choices = new[] { new { index, text, logprobs = logprob is null ? null : logprobs?.Completion([logprob], offsets[index]), finish_reason = finish } },
         };
+        object Token(int index, string text, TokenLogprob? logprob)
+        {
+            var chunk = Chunk(index, text, logprob, null);
+            if (logprob is not null) offsets[index] += gen.TokenText(logprob.TokenId).Length;
+            return chunk;
+        }
+        Array.Fill(offsets, echo.Length);
         await Stream(context, sse, choices, req.Settings.IncludeUsage,
-            first: echo.Length > 0 ? i => Chunk(i, echo, null) : null,
-            token: (i, t) => Chunk(i, t, null),
-            final: (i, f) => Chunk(i, "", f),
+            first: echo.Length > 0 ? i => Chunk(i, echo, null, null) : null,
+            token: Token,
+            final: (i, f) => Chunk(i, "", null, f),
             usage: () => new { id, @object = "text_completion", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(choices) });
     }
 
@@ -99,16 +110,16 @@ public static class OpenAiEndpoints
         string id = "chatcmpl-" + choices.Id["req-".Length..];
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
 
+        var logprobs = req.Settings.Logprobs is null ? null : new LogprobFormat(gen.TokenText);
         if (!req.Settings.Stream)
         {
-            var texts = choices.Generations.Select(_ => new StringBuilder()).ToArray();
-            await foreach (var (i, e) in choices.ReadAllAsync(context.RequestAborted)) texts[i].Append(e.Text);
+            var (texts, tokens) = await Collect(choices, "", context.RequestAborted);
             await Results.Json(new
             {
                 id, @object = "chat.completion", created, model = modelId,
                 choices = texts.Select((text, i) => new
                 {
-                    index = i, message = new { role = "assistant", content = text.ToString() }, logprobs = (object?)null,
+                    index = i, message = new { role = "assistant", content = text }, logprobs = logprobs?.Chat(tokens[i]),
                     finish_reason = FinishName(choices.Generations[i].Finish),
                 }),
                 usage = Usage(choices),
@@ -117,16 +128,29 @@ public static class OpenAiEndpoints
         }
 
         var sse = new SseWriter(context.Response);
-        object Chunk(int index, object delta, string? finish) => new
+        object Chunk(int index, object delta, TokenLogprob? logprob, string? finish) => new
         {
             id, @object = "chat.completion.chunk", created, model = modelId,
-            choices = new[] { new { index, delta, logprobs = (object?)null, finish_reason = finish } },
+            choices = new[] { new { index, delta, logprobs = logprob is null ? null : logprobs?.Chat([logprob]), finish_reason = finish } },
         };
         await Stream(context, sse, choices, req.Settings.IncludeUsage,
-            first: i => Chunk(i, new { role = "assistant", content = "" }, null),
-            token: (i, t) => Chunk(i, new { content = t }, null),
-            final: (i, f) => Chunk(i, new { }, f),
+            first: i => Chunk(i, new { role = "assistant", content = "" }, null, null),
+            token: (i, t, lp) => Chunk(i, new { content = t }, lp, null),
+            final: (i, f) => Chunk(i, new { }, null, f),
             usage: () => new { id, @object = "chat.completion.chunk", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(choices) });
+    }
+
+    /// <summary>Every choice's text (after <paramref name="prefix"/>) and the log probabilities of its tokens (when asked).</summary>
+    private static async Task<(string[] Texts, List<TokenLogprob>[] Tokens)> Collect(Choices choices, string prefix, CancellationToken aborted)
+    {
+        var texts = choices.Generations.Select(_ => new StringBuilder(prefix)).ToArray();
+        var tokens = choices.Generations.Select(_ => new List<TokenLogprob>()).ToArray();
+        await foreach (var (i, e) in choices.ReadAllAsync(aborted))
+        {
+            texts[i].Append(e.Text);
+            if (e.Logprob is { } lp) tokens[i].Add(lp);
+        }
+        return (texts.Select(t => t.ToString()).ToArray(), tokens);
     }
 
     /// <summary>OpenAI's usage: the prompt counted once, the completion tokens of every choice.</summary>
@@ -143,7 +167,7 @@ public static class OpenAiEndpoints
     /// be loaded) still gets its status code; a failure after that becomes an error event. A client that goes
     /// away cancels every choice.</summary>
     private static async Task Stream(HttpContext context, SseWriter sse, Choices choices, bool includeUsage,
-        Func<int, object>? first, Func<int, string, object> token, Func<int, string, object> final, Func<object> usage)
+        Func<int, object>? first, Func<int, string, TokenLogprob?, object> token, Func<int, string, object> final, Func<object> usage)
     {
         var aborted = context.RequestAborted;
         var opened = new bool[choices.Generations.Count];
@@ -158,7 +182,7 @@ public static class OpenAiEndpoints
             await foreach (var (i, e) in choices.ReadAllAsync(aborted))
             {
                 await Open(i);
-                if (e.Text.Length > 0) await sse.WriteAsync(token(i, e.Text), aborted);
+                if (e.Text.Length > 0 || e.Logprob is not null) await sse.WriteAsync(token(i, e.Text, e.Logprob), aborted);
                 if (e.Finish is { } f) await sse.WriteAsync(final(i, FinishName(f)), aborted);
             }
             for (int i = 0; i < opened.Length; i++) await Open(i);

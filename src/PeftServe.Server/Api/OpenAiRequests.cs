@@ -20,6 +20,9 @@ public sealed record GenerationSettings
     public bool IncludeUsage { get; init; }
     /// <summary>How many choices to sample for the prompt (OpenAI's n).</summary>
     public int N { get; init; } = 1;
+    /// <summary>Null: no log probabilities; else each token's, with this many alternatives (completions' logprobs,
+    /// chat's top_logprobs).</summary>
+    public int? Logprobs { get; init; }
 }
 
 /// <summary>A parsed /v1/completions body: the prompt as text or as token ids.</summary>
@@ -111,8 +114,8 @@ public static class OpenAiRequests
                                      && v.EnumerateObject().Count() == 1,
                 "tools" => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0,
                 "tool_choice" => v.ValueKind == JsonValueKind.String && v.GetString() == "none",
-                "parallel_tool_calls" or "top_logprobs" => false,
-                "logprobs" => v.ValueKind == JsonValueKind.False,
+                "parallel_tool_calls" => false,
+                "logprobs" or "top_logprobs" => true,   // read by ParseSettings
                 "best_of" => true,   // checked against n by ParseCompletion
                 _ => true,
             };
@@ -147,7 +150,10 @@ public static class OpenAiRequests
         // best_of = n samples n and returns them all; more would need ranking by log probability, which this server does not compute.
         if (Int(root, "best_of") is { } bestOf && bestOf != settings.N)
             throw new ApiException(400, $"best_of ({bestOf}) must equal n ({settings.N}): this server returns every sequence it samples", "best_of", "unsupported_parameter");
-        return new CompletionRequest(settings, text, ids, Bool(root, "echo") ?? false);
+        bool echo = Bool(root, "echo") ?? false;
+        if (echo && settings.Logprobs is not null)
+            throw new ApiException(400, "echo with logprobs (the prompt's log probabilities) is not supported; ask for one or the other", "echo", "unsupported_parameter");
+        return new CompletionRequest(settings, text, ids, echo);
     }
 
     public static ChatRequest ParseChat(JsonElement root)
@@ -209,6 +215,7 @@ public static class OpenAiRequests
         }
         var s = new GenerationSettings
         {
+            Logprobs = Logprobs(root, chat),
             Model = String(root, "model"),
             MaxTokens = maxTokens,
             Temperature = Float(root, "temperature") ?? 1f,
@@ -225,6 +232,25 @@ public static class OpenAiRequests
         };
         Check(s);
         return s;
+    }
+
+    /// <summary>Chat: logprobs true/false and top_logprobs 0-20 (only with logprobs). Completions: logprobs is the
+    /// number of alternatives, 0-20 (false or null: none).</summary>
+    private static int? Logprobs(JsonElement root, bool chat)
+    {
+        const int most = Core.Generation.SamplingParams.MaxLogprobs;
+        if (chat)
+        {
+            bool wanted = Bool(root, "logprobs") ?? false;
+            int? top = Int(root, "top_logprobs");
+            if (top is not null && !wanted) throw new ApiException(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs");
+            if (top is < 0 or > most) throw new ApiException(400, $"top_logprobs must be between 0 and {most}; got {top}", "top_logprobs");
+            return wanted ? top ?? 0 : null;
+        }
+        if (!Present(root, "logprobs", out var v) || v.ValueKind == JsonValueKind.False) return null;
+        int k = Int(root, "logprobs")!.Value;
+        if (k is < 0 or > most) throw new ApiException(400, $"logprobs must be between 0 and {most}; got {k}", "logprobs");
+        return k;
     }
 
     /// <summary>top_k as vLLM reads it: -1 (or absent) means no limit, otherwise at least 1. The engine's 0 means no limit.</summary>

@@ -49,6 +49,9 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
 
     public string Decode(IEnumerable<int> ids) => host.Tokenizer.Decode(ids);
 
+    /// <summary>One token's text, special tokens included (for log probabilities).</summary>
+    public string TokenText(int id) => host.Tokenizer.Decode([id], skipSpecialTokens: false);
+
     /// <summary>The engine request for these settings. max_tokens defaults to what is left of the
     /// sequence (bounded by <paramref name="defaultMaxTokens"/>); more than fits is a 400, as OpenAI answers.</summary>
     public GenerationRequest Build(GenerationSettings s, IReadOnlyList<int> prompt, string? adapter, int defaultMaxTokens)
@@ -74,6 +77,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 StopTokenIds = s.IgnoreEos ? [] : host.Tokenizer.EosTokenIds,
                 PresencePenalty = s.PresencePenalty,
                 FrequencyPenalty = s.FrequencyPenalty,
+                Logprobs = s.Logprobs,
             },
         };
     }
