@@ -24,6 +24,9 @@ public sealed class GenerationStream : IAsyncEnumerable<GenerationEvent>
     public int PromptTokens { get; }
     /// <summary>Tokens generated so far (the final count once <see cref="Completion"/> is done).</summary>
     public int CompletionTokens => Volatile.Read(ref _completionTokens);
+    /// <summary>With <see cref="SamplingParams.PromptLogprobs"/>: one entry per prompt token (null for the first),
+    /// set before the first generated token is written.</summary>
+    public IReadOnlyList<TokenLogprob?>? PromptLogprobs { get; internal set; }
     /// <summary>Set when the request ends.</summary>
     public FinishReason? FinishReason { get; private set; }
     /// <summary>Completes when the request ends (faulted when it failed).</summary>

@@ -118,6 +118,7 @@ internal sealed class ModelRunner : IDisposable
             }
         }
         var sequences = rows.Select(r => r.S).ToList();
+        var scored = PromptTargets(rows, chunk);
         MaybeFail(sequences);
         foreach (var (s, n) in rows)
             if (s.UsesPenalties && s.Cached + n >= s.Columns) _penalties.Acquire(s);
@@ -127,9 +128,61 @@ internal sealed class ModelRunner : IDisposable
         var penalties = _penalties.Indices(sequences);
         var view = _cache.ForPrefill(rows.Select(r => (IReadOnlyList<int>)r.S.Blocks).ToList(), rows.Select(r => r.S.Cached).ToList(), rows.Select(r => r.Count).ToList(), chunk);
         using var adapters = AdapterBatch.Create(sequences.Select(s => s.Adapter).ToList(), virtualStart, device);
-        var logits = _model.Forward(torch.tensor(ids, [b, chunk], device: device), torch.tensor(positions, [b, chunk], device: device),
-            view, lastTokenOnly: true, adapters)[.., 0, ..];
-        return Sample(logits, sampling, penalties, sequences);
+        var targets = scored is null ? null : torch.tensor(scored.Value.Targets, device: device);
+        // Rows that score their prompt need the logits of every column; the others only the last column's.
+        var all = _model.Forward(torch.tensor(ids, [b, chunk], device: device), torch.tensor(positions, [b, chunk], device: device),
+            view, lastTokenOnly: scored is null, adapters);
+        var logits = all[.., -1, ..];
+        Tensor? promptPacked = null;
+        if (scored is { } p)
+        {
+            // One packed block for every scored row: [id, log p(id), top ids, top values] per prompt token.
+            var parts = p.Spans.Select(span => all[span.Row].narrow(0, span.FirstColumn, span.Count)).ToList();
+            promptPacked = Sampler.PackLogprobs(torch.cat(parts, 0), targets!, p.Top);
+        }
+        var result = Sample(logits, sampling, penalties, sequences, promptPacked);
+        if (scored is { } q) StorePromptLogprobs(rows, q, result.Extra!);
+        return result;
+    }
+
+    /// <summary>Where a prefill chunk's rows that asked for prompt log probabilities find them: for each, the chunk
+    /// columns whose logits predict a prompt token (not the first, not a virtual column), and those tokens.</summary>
+    private readonly record struct PromptScoring(List<(int Row, int FirstColumn, int FirstToken, int Count)> Spans, long[] Targets, int Top);
+
+    private static PromptScoring? PromptTargets(IReadOnlyList<(Sequence S, int Count)> rows, int chunk)
+    {
+        var spans = new List<(int, int, int, int)>();
+        var targets = new List<long>();
+        int top = -1;
+        for (int r = 0; r < rows.Count; r++)
+        {
+            var (s, n) = rows[r];
+            if (s.Sampling.PromptLogprobs is not { } k) continue;
+            // The logits at column c predict token c + 1 - Virtual; this chunk holds columns Cached .. Cached + n - 1.
+            int v = s.Virtual, pad = chunk - n;
+            int first = Math.Max(1, s.Cached + 1 - v), last = Math.Min(s.PromptLength - 1, s.Cached + n - v);
+            if (first > last) continue;
+            spans.Add((r, first - 1 + v - s.Cached + pad, first, last - first + 1));
+            for (int j = first; j <= last; j++) targets.Add(s.Tokens[j]);
+            top = Math.Max(top, k);
+        }
+        return spans.Count == 0 ? null : new PromptScoring(spans, targets.ToArray(), top);
+    }
+
+    private static void StorePromptLogprobs(IReadOnlyList<(Sequence S, int Count)> rows, PromptScoring scoring, double[] packed)
+    {
+        int width = 2 + 2 * scoring.Top, o = 0;
+        foreach (var (row, _, firstToken, count) in scoring.Spans)
+        {
+            var s = rows[row].S;
+            int k = s.Sampling.PromptLogprobs!.Value;
+            for (int i = 0; i < count; i++, o += width)
+            {
+                var best = new (int, float)[k];
+                for (int j = 0; j < k; j++) best[j] = ((int)packed[o + 2 + j], (float)packed[o + 2 + scoring.Top + j]);
+                s.PromptLogprobs![firstToken + i] = new TokenLogprob((int)packed[o], (float)packed[o + 1], best);
+            }
+        }
     }
 
     // ------------------------------------------------------------------ decode
@@ -267,18 +320,23 @@ internal sealed class ModelRunner : IDisposable
     /// <summary>Samples every row, adds the tokens to the penalty counts of the rows that keep some (a
     /// prompt chunk that is not the last holds no row, so its draw is not counted), and reads the ids back:
     /// the one host sync of the pass.</summary>
-    private StepTokens Sample(Tensor logits, SamplingBatch sampling, (Tensor Read, Tensor Write)? penalties, IReadOnlyList<Sequence> rows)
+    private StepTokens Sample(Tensor logits, SamplingBatch sampling, (Tensor Read, Tensor Write)? penalties, IReadOnlyList<Sequence> rows,
+        Tensor? extra = null)
     {
         var counts = penalties is { } p ? _penalties.Read(p.Read) : null;
         var next = Sampler.Sample(logits, sampling, counts);
         if (penalties is { } q) _penalties.Record(q.Write, next);
         int top = rows.Max(s => s.Sampling.Logprobs ?? -1);
-        if (top < 0) return new StepTokens(next.cpu().data<long>().ToArray(), null);
+        if (top < 0 && extra is null) return new StepTokens(next.cpu().data<long>().ToArray(), null, null);
 
-        // Some row wants log probabilities: they travel with the ids, still one copy.
-        using var packed = Sampler.PackLogprobs(logits, next, top);
-        var host = packed.cpu().data<double>().ToArray();
-        int width = 2 + 2 * top;
+        // Some row wants log probabilities: they travel with the ids (float64 holds them exactly), still one copy;
+        // so does <paramref name="extra"/> (the prompt's log probabilities), after them.
+        using var scope = torch.NewDisposeScope();
+        var packed = top >= 0 ? Sampler.PackLogprobs(logits, next, top) : next.to_type(ScalarType.Float64).unsqueeze(1);
+        var flat = extra is null ? packed.flatten() : torch.cat([packed.flatten(), extra.flatten()]);
+        var host = flat.cpu().data<double>().ToArray();
+        int width = top >= 0 ? 2 + 2 * top : 1;
+        double[]? rest = extra is null ? null : host[(rows.Count * width)..];
         var ids = new long[rows.Count];
         var logprobs = new TokenLogprob?[rows.Count];
         for (int r = 0; r < rows.Count; r++)
@@ -290,7 +348,7 @@ internal sealed class ModelRunner : IDisposable
             for (int j = 0; j < k; j++) best[j] = ((int)host[o + 2 + j], (float)host[o + 2 + top + j]);
             logprobs[r] = new TokenLogprob((int)ids[r], (float)host[o + 1], best);
         }
-        return new StepTokens(ids, logprobs);
+        return new StepTokens(ids, top >= 0 ? logprobs : null, rest);
     }
 
     /// <summary>A sequence stops running (finished, cancelled, failed or preempted): its penalty row goes back.</summary>
@@ -320,4 +378,4 @@ internal sealed class ModelRunner : IDisposable
 }
 
 /// <summary>What one pass sampled: a token per row, and its log probabilities for rows that asked (else null).</summary>
-internal sealed record StepTokens(long[] Ids, TokenLogprob?[]? Logprobs);
+internal sealed record StepTokens(long[] Ids, TokenLogprob?[]? Logprobs, double[]? Extra);

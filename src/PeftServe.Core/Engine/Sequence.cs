@@ -42,6 +42,10 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     public DateTime Arrived { get; } = DateTime.UtcNow;
     public bool Finished { get; private set; }
 
+    /// <summary>Per prompt token, its log probabilities as the prefill computed them (when asked; recomputation after a
+    /// preemption writes the same again).</summary>
+    public TokenLogprob?[]? PromptLogprobs { get; } = sampling.PromptLogprobs is null ? null : new TokenLogprob?[request.PromptIds.Count];
+
     /// <summary>Columns a forward pass still has to compute before the next token can be sampled.</summary>
     public int Remaining => Columns - Cached;
     public bool InPrefill => Remaining > 1 || Generated == 0;
@@ -56,6 +60,7 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     {
         Tokens.Add(token);
         int index = Generated - 1;
+        if (index == 0 && PromptLogprobs is not null) Stream.PromptLogprobs = PromptLogprobs;
         bool stopToken = Sampling.StopTokenIds.Contains(token);
         var piece = stopToken || _decoder is null ? "" : _decoder.Push(token);
         _held.Append(piece);

@@ -42,6 +42,11 @@ public sealed record SamplingParams
     /// this-many most likely tokens (0 to <see cref="MaxLogprobs"/>).</summary>
     public int? Logprobs { get; init; }
 
+    /// <summary>Null: none. Otherwise every prompt token after the first comes back with its log probability given
+    /// the tokens before it, and this many alternatives (0 to <see cref="MaxLogprobs"/>): what an evaluation
+    /// harness scores continuations with.</summary>
+    public int? PromptLogprobs { get; init; }
+
     /// <summary>True when this request decodes greedily (temperature 0).</summary>
     public bool IsGreedy => Temperature == 0f;
 
@@ -76,6 +81,8 @@ public sealed record SamplingParams
             throw new ArgumentException($"frequency_penalty must be in [-2, 2]; got {FrequencyPenalty}.", nameof(FrequencyPenalty));
         if (Logprobs is < 0 or > MaxLogprobs)
             throw new ArgumentException($"logprobs must be between 0 and {MaxLogprobs}; got {Logprobs}.", nameof(Logprobs));
+        if (PromptLogprobs is < 0 or > MaxLogprobs)
+            throw new ArgumentException($"prompt logprobs must be between 0 and {MaxLogprobs}; got {PromptLogprobs}.", nameof(PromptLogprobs));
         if (StopTokenIds is null)
             throw new ArgumentException("stop token ids must not be null (use an empty list).", nameof(StopTokenIds));
         foreach (var id in StopTokenIds)

@@ -255,6 +255,55 @@ public sealed class EngineTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFix
         }
     }
 
+    /// <summary>Prompt log probabilities (what evaluation harnesses score with): token j's is the log-softmax at
+    /// position j - 1 of a plain full forward, whatever the prefill chunking; the first token has none.</summary>
+    [Theory]
+    [InlineData(512)]
+    [InlineData(3)]
+    public async Task PromptLogprobsAreTheModelsLogSoftmaxOverThePrompt(int chunk)
+    {
+        await using var engine = NewEngine(new EngineOptions { PrefillChunkTokens = chunk, KvBlockSize = 4 });
+        var stream = engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(2) with { PromptLogprobs = 2 } });
+        await stream.CollectAsync();
+        var scored = stream.PromptLogprobs!;
+        Assert.Equal(Prompt.Length, scored.Count);
+        Assert.Null(scored[0]);
+
+        using var ids = torch.tensor(Prompt.Select(x => (long)x).ToArray(), [1, Prompt.Length]);
+        using var logits = FullLogits.Compute(f.Model, ids);
+        using var expected = logits[0].log_softmax(1);
+        for (int j = 1; j < Prompt.Length; j++)
+        {
+            var lp = scored[j]!;
+            Assert.Equal(Prompt[j], lp.TokenId);
+            Assert.Equal(expected[j - 1, Prompt[j]].item<float>(), lp.Logprob, 1e-4f);
+            Assert.Equal(expected[j - 1].topk(2).indexes.data<long>().Select(x => (int)x), lp.Top.Select(t => t.TokenId));
+        }
+    }
+
+    /// <summary>With virtual tokens (prompt tuning) the prompt is scored after them, the same whether the prefill
+    /// runs in one chunk or in many; a request that asks for nothing gets nothing.</summary>
+    [Fact]
+    public async Task PromptLogprobsWithVirtualTokensDoNotDependOnChunking()
+    {
+        async Task<IReadOnlyList<TokenLogprob?>?> Score(int chunk, int? k)
+        {
+            await using var engine = NewEngine(new EngineOptions { PrefillChunkTokens = chunk, KvBlockSize = 4 });
+            var stream = engine.Submit(new GenerationRequest { PromptIds = Prompt, Adapter = "prompt-5", Sampling = SamplingParams.Greedy(1) with { PromptLogprobs = k } });
+            await stream.CollectAsync();
+            return stream.PromptLogprobs;
+        }
+        var whole = (await Score(512, 1))!;
+        var pieces = (await Score(2, 1))!;
+        Assert.Null(await Score(512, null));
+        Assert.Null(whole[0]);
+        for (int j = 1; j < Prompt.Length; j++)
+        {
+            Assert.Equal(whole[j]!.TokenId, pieces[j]!.TokenId);
+            Assert.Equal(whole[j]!.Logprob, pieces[j]!.Logprob, 1e-4f);
+        }
+    }
+
     [Fact]
     public void LogprobsBeyondTwentyAreRefused() =>
         Assert.Throws<ArgumentException>(() => new SamplingParams { Logprobs = 21 }.Validate());
