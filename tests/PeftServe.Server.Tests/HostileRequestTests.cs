@@ -176,7 +176,6 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
     [InlineData("v1/chat/completions", "\"logprobs\": 3", "logprobs")]
     [InlineData("v1/completions", "\"logprobs\": 21", "logprobs")]
     [InlineData("v1/completions", "\"logprobs\": true", "logprobs")]
-    [InlineData("v1/completions", "\"logprobs\": 1, \"echo\": true", "echo")]
     public async Task LogprobRequestsOutOfRangeAreRefusedByName(string path, string parameter, string param)
     {
         var body = path.Contains("chat") ? $$"""{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,{{parameter}}}""" : $$"""{"prompt":"hi","max_tokens":2,{{parameter}}}""";

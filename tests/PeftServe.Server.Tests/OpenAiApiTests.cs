@@ -230,6 +230,38 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         Assert.Equal(offsets, streamed.Select(c => c.GetProperty("text_offset")[0].GetInt32()));
     }
 
+    /// <summary>echo with logprobs, as evaluation harnesses ask (lm-eval's loglikelihood): every prompt token is listed
+    /// (the first with null), then the generated ones; the same in the stream, and the generated token's value is
+    /// the one a request without echo gets.</summary>
+    [Fact]
+    public async Task EchoWithLogprobsScoresThePrompt()
+    {
+        var ids = new[] { 1, 40, 41, 42, 43 };
+        object Body(bool echo, bool stream) => new { model = "tiny-lora-r8-all", prompt = ids, max_tokens = 1, temperature = 0, logprobs = 1, echo, stream };
+        var scored = (await S.PostJsonAsync("v1/completions", Body(true, false))).GetProperty("choices")[0].GetProperty("logprobs");
+        var values = scored.GetProperty("token_logprobs").EnumerateArray().ToList();
+        var tops = scored.GetProperty("top_logprobs").EnumerateArray().ToList();
+        Assert.Equal(ids.Length + 1, values.Count);
+        Assert.Equal((JsonValueKind.Null, JsonValueKind.Null), (values[0].ValueKind, tops[0].ValueKind));
+        Assert.All(values.Skip(1), v => Assert.True(v.GetSingle() <= 0));
+        Assert.All(tops.Skip(1), t => Assert.InRange(t.EnumerateObject().Count(), 1, 2));
+        var host = (Hosting.ModelHost)S.App.Services.GetService(typeof(Hosting.ModelHost))!;
+        Assert.Equal(ids.Select(id => host.Tokenizer.Decode([id], skipSpecialTokens: false)), scored.GetProperty("tokens").EnumerateArray().Take(ids.Length).Select(t => t.GetString()));
+
+        var plain = (await S.PostJsonAsync("v1/completions", Body(false, false))).GetProperty("choices")[0].GetProperty("logprobs");
+        Assert.Equal(plain.GetProperty("token_logprobs")[0].GetSingle(), values[^1].GetSingle());
+
+        using var request = new HttpRequestMessage(HttpMethod.Post, "v1/completions") { Content = JsonContent.Create(Body(true, true)) };
+        using var response = await S.Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead);
+        var parts = (await response.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries)[..^1]
+            .Select(l => JsonDocument.Parse(l["data: ".Length..]).RootElement.GetProperty("choices")[0].GetProperty("logprobs"))
+            .Where(l => l.ValueKind == JsonValueKind.Object).ToList();
+        var streamedValues = parts.SelectMany(p => p.GetProperty("token_logprobs").EnumerateArray()).Select(v => v.ValueKind == JsonValueKind.Null ? (float?)null : v.GetSingle()).ToList();
+        Assert.Equal(values.Select(v => v.ValueKind == JsonValueKind.Null ? (float?)null : v.GetSingle()), streamedValues);
+        Assert.Equal(scored.GetProperty("text_offset").EnumerateArray().Select(o => o.GetInt32()),
+            parts.SelectMany(p => p.GetProperty("text_offset").EnumerateArray()).Select(o => o.GetInt32()));
+    }
+
     [Fact]
     public async Task ChatLogprobsListEachTokenWithItsBytesAndAlternatives()
     {

@@ -11,8 +11,14 @@ public sealed class LogprobFormat(Func<int, string> tokenText)
     /// <summary>JSON has no infinity: a log probability that underflowed is written as vLLM writes it.</summary>
     private static float Finite(float logprob) => float.IsFinite(logprob) ? logprob : -9999f;
 
-    /// <summary>The completions shape; <paramref name="offset"/> is where the first token's text starts in the choice's text.</summary>
-    public object Completion(IReadOnlyList<TokenLogprob> tokens, int offset)
+    /// <summary>The completions shape, for generated tokens; <paramref name="offset"/> is where the first token's
+    /// text starts (offsets run along the listed tokens' texts).</summary>
+    public object Completion(IReadOnlyList<TokenLogprob> tokens, int offset) =>
+        Completion(tokens.Select(t => (t.TokenId, (TokenLogprob?)t)).ToList(), offset);
+
+    /// <summary>The completions shape for any tokens, a prompt's included: a token without log probabilities (the
+    /// prompt's first) has null in token_logprobs and top_logprobs.</summary>
+    public object Completion(IReadOnlyList<(int TokenId, TokenLogprob? Logprob)> tokens, int offset)
     {
         var texts = tokens.Select(t => tokenText(t.TokenId)).ToList();
         var offsets = new List<int>(texts.Count);
@@ -24,18 +30,22 @@ public sealed class LogprobFormat(Func<int, string> tokenText)
         return new
         {
             tokens = texts,
-            token_logprobs = tokens.Select(t => Finite(t.Logprob)),
+            token_logprobs = tokens.Select(t => t.Logprob is { } lp ? Finite(lp.Logprob) : (float?)null),
             // The chosen token always appears, as in vLLM, beside the most likely ones.
             top_logprobs = tokens.Select(t =>
             {
+                if (t.Logprob is not { } lp) return null;
                 var map = new Dictionary<string, float>(StringComparer.Ordinal);
-                foreach (var (id, value) in t.Top) map.TryAdd(tokenText(id), Finite(value));
-                map.TryAdd(tokenText(t.TokenId), Finite(t.Logprob));
+                foreach (var (id, value) in lp.Top) map.TryAdd(tokenText(id), Finite(value));
+                map.TryAdd(tokenText(lp.TokenId), Finite(lp.Logprob));
                 return map;
             }),
             text_offset = offsets,
         };
     }
+
+    /// <summary>Total length of the tokens' texts (where the next token's offset starts).</summary>
+    public int TextLength(IEnumerable<int> tokenIds) => tokenIds.Sum(id => tokenText(id).Length);
 
     /// <summary>The chat shape.</summary>
     public object Chat(IReadOnlyList<TokenLogprob> tokens) => new

@@ -64,6 +64,9 @@ public static class OpenAiEndpoints
         string echo = req.Echo ? req.PromptText ?? gen.Decode(prompt) : "";
 
         var logprobs = req.Settings.Logprobs is null ? null : new LogprobFormat(gen.TokenText);
+        // With echo, the prompt's tokens come first in the logprobs (the first without a value).
+        List<(int, TokenLogprob?)> PromptEntries(int choice) => req.Echo && choices.Generations[choice].PromptLogprobs is { } scored
+            ? prompt.Select((token, j) => (token, scored[j])).ToList() : [];
         if (!req.Settings.Stream)
         {
             var (texts, tokens) = await Collect(choices, echo, context.RequestAborted);
@@ -72,7 +75,9 @@ public static class OpenAiEndpoints
                 id, @object = "text_completion", created, model = modelId,
                 choices = texts.Select((text, i) => new
                 {
-                    index = i, text, logprobs = logprobs?.Completion(tokens[i], echo.Length), finish_reason = FinishName(choices.Generations[i].Finish),
+                    index = i, text,
+                    logprobs = logprobs?.Completion([.. PromptEntries(i), .. tokens[i].Select(t => (t.TokenId, (TokenLogprob?)t))], 0),
+                    finish_reason = FinishName(choices.Generations[i].Finish),
                 }),
                 usage = Usage(choices),
             }).ExecuteAsync(context);
@@ -80,21 +85,27 @@ public static class OpenAiEndpoints
         }
 
         var sse = new SseWriter(context.Response);
-        var offsets = new int[choices.Generations.Count];
-        object Chunk(int index, string text, TokenLogprob? logprob, string? finish) => new
+        var offsets = new int[choices.Generations.Count];   // where each choice's next listed token starts
+        object Chunk(int index, string text, object? logprobsPart, string? finish) => new
         {
             id, @object = "text_completion", created, model = modelId,
-            choices = new[] { new { index, text, logprobs = logprob is null ? null : logprobs?.Completion([logprob], offsets[index]), finish_reason = finish } },
+            choices = new[] { new { index, text, logprobs = logprobsPart, finish_reason = finish } },
         };
+        object Echo(int index)
+        {
+            var entries = PromptEntries(index);
+            var chunk = Chunk(index, echo, logprobs is null ? null : logprobs.Completion(entries, 0), null);
+            offsets[index] = logprobs?.TextLength(entries.Select(e => e.Item1)) ?? 0;
+            return chunk;
+        }
         object Token(int index, string text, TokenLogprob? logprob)
         {
-            var chunk = Chunk(index, text, logprob, null);
+            var chunk = Chunk(index, text, logprob is null ? null : logprobs?.Completion([logprob], offsets[index]), null);
             if (logprob is not null) offsets[index] += gen.TokenText(logprob.TokenId).Length;
             return chunk;
         }
-        Array.Fill(offsets, echo.Length);
         await Stream(context, sse, choices, req.Settings.IncludeUsage,
-            first: echo.Length > 0 ? i => Chunk(i, echo, null, null) : null,
+            first: req.Echo ? Echo : null,
             token: Token,
             final: (i, f) => Chunk(i, "", null, f),
             usage: () => new { id, @object = "text_completion", created, model = modelId, choices = Array.Empty<object>(), usage = Usage(choices) });

@@ -23,6 +23,8 @@ public sealed record GenerationSettings
     /// <summary>Null: no log probabilities; else each token's, with this many alternatives (completions' logprobs,
     /// chat's top_logprobs).</summary>
     public int? Logprobs { get; init; }
+    /// <summary>Null, or the prompt's log probabilities with this many alternatives (completions' echo with logprobs).</summary>
+    public int? PromptLogprobs { get; init; }
 }
 
 /// <summary>A parsed /v1/completions body: the prompt as text or as token ids.</summary>
@@ -151,8 +153,8 @@ public static class OpenAiRequests
         if (Int(root, "best_of") is { } bestOf && bestOf != settings.N)
             throw new ApiException(400, $"best_of ({bestOf}) must equal n ({settings.N}): this server returns every sequence it samples", "best_of", "unsupported_parameter");
         bool echo = Bool(root, "echo") ?? false;
-        if (echo && settings.Logprobs is not null)
-            throw new ApiException(400, "echo with logprobs (the prompt's log probabilities) is not supported; ask for one or the other", "echo", "unsupported_parameter");
+        // echo with logprobs scores the prompt too (as OpenAI's legacy API and vLLM do): what evaluation harnesses use.
+        if (echo) settings = settings with { PromptLogprobs = settings.Logprobs };
         return new CompletionRequest(settings, text, ids, echo);
     }
 

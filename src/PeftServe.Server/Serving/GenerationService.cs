@@ -78,6 +78,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 PresencePenalty = s.PresencePenalty,
                 FrequencyPenalty = s.FrequencyPenalty,
                 Logprobs = s.Logprobs,
+                PromptLogprobs = s.PromptLogprobs,
             },
         };
     }
@@ -114,6 +115,8 @@ public sealed class Generation(string api, string modelId, GenerationRequest req
     public int PromptTokens => stream.PromptTokens;
     public int CompletionTokens => stream.CompletionTokens;
     public GenerationRequest Request => request;
+    /// <summary>The prompt's log probabilities when asked for (see <see cref="GenerationStream.PromptLogprobs"/>).</summary>
+    public IReadOnlyList<TokenLogprob?>? PromptLogprobs => stream.PromptLogprobs;
     public FinishReason Finish { get; private set; } = FinishReason.Length;
     public double? TimeToFirstToken { get; private set; }
 
