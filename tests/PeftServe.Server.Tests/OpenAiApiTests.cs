@@ -171,6 +171,34 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         Assert.All(greedy.GetProperty("choices").EnumerateArray(), c => Assert.Equal(expected, c.GetProperty("message").GetProperty("content").GetString()));
     }
 
+    /// <summary>A batch of prompts (strings, or lists of token ids) in one completions request: choice p * n + i
+    /// answers prompt p, as a request for that prompt alone would; usage counts every prompt once.</summary>
+    [Fact]
+    public async Task ABatchOfPromptsIsAnsweredInOrder()
+    {
+        string[] prompts = ["Once upon", "The cat", "In a hole"];
+        var batch = await S.PostJsonAsync("v1/completions", new { prompt = prompts, max_tokens = 5, temperature = 0, n = 2, ignore_eos = true, echo = true });
+        var choices = batch.GetProperty("choices");
+        Assert.Equal(6, choices.GetArrayLength());
+        int promptTokens = 0;
+        for (int p = 0; p < prompts.Length; p++)
+        {
+            var alone = await S.PostJsonAsync("v1/completions", new { prompt = prompts[p], max_tokens = 5, temperature = 0, ignore_eos = true, echo = true });
+            promptTokens += alone.GetProperty("usage").GetProperty("prompt_tokens").GetInt32();
+            for (int i = 0; i < 2; i++)
+            {
+                Assert.Equal(p * 2 + i, choices[p * 2 + i].GetProperty("index").GetInt32());
+                Assert.Equal(alone.GetProperty("choices")[0].GetProperty("text").GetString(), choices[p * 2 + i].GetProperty("text").GetString());
+            }
+        }
+        Assert.Equal(promptTokens, batch.GetProperty("usage").GetProperty("prompt_tokens").GetInt32());
+        Assert.Equal(30, batch.GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+
+        var ids = await S.PostJsonAsync("v1/completions", new { prompt = new[] { new[] { 1, 40, 41 }, new[] { 1, 50 } }, max_tokens = 2, temperature = 0 });
+        Assert.Equal(2, ids.GetProperty("choices").GetArrayLength());
+        Assert.Equal(5, ids.GetProperty("usage").GetProperty("prompt_tokens").GetInt32());
+    }
+
     [Fact]
     public async Task StreamedChoicesEachOpenCarryTheirIndexAndFinish()
     {
@@ -322,6 +350,10 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
     [InlineData("""{"prompt":"x","top_p":"high"}""", 400, null)]
     [InlineData("""{"prompt":"x","n":0}""", 400, null)]
     [InlineData("""{"prompt":"x","n":17}""", 400, null)]
+    [InlineData("""{"prompt":["a",""]}""", 400, null)]
+    [InlineData("""{"prompt":[[1,2],[]]}""", 400, null)]
+    [InlineData("""{"prompt":[[1,2],"a"]}""", 400, null)]
+    [InlineData("""{"prompt":["a","b","c","d","e","f","g","h","i"],"n":8}""", 400, null)]
     [InlineData("""{"prompt":"x","n":2,"best_of":3}""", 400, "unsupported_parameter")]
     [InlineData("""{"prompt":[999999]}""", 400, null)]
     [InlineData("""{"max_tokens":3}""", 400, null)]

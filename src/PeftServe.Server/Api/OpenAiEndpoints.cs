@@ -57,19 +57,22 @@ public static class OpenAiEndpoints
         var body = OpenAiRequests.ParseBody(await ReadBody(context));
         var req = OpenAiRequests.ParseCompletion(body);
         var (modelId, adapter) = gen.ResolveModel(req.Settings.Model);
-        var prompt = req.PromptIds?.ToArray() ?? gen.TextPrompt(req.PromptText!);
-        using var choices = Choices.Start(gen, "completions", modelId, req.Settings, prompt, adapter, defaultMaxTokens: 16, context.RequestAborted);
+        var prompts = req.Prompts.Select(p => (IReadOnlyList<int>)(p.Ids?.ToArray() ?? gen.TextPrompt(p.Text!))).ToList();
+        using var choices = Choices.Start(gen, "completions", modelId, req.Settings, prompts, adapter, defaultMaxTokens: 16, context.RequestAborted);
         string id = "cmpl-" + choices.Id["req-".Length..];
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
-        string echo = req.Echo ? req.PromptText ?? gen.Decode(prompt) : "";
+        // Choice c answers prompt c / n.
+        var echoes = req.Prompts.Select((p, i) => req.Echo ? p.Text ?? gen.Decode(prompts[i]) : "").ToList();
+        IReadOnlyList<int> PromptOf(int choice) => prompts[choice / choices.PerPrompt];
+        string EchoOf(int choice) => echoes[choice / choices.PerPrompt];
 
         var logprobs = req.Settings.Logprobs is null ? null : new LogprobFormat(gen.TokenText);
         // With echo, the prompt's tokens come first in the logprobs (the first without a value).
         List<(int, TokenLogprob?)> PromptEntries(int choice) => req.Echo && choices.Generations[choice].PromptLogprobs is { } scored
-            ? prompt.Select((token, j) => (token, scored[j])).ToList() : [];
+            ? PromptOf(choice).Select((token, j) => (token, scored[j])).ToList() : [];
         if (!req.Settings.Stream)
         {
-            var (texts, tokens) = await Collect(choices, echo, context.RequestAborted);
+            var (texts, tokens) = await Collect(choices, EchoOf, context.RequestAborted);
             await Results.Json(new
             {
                 id, @object = "text_completion", created, model = modelId,
@@ -94,7 +97,7 @@ public static class OpenAiEndpoints
         object Echo(int index)
         {
             var entries = PromptEntries(index);
-            var chunk = Chunk(index, echo, logprobs is null ? null : logprobs.Completion(entries, 0), null);
+            var chunk = Chunk(index, EchoOf(index), logprobs is null ? null : logprobs.Completion(entries, 0), null);
             offsets[index] = logprobs?.TextLength(entries.Select(e => e.Item1)) ?? 0;
             return chunk;
         }
@@ -117,14 +120,14 @@ public static class OpenAiEndpoints
         var req = OpenAiRequests.ParseChat(body);
         var (modelId, adapter) = gen.ResolveModel(req.Settings.Model);
         var prompt = gen.ChatPrompt(req.Messages);
-        using var choices = Choices.Start(gen, "chat", modelId, req.Settings, prompt, adapter, gen.DefaultChatMaxTokens, context.RequestAborted);
+        using var choices = Choices.Start(gen, "chat", modelId, req.Settings, [prompt], adapter, gen.DefaultChatMaxTokens, context.RequestAborted);
         string id = "chatcmpl-" + choices.Id["req-".Length..];
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
 
         var logprobs = req.Settings.Logprobs is null ? null : new LogprobFormat(gen.TokenText);
         if (!req.Settings.Stream)
         {
-            var (texts, tokens) = await Collect(choices, "", context.RequestAborted);
+            var (texts, tokens) = await Collect(choices, _ => "", context.RequestAborted);
             await Results.Json(new
             {
                 id, @object = "chat.completion", created, model = modelId,
@@ -152,9 +155,9 @@ public static class OpenAiEndpoints
     }
 
     /// <summary>Every choice's text (after <paramref name="prefix"/>) and the log probabilities of its tokens (when asked).</summary>
-    private static async Task<(string[] Texts, List<TokenLogprob>[] Tokens)> Collect(Choices choices, string prefix, CancellationToken aborted)
+    private static async Task<(string[] Texts, List<TokenLogprob>[] Tokens)> Collect(Choices choices, Func<int, string> prefix, CancellationToken aborted)
     {
-        var texts = choices.Generations.Select(_ => new StringBuilder(prefix)).ToArray();
+        var texts = choices.Generations.Select((_, i) => new StringBuilder(prefix(i))).ToArray();
         var tokens = choices.Generations.Select(_ => new List<TokenLogprob>()).ToArray();
         await foreach (var (i, e) in choices.ReadAllAsync(aborted))
         {

@@ -28,7 +28,10 @@ public sealed record GenerationSettings
 }
 
 /// <summary>A parsed /v1/completions body: the prompt as text or as token ids.</summary>
-public sealed record CompletionRequest(GenerationSettings Settings, string? PromptText, IReadOnlyList<int>? PromptIds, bool Echo);
+public sealed record CompletionRequest(GenerationSettings Settings, IReadOnlyList<CompletionPrompt> Prompts, bool Echo);
+
+/// <summary>One prompt of a completions request: its text, or its token ids.</summary>
+public sealed record CompletionPrompt(string? Text, IReadOnlyList<int>? Ids);
 
 /// <summary>A parsed /v1/chat/completions body.</summary>
 public sealed record ChatRequest(GenerationSettings Settings, IReadOnlyList<ChatMessage> Messages);
@@ -40,6 +43,8 @@ public static class OpenAiRequests
     public const int MaxStopStrings = 4;
     /// <summary>The most choices one request may ask for (each is a sequence in the engine's batch).</summary>
     public const int MaxChoices = 16;
+    /// <summary>The most prompts one completions request may carry (a batch, as OpenAI's API allows).</summary>
+    public const int MaxPrompts = 64;
 
     /// <summary>Parameters every generation endpoint reads. "user" only names the caller for the
     /// caller's own records and changes nothing generated.</summary>
@@ -131,31 +136,40 @@ public static class OpenAiRequests
         var settings = ParseSettings(root, chat: false);
         if (!root.TryGetProperty("prompt", out var prompt) || prompt.ValueKind == JsonValueKind.Null)
             throw new ApiException(400, "'prompt' is required", "prompt");
-        string? text = null;
-        List<int>? ids = null;
-        switch (prompt.ValueKind)
-        {
-            case JsonValueKind.String: text = prompt.GetString(); break;
-            case JsonValueKind.Array:
-                var items = prompt.EnumerateArray().ToList();
-                if (items.Count == 0) throw new ApiException(400, "'prompt' must not be empty", "prompt");
-                if (items.All(i => i.ValueKind == JsonValueKind.Number))
-                    ids = items.Select(i => i.TryGetInt32(out var v) ? v : throw new ApiException(400, "'prompt' token ids must be integers", "prompt")).ToList();
-                else if (items.Count == 1 && items[0].ValueKind == JsonValueKind.String) text = items[0].GetString();
-                else if (items.All(i => i.ValueKind == JsonValueKind.String))
-                    throw new ApiException(400, "only one prompt per request is supported", "prompt");
-                else throw new ApiException(400, "'prompt' must be a string, a list of one string or a list of token ids", "prompt");
-                break;
-            default: throw new ApiException(400, "'prompt' must be a string or a list of token ids", "prompt");
-        }
-        if (text is { Length: 0 }) throw new ApiException(400, "'prompt' must not be empty", "prompt");
+        var prompts = Prompts(prompt);
+        if (prompts.Count > MaxPrompts) throw new ApiException(400, $"at most {MaxPrompts} prompts per request; got {prompts.Count}", "prompt");
+        if (prompts.Count * settings.N > MaxPrompts)
+            throw new ApiException(400, $"prompts times n must be at most {MaxPrompts}; got {prompts.Count} x {settings.N}", "n");
         // best_of = n samples n and returns them all; more would need ranking by log probability, which this server does not compute.
         if (Int(root, "best_of") is { } bestOf && bestOf != settings.N)
             throw new ApiException(400, $"best_of ({bestOf}) must equal n ({settings.N}): this server returns every sequence it samples", "best_of", "unsupported_parameter");
         bool echo = Bool(root, "echo") ?? false;
         // echo with logprobs scores the prompt too (as OpenAI's legacy API and vLLM do): what evaluation harnesses use.
         if (echo) settings = settings with { PromptLogprobs = settings.Logprobs };
-        return new CompletionRequest(settings, text, ids, echo);
+        return new CompletionRequest(settings, prompts, echo);
+    }
+
+    /// <summary>OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of such lists.</summary>
+    private static List<CompletionPrompt> Prompts(JsonElement prompt)
+    {
+        static CompletionPrompt Text(string? text, string param) =>
+            string.IsNullOrEmpty(text) ? throw new ApiException(400, $"'{param}' must not be empty", "prompt") : new CompletionPrompt(text, null);
+        static CompletionPrompt Ids(List<JsonElement> items, string param) =>
+            items.Count == 0 ? throw new ApiException(400, $"'{param}' must not be empty", "prompt")
+            : new CompletionPrompt(null, items.Select(i => i.ValueKind == JsonValueKind.Number && i.TryGetInt32(out var v) ? v
+                : throw new ApiException(400, $"'{param}' token ids must be integers", "prompt")).ToList());
+        switch (prompt.ValueKind)
+        {
+            case JsonValueKind.String: return [Text(prompt.GetString(), "prompt")];
+            case JsonValueKind.Array:
+                var items = prompt.EnumerateArray().ToList();
+                if (items.Count == 0) throw new ApiException(400, "'prompt' must not be empty", "prompt");
+                if (items.All(i => i.ValueKind == JsonValueKind.Number)) return [Ids(items, "prompt")];
+                if (items.All(i => i.ValueKind == JsonValueKind.String)) return items.Select((i, n) => Text(i.GetString(), $"prompt[{n}]")).ToList();
+                if (items.All(i => i.ValueKind == JsonValueKind.Array)) return items.Select((i, n) => Ids(i.EnumerateArray().ToList(), $"prompt[{n}]")).ToList();
+                throw new ApiException(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists", "prompt");
+            default: throw new ApiException(400, "'prompt' must be a string or a list of token ids", "prompt");
+        }
     }
 
     public static ChatRequest ParseChat(JsonElement root)

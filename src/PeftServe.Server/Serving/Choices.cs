@@ -6,9 +6,10 @@ using PeftServe.Server.Api;
 
 namespace PeftServe.Server.Serving;
 
-/// <summary>The n choices of one OpenAI request: n engine requests for one prompt, started together and
-/// cancelled together. With a seed, choice i samples with seed + i, so the choices differ and each repeats.
-/// When the client goes away or one choice fails, the others stop too, and the failure is what the caller sees.</summary>
+/// <summary>The choices of one OpenAI request: n engine requests for each of its prompts (choice p * n + i is
+/// prompt p's i-th), started together and cancelled together. With a seed, a prompt's choice i samples with
+/// seed + i, so the choices differ and each repeats. When the client goes away or one choice fails, the others
+/// stop too, and the failure is what the caller sees.</summary>
 public sealed class Choices : IDisposable
 {
     private readonly CancellationTokenSource _cancel;
@@ -26,23 +27,26 @@ public sealed class Choices : IDisposable
     /// <summary>The response's id suffix: the first choice's engine request id.</summary>
     public string Id => Generations[0].Id;
 
-    public int PromptTokens => Generations[0].PromptTokens;
+    /// <summary>Choices per prompt.</summary>
+    public int PerPrompt { get; private init; } = 1;
+
+    /// <summary>Every prompt counted once.</summary>
+    public int PromptTokens => Generations.Where((_, i) => i % PerPrompt == 0).Sum(g => g.PromptTokens);
     public int CompletionTokens => Generations.Sum(g => g.CompletionTokens);
 
-    /// <summary>Starts <see cref="GenerationSettings.N"/> requests; if one cannot start (a full queue), those
-    /// already started are cancelled and the error is thrown.</summary>
+    /// <summary>Starts <see cref="GenerationSettings.N"/> requests per prompt; if one cannot start (a full queue),
+    /// those already started are cancelled and the error is thrown.</summary>
     public static Choices Start(GenerationService service, string api, string modelId, GenerationSettings settings,
-        IReadOnlyList<int> prompt, string? adapter, int defaultMaxTokens, CancellationToken aborted)
+        IReadOnlyList<IReadOnlyList<int>> prompts, string? adapter, int defaultMaxTokens, CancellationToken aborted)
     {
+        // Every prompt is checked (context length) before anything starts.
+        var requests = prompts.SelectMany(prompt => Enumerable.Range(0, settings.N).Select(i =>
+            service.Build(settings with { Seed = settings.Seed is { } seed ? unchecked(seed + i) : null }, prompt, adapter, defaultMaxTokens))).ToList();
         var cancel = CancellationTokenSource.CreateLinkedTokenSource(aborted);
-        var started = new List<Generation>(settings.N);
+        var started = new List<Generation>(requests.Count);
         try
         {
-            for (int i = 0; i < settings.N; i++)
-            {
-                var request = service.Build(settings with { Seed = settings.Seed is { } seed ? unchecked(seed + i) : null }, prompt, adapter, defaultMaxTokens);
-                started.Add(service.Start(api, modelId, request, cancel.Token));
-            }
+            foreach (var request in requests) started.Add(service.Start(api, modelId, request, cancel.Token));
         }
         catch
         {
@@ -50,7 +54,7 @@ public sealed class Choices : IDisposable
             cancel.Dispose();
             throw;
         }
-        return new Choices(started, cancel);
+        return new Choices(started, cancel) { PerPrompt = settings.N };
     }
 
     /// <summary>Every choice's events as they come, with the choice's index. Read it once.</summary>
