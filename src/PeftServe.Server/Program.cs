@@ -147,6 +147,7 @@ public sealed class Program
         var metrics = app.Services.GetRequiredService<ServerMetrics>();
         GatewayMetrics.Map(app, metrics.Registry);   // ours, then the inference gateway's vllm:* metrics
         OpenAiEndpoints.Map(app);
+        TokenizeEndpoints.Map(app);
         AdapterEndpoints.Map(app);
         ReplicaServices.Map(app);
         app.MapHub<ChatHub>("/hubs/chat");

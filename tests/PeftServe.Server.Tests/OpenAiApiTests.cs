@@ -319,6 +319,46 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         });
     }
 
+    /// <summary>vLLM's /tokenize and /detokenize: the ids the completions and chat endpoints would feed the model.</summary>
+    [Fact]
+    public async Task TokenizeAndDetokenizeMatchWhatGenerationUses()
+    {
+        var host = (Hosting.ModelHost)S.App.Services.GetService(typeof(Hosting.ModelHost))!;
+        var text = await S.PostJsonAsync("tokenize", new { model = "tiny-ia3", prompt = "Once upon a time", return_token_strs = true });
+        var ids = text.GetProperty("tokens").EnumerateArray().Select(t => t.GetInt32()).ToArray();
+        Assert.Equal(host.Tokenizer.Encode("Once upon a time"), ids);
+        Assert.Equal(ids.Length, text.GetProperty("count").GetInt32());
+        Assert.Equal(host.Engine.MaxColumns, text.GetProperty("max_model_len").GetInt32());
+        Assert.Equal(ids.Select(id => host.Tokenizer.Decode([id], skipSpecialTokens: false)), text.GetProperty("token_strs").EnumerateArray().Select(t => t.GetString()));
+        var bare = await S.PostJsonAsync("tokenize", new { prompt = "Once upon a time", add_special_tokens = false });
+        Assert.Equal(host.Tokenizer.Encode("Once upon a time", addSpecialTokens: false), bare.GetProperty("tokens").EnumerateArray().Select(t => t.GetInt32()));
+
+        var messages = new[] { new { role = "user", content = "hi there" } };
+        var chat = await S.PostJsonAsync("tokenize", new { messages });
+        var completion = await S.PostJsonAsync("v1/chat/completions", new { messages, max_tokens = 1 });
+        Assert.Equal(completion.GetProperty("usage").GetProperty("prompt_tokens").GetInt32(), chat.GetProperty("count").GetInt32());
+        var noHeader = await S.PostJsonAsync("tokenize", new { messages, add_generation_prompt = false });
+        Assert.True(noHeader.GetProperty("count").GetInt32() < chat.GetProperty("count").GetInt32());
+
+        var back = await S.PostJsonAsync("detokenize", new { tokens = ids });
+        Assert.Equal(host.Tokenizer.Decode(ids), back.GetProperty("prompt").GetString());
+
+        foreach (var (path, body, status) in new (string, object, int)[]
+                 {
+                     ("tokenize", new { prompt = "x", messages }, 400),
+                     ("tokenize", new { }, 400),
+                     ("tokenize", new { prompt = "x", model = "no-such" }, 404),
+                     ("tokenize", new { prompt = "x", truncate = 3 }, 400),
+                     ("detokenize", new { tokens = new[] { 1, 999999 } }, 400),
+                     ("detokenize", new { tokens = "1 2" }, 400),
+                 })
+        {
+            using var response = await S.Http.PostAsJsonAsync(path, body);
+            Assert.Equal(status, (int)response.StatusCode);
+            Assert.False(string.IsNullOrEmpty((await response.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error").GetProperty("message").GetString()));
+        }
+    }
+
     [Fact]
     public async Task TokenIdPromptsAndEchoAreAccepted()
     {

@@ -53,7 +53,8 @@ public sealed class ApiKeyMiddleware(RequestDelegate next, IOptions<ServerOption
             else await OpenAiError.Result(401, "/metrics needs the metrics key (send 'Authorization: Bearer KEY')", code: "invalid_api_key").ExecuteAsync(context);
             return;
         }
-        bool open = path.StartsWithSegments("/health") || !path.StartsWithSegments("/v1") && !path.StartsWithSegments("/hubs");
+        bool api = path.StartsWithSegments("/v1") || path.StartsWithSegments("/hubs") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize");
+        bool open = path.StartsWithSegments("/health") || !api;
         if (!o.AuthEnabled || open)
         {
             await next(context);

@@ -41,7 +41,7 @@ public static class OpenAiEndpoints
 
     /// <summary>The body of a JSON endpoint. Anything but application/json (or a +json type) is a 415:
     /// a web page can POST text/plain or a form anywhere without a CORS preflight, but not JSON.</summary>
-    private static async Task<string> ReadBody(HttpContext context)
+    internal static async Task<string> ReadBody(HttpContext context)
     {
         var type = context.Request.ContentType;
         if (!Microsoft.Net.Http.Headers.MediaTypeHeaderValue.TryParse(type, out var media)

@@ -172,9 +172,11 @@ public static class OpenAiRequests
         }
     }
 
-    public static ChatRequest ParseChat(JsonElement root)
+    public static ChatRequest ParseChat(JsonElement root) => new(ParseSettings(root, chat: true), Messages(root));
+
+    /// <summary>A body's "messages": role and text content of each.</summary>
+    public static IReadOnlyList<ChatMessage> Messages(JsonElement root)
     {
-        var settings = ParseSettings(root, chat: true);
         if (!root.TryGetProperty("messages", out var messages) || messages.ValueKind != JsonValueKind.Array)
             throw new ApiException(400, "'messages' is required and must be a list", "messages");
         var list = new List<ChatMessage>();
@@ -187,7 +189,7 @@ public static class OpenAiRequests
             i++;
         }
         if (list.Count == 0) throw new ApiException(400, "'messages' must hold at least one message", "messages");
-        return new ChatRequest(settings, list);
+        return list;
     }
 
     /// <summary>A message's content: a string, or a list of text parts (other part types are refused).</summary>
@@ -301,13 +303,13 @@ public static class OpenAiRequests
     private static bool Present(JsonElement o, string name, out JsonElement value) =>
         o.TryGetProperty(name, out value) && value.ValueKind != JsonValueKind.Null;
 
-    private static string? String(JsonElement o, string name)
+    internal static string? String(JsonElement o, string name)
     {
         if (!Present(o, name, out var v)) return null;
         return v.ValueKind == JsonValueKind.String ? v.GetString() : throw new ApiException(400, $"'{name}' must be a string", name);
     }
 
-    private static bool? Bool(JsonElement o, string name, string? param = null)
+    internal static bool? Bool(JsonElement o, string name, string? param = null)
     {
         if (!Present(o, name, out var v)) return null;
         return v.ValueKind switch

@@ -27,14 +27,14 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
     }
 
     /// <summary>A chat as token ids, through the model's chat template (with the assistant's turn header).</summary>
-    public int[] ChatPrompt(IReadOnlyList<ChatMessage> messages)
+    public int[] ChatPrompt(IReadOnlyList<ChatMessage> messages, bool addGenerationPrompt = true)
     {
         var tokenizer = host.Tokenizer;
         var template = tokenizer.ChatTemplate ?? throw new ApiException(400, "this model has no chat template; use /v1/completions", "messages");
         string rendered;
         try
         {
-            rendered = ChatTemplate.Render(template, messages, addGenerationPrompt: true, new Dictionary<string, object?>
+            rendered = ChatTemplate.Render(template, messages, addGenerationPrompt, new Dictionary<string, object?>
             {
                 ["bos_token"] = tokenizer.BosToken ?? "",
                 ["eos_token"] = tokenizer.EosToken ?? "",
@@ -45,7 +45,10 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
         return tokenizer.Encode(rendered, addSpecialTokens: false);
     }
 
-    public int[] TextPrompt(string text) => host.Tokenizer.Encode(text, addSpecialTokens: true);
+    public int[] TextPrompt(string text, bool addSpecialTokens = true) => host.Tokenizer.Encode(text, addSpecialTokens);
+
+    public int VocabSize => host.Tokenizer.VocabSize;
+    public int MaxSequenceLength => host.Engine.MaxColumns;
 
     public string Decode(IEnumerable<int> ids) => host.Tokenizer.Decode(ids);
 
