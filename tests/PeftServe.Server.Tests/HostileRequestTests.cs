@@ -153,13 +153,11 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
     }
 
     [Theory]
-    [InlineData("logit_bias", """{"50256": -100}""")]
     [InlineData("response_format", """{"type": "json_object"}""")]
     [InlineData("response_format", """{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}""")]
     [InlineData("tool_choice", "\"auto\"")]
     [InlineData("functions", """[{"name": "f"}]""")]
     [InlineData("repetition_penalty", "1.2")]
-    [InlineData("min_p", "0.1")]
     [InlineData("service_tier", "\"auto\"")]
     public async Task ParametersThatAreNotImplementedAreRefusedByName(string name, string value)
     {
@@ -176,7 +174,15 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
     [InlineData("v1/chat/completions", "\"logprobs\": 3", "logprobs")]
     [InlineData("v1/completions", "\"logprobs\": 21", "logprobs")]
     [InlineData("v1/completions", "\"logprobs\": true", "logprobs")]
-    public async Task LogprobRequestsOutOfRangeAreRefusedByName(string path, string parameter, string param)
+    [InlineData("v1/completions", "\"logit_bias\": {\"abc\": 1}", "logit_bias")]
+    [InlineData("v1/completions", "\"logit_bias\": {\"5\": 101}", "logit_bias")]
+    [InlineData("v1/completions", "\"logit_bias\": {\"-5\": 1}", "logit_bias")]
+    [InlineData("v1/completions", "\"logit_bias\": {\"99999999\": 1}", "logit_bias")]
+    [InlineData("v1/completions", "\"logit_bias\": [1, 2]", "logit_bias")]
+    [InlineData("v1/completions", "\"min_p\": 1.5", "min_p")]
+    [InlineData("v1/completions", "\"stop_token_ids\": [-1]", "stop_token_ids")]
+    [InlineData("v1/completions", "\"stop_token_ids\": [99999999]", "stop_token_ids")]
+    public async Task SamplingExtrasOutOfRangeAreRefusedByName(string path, string parameter, string param)
     {
         var body = path.Contains("chat") ? $$"""{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,{{parameter}}}""" : $$"""{"prompt":"hi","max_tokens":2,{{parameter}}}""";
         var error = await Error(await Post(path, body), 400);
@@ -185,6 +191,9 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
 
     [Theory]
     [InlineData("\"logit_bias\": {}")]
+    [InlineData("\"logit_bias\": {\"5\": -100, \"17\": 2.5}")]
+    [InlineData("\"min_p\": 0.1")]
+    [InlineData("\"stop_token_ids\": [3, 4]")]
     [InlineData("\"response_format\": {\"type\": \"text\"}")]
     [InlineData("\"tools\": []")]
     [InlineData("\"logprobs\": false")]

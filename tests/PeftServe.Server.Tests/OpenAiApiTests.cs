@@ -359,6 +359,34 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         }
     }
 
+    /// <summary>logit_bias forces or forbids tokens (greedy included); stop_token_ids end generation at a token; min_p
+    /// is accepted and, at 1, makes sampling greedy.</summary>
+    [Fact]
+    public async Task LogitBiasStopTokenIdsAndMinPShapeTheOutput()
+    {
+        var ids = new[] { 1, 40, 41 };
+        async Task<int[]> Tokens(object extra)
+        {
+            var body = System.Text.Json.Nodes.JsonNode.Parse(JsonSerializer.Serialize(new { prompt = ids, max_tokens = 4, ignore_eos = true, logprobs = 0, temperature = 0 }))!.AsObject();
+            foreach (var (k, v) in System.Text.Json.Nodes.JsonNode.Parse(JsonSerializer.Serialize(extra))!.AsObject()) body[k] = v?.DeepClone();
+            var answer = await S.PostJsonAsync("v1/completions", body);
+            var host = (Hosting.ModelHost)S.App.Services.GetService(typeof(Hosting.ModelHost))!;
+            // The logprobs list the generated tokens; map their texts back through the tokenizer's vocabulary.
+            return answer.GetProperty("choices")[0].GetProperty("logprobs").GetProperty("tokens").EnumerateArray()
+                .Select(t => Enumerable.Range(0, host.Tokenizer.VocabSize).First(id => host.Tokenizer.Decode([id], skipSpecialTokens: false) == t.GetString())).ToArray();
+        }
+        var greedy = await Tokens(new { });
+        Assert.Equal(4, greedy.Length);
+        int forced = (greedy[0] + 5) % 300 + 3;
+        Assert.All(await Tokens(new { logit_bias = new Dictionary<string, int> { [forced.ToString()] = 100 } }), t => Assert.Equal(forced, t));
+        var banned = await Tokens(new { logit_bias = greedy.Distinct().ToDictionary(t => t.ToString(), _ => -100) });
+        Assert.DoesNotContain(banned, greedy.Contains);
+        var stopped = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 4, ignore_eos = true, temperature = 0, stop_token_ids = new[] { greedy[1] } });
+        Assert.Equal("stop", stopped.GetProperty("choices")[0].GetProperty("finish_reason").GetString());
+        Assert.Equal(2, stopped.GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+        Assert.Equal(greedy, await Tokens(new { temperature = 1, seed = 9, min_p = 1 }));
+    }
+
     [Fact]
     public async Task TokenIdPromptsAndEchoAreAccepted()
     {

@@ -115,6 +115,8 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
             if (token < 0 || token >= vocab) throw new ArgumentException($"token id {token} is outside the vocabulary (0..{vocab - 1})");
         var sampling = (request.Sampling ?? throw new ArgumentException("sampling parameters are required")).WithResolvedSeed();
         sampling.Validate();
+        if (sampling.LogitBias?.Keys.Any(id => id >= vocab) == true)
+            throw new ArgumentException($"logit_bias names a token outside the vocabulary (0..{vocab - 1})");
         if (prompt.Count + 1 > MaxColumns)
             throw new ArgumentException($"the prompt has {prompt.Count} tokens; this engine holds at most {MaxColumns} tokens per sequence");
         if (request.StopStrings is null || request.StopStrings.Any(s => s is null)) throw new ArgumentException("stop strings must not be null");

@@ -7,9 +7,10 @@ namespace PeftServe.Core.Generation;
 /// Batched next-token sampler. Everything runs as whole-batch tensor ops on the logits' device; the only
 /// per-row work on the host is packing the rows' parameters into small [B] tensors.
 /// <para>
-/// Per row, in this order: presence/frequency penalties (if counts are given), then greedy rows
+/// Per row, in this order: logit bias, presence/frequency penalties (if counts are given), then greedy rows
 /// (temperature 0) take the argmax; sampled rows divide by their temperature, keep their top-k, then keep the
-/// smallest most-likely prefix whose probability reaches top-p, and draw with the Gumbel-max trick:
+/// smallest most-likely prefix whose probability reaches top-p and the tokens at least min-p times as likely as
+/// the most likely one, and draw with the Gumbel-max trick:
 /// <c>argmax(masked_logits / T + g)</c>, where <c>g = -log(-log(u))</c> is standard Gumbel noise. That argmax is
 /// distributed exactly as softmax of the masked, tempered logits, and because <c>u</c> comes from
 /// <see cref="CounterRandom"/> (a hash of seed, step and vocabulary index) the draw of a request is reproducible
@@ -58,11 +59,14 @@ public static class Sampler
         if (seeds.Count != batch || steps.Count != batch)
             throw new ArgumentException($"rows ({rows.Count}), seeds ({seeds.Count}) and steps ({steps.Count}) must each have one entry per logits row.");
 
-        // floats: [0] temperature (0 = greedy), [1] top_p, [2] presence penalty, [3] frequency penalty
+        // floats: [0] temperature (0 = greedy), [1] top_p, [2] presence penalty, [3] frequency penalty, [4] log(min_p)
         // longs:  [0] top_k in [1, V] (V = off), [1] seed (bits of the ulong), [2] step
-        var floats = new float[4 * batch];
+        var floats = new float[5 * batch];
         var longs = new long[3 * batch];
-        bool anySampled = false, anyTopK = false, anyTopP = false, anyPenalty = false;
+        bool anySampled = false, anyTopK = false, anyTopP = false, anyPenalty = false, anyMinP = false;
+        var biasRows = new List<long>();
+        var biasIds = new List<long>();
+        var biasValues = new List<float>();
         long maxTopK = 0;
         for (int b = 0; b < batch; b++)
         {
@@ -83,13 +87,29 @@ public static class Sampler
             floats[batch + b] = topP;
             longs[b] = k;
             anySampled |= !p.IsGreedy;
+            floats[4 * batch + b] = p.IsGreedy || p.MinP == 0f ? float.NegativeInfinity : MathF.Log(p.MinP);
+            anyMinP |= !p.IsGreedy && p.MinP > 0f;
+            if (p.LogitBias is { Count: > 0 } bias)
+                foreach (var (id, value) in bias)
+                {
+                    if (id >= vocab) throw new ArgumentException($"logit_bias names token {id}; the vocabulary has {vocab}.", nameof(rows));
+                    biasRows.Add(b);
+                    biasIds.Add(id);
+                    biasValues.Add(value);
+                }
             if (k < vocab) { anyTopK = true; maxTopK = Math.Max(maxTopK, k); }
             anyTopP |= topP < 1f;
         }
         // Greedy-only batches need no parameters on the device at all.
-        var floatParams = anySampled || anyPenalty ? Upload(floats, [4, batch], device) : null;
+        var floatParams = anySampled || anyPenalty ? Upload(floats, [5, batch], device) : null;
         var longParams = anySampled ? Upload(longs, [3, batch], device) : null;
-        return new SamplingBatch(batch, vocab, floatParams, longParams, anySampled, anyTopK, anyTopP, anyPenalty, maxTopK);
+        // The biases as a sparse list: [2, n] (row, token) and [n] values, only when some row has one.
+        var biasIndex = biasRows.Count > 0 ? Upload([.. biasRows, .. biasIds], [2, biasRows.Count], device) : null;
+        var biasValue = biasRows.Count > 0 ? Upload(biasValues.ToArray(), [biasValues.Count], device) : null;
+        return new SamplingBatch(batch, vocab, floatParams, longParams, anySampled, anyTopK, anyTopP, anyPenalty, maxTopK)
+        {
+            AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue,
+        };
     }
 
     private static Tensor Upload(float[] values, long[] shape, Device device) => Upload(tensor(values, shape), device);
@@ -123,6 +143,13 @@ public static class Sampler
         using var scope = NewDisposeScope();
         var device = logits.device;
         var x = logits.to_type(ScalarType.Float32); // all math in float32, even for bf16/fp16 logits
+
+        if (batch.BiasIndex is { } biasAt && batch.BiasValues is { } values)
+        {
+            // Out of place: the caller's logits (log probabilities are read from them) stay as the model gave them.
+            var bias = zeros_like(x).index_put_(values, [biasAt[0], biasAt[1]], accumulate: true);
+            x = x + bias;
+        }
 
         if (tokenCounts is not null && batch.AnyPenalty)
             x = ApplyPenalties(x, tokenCounts.to(device), batch.Floats![2].unsqueeze(1), batch.Floats[3].unsqueeze(1));
@@ -164,6 +191,12 @@ public static class Sampler
         }
 
         var masked = cutoff is null ? scaled : scaled.masked_fill(scaled < cutoff, float.NegativeInfinity);
+        if (batch.AnyMinP)
+        {
+            // p < min_p * p_max  <=>  logit < max logit + log(min_p), on the tempered logits (rows without: -inf).
+            var threshold = scaled.amax([1], keepdim: true) + floatParams[4].unsqueeze(1);
+            masked = masked.masked_fill(scaled < threshold, float.NegativeInfinity);
+        }
         var noise = CounterRandom.Gumbel(longParams[1], longParams[2], vocab);
         var sampledIds = noise.add_(masked).argmax(1);
         var result = where(isGreedy, greedyIds, sampledIds);
@@ -213,10 +246,16 @@ public sealed class SamplingBatch(int rows, long vocab, Tensor? floats, Tensor? 
     public bool AnyTopP { get; } = anyTopP;
     public bool AnyPenalty { get; } = anyPenalty;
     public long MaxTopK { get; } = maxTopK;
+    public bool AnyMinP { get; init; }
+    /// <summary>[2, n] (row, token id) of every logit bias in the batch, and their [n] values; null when none.</summary>
+    internal Tensor? BiasIndex { get; init; }
+    internal Tensor? BiasValues { get; init; }
 
     public void Dispose()
     {
         Floats?.Dispose();
         Longs?.Dispose();
+        BiasIndex?.Dispose();
+        BiasValues?.Dispose();
     }
 }

@@ -25,6 +25,14 @@ public sealed record SamplingParams
     /// <summary>Maximum number of tokens to generate (&gt;= 1).</summary>
     public int MaxTokens { get; init; } = 16;
 
+    /// <summary>min-p sampling (vLLM's min_p): after temperature, drop tokens less likely than MinP times the most
+    /// likely one. In [0, 1]; 0 = off.</summary>
+    public float MinP { get; init; }
+
+    /// <summary>OpenAI's logit_bias: added to the logits of these token ids before anything else (greedy included);
+    /// each bias in [-100, 100]. Null or empty: none.</summary>
+    public IReadOnlyDictionary<int, float>? LogitBias { get; init; }
+
     /// <summary>Token ids that end generation.</summary>
     public IReadOnlyList<int> StopTokenIds { get; init; } = [];
 
@@ -83,6 +91,14 @@ public sealed record SamplingParams
             throw new ArgumentException($"logprobs must be between 0 and {MaxLogprobs}; got {Logprobs}.", nameof(Logprobs));
         if (PromptLogprobs is < 0 or > MaxLogprobs)
             throw new ArgumentException($"prompt logprobs must be between 0 and {MaxLogprobs}; got {PromptLogprobs}.", nameof(PromptLogprobs));
+        if (!(MinP >= 0f && MinP <= 1f))
+            throw new ArgumentException($"min_p must be in [0, 1]; got {MinP}.", nameof(MinP));
+        if (LogitBias is not null)
+            foreach (var (id, bias) in LogitBias)
+            {
+                if (id < 0) throw new ArgumentException($"logit_bias token ids must be >= 0; got {id}.", nameof(LogitBias));
+                if (!(bias >= -100f && bias <= 100f)) throw new ArgumentException($"logit_bias values must be in [-100, 100]; got {bias} for {id}.", nameof(LogitBias));
+            }
         if (StopTokenIds is null)
             throw new ArgumentException("stop token ids must not be null (use an empty list).", nameof(StopTokenIds));
         foreach (var id in StopTokenIds)

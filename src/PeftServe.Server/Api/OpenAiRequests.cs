@@ -25,6 +25,12 @@ public sealed record GenerationSettings
     public int? Logprobs { get; init; }
     /// <summary>Null, or the prompt's log probabilities with this many alternatives (completions' echo with logprobs).</summary>
     public int? PromptLogprobs { get; init; }
+    /// <summary>vLLM's min_p (0 = off).</summary>
+    public float MinP { get; init; }
+    /// <summary>OpenAI's logit_bias, by token id (null: none).</summary>
+    public IReadOnlyDictionary<int, float>? LogitBias { get; init; }
+    /// <summary>vLLM's stop_token_ids: more token ids that end generation (beside EOS unless ignore_eos).</summary>
+    public IReadOnlyList<int> StopTokenIds { get; init; } = [];
 }
 
 /// <summary>A parsed /v1/completions body: the prompt as text or as token ids.</summary>
@@ -50,7 +56,9 @@ public static class OpenAiRequests
     /// caller's own records and changes nothing generated.</summary>
     private static readonly string[] CommonParameters =
         ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
-         "ignore_eos", "stream", "stream_options", "n", "user", "logprobs", "logit_bias"];
+         "ignore_eos", "stream", "stream_options", "n", "user", "logprobs", "logit_bias", "min_p", "stop_token_ids"];
+    /// <summary>OpenAI's limit on logit_bias entries.</summary>
+    public const int MaxLogitBias = 300;
     private static readonly string[] CompletionParameters = ["prompt", "echo", "best_of"];
     private static readonly string[] ChatParameters =
         ["messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "response_format", "parallel_tool_calls"];
@@ -116,7 +124,6 @@ public static class OpenAiRequests
             if (v.ValueKind == JsonValueKind.Null) continue;
             bool neutral = name switch
             {
-                "logit_bias" => v.ValueKind == JsonValueKind.Object && !v.EnumerateObject().Any(),
                 "response_format" => v.ValueKind == JsonValueKind.Object && v.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String && t.GetString() == "text"
                                      && v.EnumerateObject().Count() == 1,
                 "tools" => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0,
@@ -234,6 +241,9 @@ public static class OpenAiRequests
         var s = new GenerationSettings
         {
             Logprobs = Logprobs(root, chat),
+            MinP = Float(root, "min_p") ?? 0f,
+            LogitBias = LogitBias(root),
+            StopTokenIds = TokenIds(root, "stop_token_ids"),
             Model = String(root, "model"),
             MaxTokens = maxTokens,
             Temperature = Float(root, "temperature") ?? 1f,
@@ -250,6 +260,34 @@ public static class OpenAiRequests
         };
         Check(s);
         return s;
+    }
+
+    /// <summary>logit_bias: {"token id": bias in [-100, 100]}, at most <see cref="MaxLogitBias"/> entries (the
+    /// vocabulary bound is checked against the model when the request is built).</summary>
+    private static IReadOnlyDictionary<int, float>? LogitBias(JsonElement root)
+    {
+        if (!Present(root, "logit_bias", out var v)) return null;
+        if (v.ValueKind != JsonValueKind.Object) throw new ApiException(400, "'logit_bias' must be an object of token ids to biases", "logit_bias");
+        var biases = new Dictionary<int, float>();
+        foreach (var entry in v.EnumerateObject())
+        {
+            if (!int.TryParse(entry.Name, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var id))
+                throw new ApiException(400, $"logit_bias keys must be token ids; got '{(entry.Name.Length > 20 ? entry.Name[..20] + "..." : entry.Name)}'", "logit_bias");
+            if (entry.Value.ValueKind != JsonValueKind.Number || !entry.Value.TryGetDouble(out var bias) || !(bias >= -100 && bias <= 100))
+                throw new ApiException(400, $"logit_bias values must be numbers from -100 to 100 (token {id})", "logit_bias");
+            biases[id] = (float)bias;
+        }
+        if (biases.Count > MaxLogitBias) throw new ApiException(400, $"logit_bias may name at most {MaxLogitBias} tokens; got {biases.Count}", "logit_bias");
+        return biases.Count == 0 ? null : biases;
+    }
+
+    /// <summary>A list of token ids (ids >= 0; the vocabulary bound is checked when the request is built).</summary>
+    private static IReadOnlyList<int> TokenIds(JsonElement root, string name)
+    {
+        if (!Present(root, name, out var v)) return [];
+        if (v.ValueKind != JsonValueKind.Array) throw new ApiException(400, $"'{name}' must be a list of token ids", name);
+        return v.EnumerateArray().Select(t => t.ValueKind == JsonValueKind.Number && t.TryGetInt32(out var id) && id >= 0 ? id
+            : throw new ApiException(400, $"'{name}' must hold token ids (integers >= 0)", name)).ToList();
     }
 
     /// <summary>Chat: logprobs true/false and top_logprobs 0-20 (only with logprobs). Completions: logprobs is the
@@ -289,6 +327,7 @@ public static class OpenAiRequests
         if (s.MaxTokens is < 1) throw new ApiException(400, $"max_tokens must be at least 1; got {s.MaxTokens}", "max_tokens");
         if (s.Stop.Count > MaxStopStrings) throw new ApiException(400, $"at most {MaxStopStrings} stop sequences", "stop");
         if (s.Stop.Any(x => x.Length == 0)) throw new ApiException(400, "stop sequences must not be empty", "stop");
+        if (!(s.MinP >= 0 && s.MinP <= 1)) throw new ApiException(400, $"min_p must be between 0 and 1; got {s.MinP}", "min_p");
     }
 
     private static IReadOnlyList<string> Stop(JsonElement root)

@@ -64,6 +64,11 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
             throw new ApiException(400, $"the prompt has {prompt.Count} tokens; this model holds at most {host.Engine.MaxColumns} tokens per sequence", "messages", "context_length_exceeded");
         if (s.MaxTokens is { } asked && asked > room)
             throw new ApiException(400, $"this model holds at most {host.Engine.MaxColumns} tokens per sequence; the prompt has {prompt.Count}, so max_tokens can be at most {room} (got {asked})", "max_tokens", "context_length_exceeded");
+        int vocab = host.Tokenizer.VocabSize;
+        if (s.LogitBias?.Keys.FirstOrDefault(id => id >= vocab) is { } badBias && badBias >= vocab)
+            throw new ApiException(400, $"logit_bias names token {badBias}; the vocabulary has {vocab} tokens", "logit_bias");
+        if (s.StopTokenIds.FirstOrDefault(id => id >= vocab) is var badStop && badStop >= vocab)
+            throw new ApiException(400, $"stop_token_ids names token {badStop}; the vocabulary has {vocab} tokens", "stop_token_ids");
         return new GenerationRequest
         {
             PromptIds = prompt,
@@ -77,11 +82,13 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 TopK = s.TopK,
                 Seed = s.Seed is { } seed ? unchecked((ulong)seed) : null,
                 MaxTokens = s.MaxTokens ?? Math.Min(defaultMaxTokens, room),
-                StopTokenIds = s.IgnoreEos ? [] : host.Tokenizer.EosTokenIds,
+                StopTokenIds = [.. (s.IgnoreEos ? [] : host.Tokenizer.EosTokenIds).Concat(s.StopTokenIds).Distinct()],
                 PresencePenalty = s.PresencePenalty,
                 FrequencyPenalty = s.FrequencyPenalty,
                 Logprobs = s.Logprobs,
                 PromptLogprobs = s.PromptLogprobs,
+                MinP = s.MinP,
+                LogitBias = s.LogitBias,
             },
         };
     }

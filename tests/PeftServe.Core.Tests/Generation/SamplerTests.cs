@@ -152,6 +152,47 @@ public class SamplerTests
             Assert.Equal(ArgMax(logits[b].Select(x => (double)x).ToArray()), ids[b]);
     }
 
+    /// <summary>logit_bias moves the argmax of the rows that carry it and no other row's; the caller's logits are not
+    /// changed (log probabilities are read from them).</summary>
+    [Fact]
+    public void LogitBiasAppliesToItsRowsOnlyAndLeavesTheLogitsAlone()
+    {
+        var logits = RandomLogits(7, 3, 50);
+        int best = ArgMax(logits[0].Select(x => (double)x).ToArray());
+        int forced = (best + 7) % 50;
+        var second = logits[1].Select((x, i) => (x, i)).OrderByDescending(t => t.x).Skip(1).First().i;
+        var rows = new[]
+        {
+            SamplingParams.Greedy(4) with { LogitBias = new Dictionary<int, float> { [forced] = 100f } },
+            SamplingParams.Greedy(4) with { LogitBias = new Dictionary<int, float> { [ArgMax(logits[1].Select(x => (double)x).ToArray())] = -100f } },
+            SamplingParams.Greedy(4),
+        };
+        using var l = Logits(logits);
+        using var before = l.clone();
+        using var ids = Sampler.Sample(l, rows, [1, 2, 3], [0, 0, 0]);
+        Assert.Equal([forced, second, ArgMax(logits[2].Select(x => (double)x).ToArray())], ids.data<long>().ToArray());
+        Assert.True(l.allclose(before, 0, 0));
+        Assert.Throws<ArgumentException>(() => Sampler.Sample(l, [SamplingParams.Greedy(1) with { LogitBias = new Dictionary<int, float> { [50] = 1f } }, rows[1], rows[2]], [1, 2, 3], [0, 0, 0]).Dispose());
+        Assert.Throws<ArgumentException>(() => (SamplingParams.Greedy(1) with { LogitBias = new Dictionary<int, float> { [3] = 101f } }).Validate());
+    }
+
+    /// <summary>min_p keeps only tokens at least min_p times as likely as the most likely (after temperature): over many
+    /// draws every token drawn clears that bar, and min_p = 1 always draws the argmax.</summary>
+    [Fact]
+    public void MinPKeepsOnlyTokensNearTheMostLikely()
+    {
+        var probs = new[] { 0.40, 0.25, 0.15, 0.10, 0.06, 0.04 };
+        var logits = new[] { probs.Select(p => (float)Math.Log(p)).ToArray() };
+        var seen = new HashSet<long>();
+        for (int step = 0; step < 400; step++)
+        {
+            seen.Add(Run(logits, [new SamplingParams { Temperature = 1f, MinP = 0.3f }], [11], [step])[0]);
+            Assert.Equal(0, Run(logits, [new SamplingParams { Temperature = 1f, MinP = 1f }], [12], [step])[0]);
+        }
+        // 0.3 x 0.40 = 0.12: tokens 0, 1 and 2 stay, 3, 4 and 5 go.
+        Assert.Equal([0L, 1L, 2L], seen.Order());
+    }
+
     [Fact]
     public void GreedyAndSampledRowsMixInOneBatch()
     {
