@@ -515,3 +515,26 @@ public sealed class QueueLimitTests
         Assert.Equal(1, await server.MetricAsync("peftserve_requests_total{api=\"chat\",model=\"tiny-llama\",outcome=\"rejected\"}"));
     }
 }
+
+/// <summary>An adapter that cannot be loaded fails every choice of a request with one clean error, streamed or not,
+/// and the server goes on serving.</summary>
+public sealed class BrokenAdapterChoicesTests
+{
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task EveryChoiceFailsWithOneError(bool stream)
+    {
+        await using var server = await TestServer.StartAsync();
+        // Listed (its config is fine), unreadable once loaded.
+        File.WriteAllBytes(Path.Combine(server.Store, "tiny-lora-r4-qv", "adapter_model.safetensors"), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        using var response = await server.Http.PostAsJsonAsync("v1/completions", new { model = "tiny-lora-r4-qv", prompt = "x", max_tokens = 4, n = 3, stream });
+        Assert.Equal(422, (int)response.StatusCode);
+        var error = (await response.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error");
+        Assert.Equal("adapter_unavailable", error.GetProperty("code").GetString());
+        Assert.DoesNotContain(server.Store, error.GetProperty("message").GetString());
+        var ok = await server.PostJsonAsync("v1/completions", new { prompt = "x", max_tokens = 2, n = 2 });
+        Assert.Equal(2, ok.GetProperty("choices").GetArrayLength());
+        Assert.Equal(0, await server.MetricAsync("peftserve_requests_in_flight"));
+    }
+}
