@@ -148,6 +148,7 @@ public sealed class Program
         GatewayMetrics.Map(app, metrics.Registry);   // ours, then the inference gateway's vllm:* metrics
         OpenAiEndpoints.Map(app);
         TokenizeEndpoints.Map(app);
+        LoraxEndpoints.Map(app);
         AdapterEndpoints.Map(app);
         ReplicaServices.Map(app);
         app.MapHub<ChatHub>("/hubs/chat");

@@ -31,10 +31,15 @@ public sealed class ApiKeyTests
         Assert.Equal(HttpStatusCode.Unauthorized, (await s.Http.SendAsync(With(HttpMethod.Get, "v1/models", "wrong"))).StatusCode);
         Assert.Equal(HttpStatusCode.OK, (await s.Http.SendAsync(With(HttpMethod.Post, "v1/chat/completions", "user-key", chat()))).StatusCode);
         Assert.Equal(HttpStatusCode.OK, (await s.Http.SendAsync(With(HttpMethod.Get, "v1/adapters", "user-key"))).StatusCode);
-        // vLLM's tokenizer endpoints sit outside /v1, behind the same keys.
-        foreach (var path in new[] { "tokenize", "detokenize" })
+        // vLLM's tokenizer endpoints and LoRAX's generate endpoints sit outside /v1, behind the same keys.
+        foreach (var path in new[] { "tokenize", "detokenize", "generate", "generate_stream" })
         {
-            var body = () => JsonContent.Create(path == "tokenize" ? new { prompt = "hi" } : (object)new { tokens = new[] { 1, 40 } });
+            var body = () => JsonContent.Create(path switch
+            {
+                "tokenize" => new { prompt = "hi" },
+                "detokenize" => (object)new { tokens = new[] { 1, 40 } },
+                _ => new { inputs = "hi", parameters = new { max_new_tokens = 2 } },
+            });
             Assert.Equal(HttpStatusCode.Unauthorized, (await s.Http.SendAsync(With(HttpMethod.Post, path, null, body()))).StatusCode);
             Assert.Equal(HttpStatusCode.OK, (await s.Http.SendAsync(With(HttpMethod.Post, path, "user-key", body()))).StatusCode);
         }

@@ -53,7 +53,7 @@ public sealed class ApiKeyMiddleware(RequestDelegate next, IOptions<ServerOption
             else await OpenAiError.Result(401, "/metrics needs the metrics key (send 'Authorization: Bearer KEY')", code: "invalid_api_key").ExecuteAsync(context);
             return;
         }
-        bool api = path.StartsWithSegments("/v1") || path.StartsWithSegments("/hubs") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize");
+        bool api = path.StartsWithSegments("/v1") || path.StartsWithSegments("/hubs") || path.StartsWithSegments("/tokenize") || path.StartsWithSegments("/detokenize") || LoraxEndpoints.Owns(path);
         bool open = path.StartsWithSegments("/health") || !api;
         if (!o.AuthEnabled || open)
         {

@@ -48,6 +48,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
     public int[] TextPrompt(string text, bool addSpecialTokens = true) => host.Tokenizer.Encode(text, addSpecialTokens);
 
     public int VocabSize => host.Tokenizer.VocabSize;
+    public bool IsSpecial(int id) => host.Tokenizer.IsSpecial(id);
     public int MaxSequenceLength => host.Engine.MaxColumns;
 
     public string Decode(IEnumerable<int> ids) => host.Tokenizer.Decode(ids);
