@@ -323,8 +323,8 @@ internal sealed class ModelRunner : IDisposable
     private StepTokens Sample(Tensor logits, SamplingBatch sampling, (Tensor Read, Tensor Write)? penalties, IReadOnlyList<Sequence> rows,
         Tensor? extra = null)
     {
-        var counts = penalties is { } p ? _penalties.Read(p.Read) : null;
-        var next = Sampler.Sample(logits, sampling, counts);
+        var (counts, prompt) = penalties is { } p ? _penalties.Read(p.Read) : (null, null);
+        var next = Sampler.Sample(logits, sampling, counts, prompt);
         if (penalties is { } q) _penalties.Record(q.Write, next);
         int top = rows.Max(s => s.Sampling.Logprobs ?? -1);
         if (top < 0 && extra is null) return new StepTokens(next.cpu().data<long>().ToArray(), null, null);

@@ -11,6 +11,7 @@ namespace PeftServe.Core.Engine;
 internal sealed class PenaltyCounts(int capacity, int vocab, Device device) : IDisposable
 {
     private Tensor? _counts;   // [capacity + 2, V] float32: the rows, then a sink row (writes of rows without one) and a zero row
+    private Tensor? _prompt;   // [capacity + 2, V] uint8: 1 where the token is in the row's prompt (repetition penalty only)
     private readonly Stack<int> _free = new(Enumerable.Range(0, capacity).Reverse());
     private int Sink => capacity;
     private int Zero => capacity + 1;
@@ -20,13 +21,21 @@ internal sealed class PenaltyCounts(int capacity, int vocab, Device device) : ID
     {
         if (s.PenaltyRow >= 0) return;
         if (!_free.TryPop(out int row)) throw new InvalidOperationException("no penalty-count row is free");
+        // The tables outlive this call: made before its dispose scope.
         _counts ??= torch.zeros([capacity + 2, vocab], ScalarType.Float32, device);
+        if (s.Sampling.RepetitionPenalty != 1f) _prompt ??= torch.zeros([capacity + 2, vocab], ScalarType.Byte, device);
         using var scope = torch.NewDisposeScope();
         _counts[row].zero_();
         if (s.Generated > 0)
         {
             var ids = s.Tokens.Skip(s.PromptLength).Select(t => (long)t).ToArray();
             _counts[row].index_put_(torch.ones(ids.Length, ScalarType.Float32, device), [torch.tensor(ids, device: device)], accumulate: true);
+        }
+        if (_prompt is not null) _prompt[row].zero_();
+        if (s.Sampling.RepetitionPenalty != 1f)
+        {
+            var ids = s.Tokens.Take(s.PromptLength).Select(t => (long)t).ToArray();
+            _prompt![row].index_fill_(0, torch.tensor(ids, device: device), 1);
         }
         s.PenaltyRow = row;
     }
@@ -48,12 +57,17 @@ internal sealed class PenaltyCounts(int capacity, int vocab, Device device) : ID
         return (torch.tensor(read, device: device), torch.tensor(write, device: device));
     }
 
-    /// <summary>[B, V] counts of the rows (zeros for rows without penalties).</summary>
-    public Tensor Read(Tensor readIndex) => _counts!.index_select(0, readIndex);
+    /// <summary>[B, V] counts of the rows (zeros for rows without penalties), and [B, V] prompt-token marks when some
+    /// row uses a repetition penalty (else null).</summary>
+    public (Tensor Counts, Tensor? Prompt) Read(Tensor readIndex) => (_counts!.index_select(0, readIndex), _prompt?.index_select(0, readIndex));
 
     /// <summary>Adds the step's sampled ids [B] to the rows' counts, on the device.</summary>
     public void Record(Tensor writeIndex, Tensor sampled) =>
         _counts!.index_put_(torch.ones(sampled.shape[0], ScalarType.Float32, device), [writeIndex, sampled], accumulate: true);
 
-    public void Dispose() => _counts?.Dispose();
+    public void Dispose()
+    {
+        _counts?.Dispose();
+        _prompt?.Dispose();
+    }
 }

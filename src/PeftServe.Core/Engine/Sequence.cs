@@ -35,8 +35,8 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     /// <summary>Set when a pass this sequence was in failed: it then runs alone until a pass succeeds (and is
     /// failed if its lone pass fails), so one request's failure never ends the others.</summary>
     public bool Suspect { get; set; }
-    /// <summary>Whether presence or frequency penalties apply to this sequence.</summary>
-    public bool UsesPenalties => Sampling.PresencePenalty != 0 || Sampling.FrequencyPenalty != 0;
+    /// <summary>Whether repetition, presence or frequency penalties apply to this sequence.</summary>
+    public bool UsesPenalties => Sampling.PresencePenalty != 0 || Sampling.FrequencyPenalty != 0 || Sampling.RepetitionPenalty != 1;
     public volatile bool CancelRequested;
     public CancellationTokenRegistration Registration { get; set; }
     public DateTime Arrived { get; } = DateTime.UtcNow;

@@ -7,7 +7,7 @@ namespace PeftServe.Core.Generation;
 /// Batched next-token sampler. Everything runs as whole-batch tensor ops on the logits' device; the only
 /// per-row work on the host is packing the rows' parameters into small [B] tensors.
 /// <para>
-/// Per row, in this order: logit bias, presence/frequency penalties (if counts are given), then greedy rows
+/// Per row, in this order: logit bias, repetition and presence/frequency penalties (if counts are given), then greedy rows
 /// (temperature 0) take the argmax; sampled rows divide by their temperature, keep their top-k, then keep the
 /// smallest most-likely prefix whose probability reaches top-p and the tokens at least min-p times as likely as
 /// the most likely one, and draw with the Gumbel-max trick:
@@ -33,15 +33,16 @@ public static class Sampler
     /// <param name="seeds">The resolved seed of each row.</param>
     /// <param name="steps">Index of the token being sampled in each row (0 for the first generated token).</param>
     /// <param name="tokenCounts">Optional [B, V] count of each token so far (any numeric dtype), for the penalties.</param>
+    /// <param name="promptTokens">Optional [B, V]: nonzero where the token is in the row's prompt (repetition penalty).</param>
     /// <returns>Token ids, int64 [B], on the logits' device.</returns>
     public static Tensor Sample(Tensor logits, IReadOnlyList<SamplingParams> rows, IReadOnlyList<ulong> seeds,
-        IReadOnlyList<long> steps, Tensor? tokenCounts = null)
+        IReadOnlyList<long> steps, Tensor? tokenCounts = null, Tensor? promptTokens = null)
     {
         ArgumentNullException.ThrowIfNull(logits);
         if (logits.dim() != 2)
             throw new ArgumentException($"logits must be [B, V]; got shape [{string.Join(", ", logits.shape)}].", nameof(logits));
         using var batch = Prepare(rows, seeds, steps, logits.shape[1], logits.device);
-        return Sample(logits, batch, tokenCounts);
+        return Sample(logits, batch, tokenCounts, promptTokens);
     }
 
     /// <summary>
@@ -59,9 +60,10 @@ public static class Sampler
         if (seeds.Count != batch || steps.Count != batch)
             throw new ArgumentException($"rows ({rows.Count}), seeds ({seeds.Count}) and steps ({steps.Count}) must each have one entry per logits row.");
 
-        // floats: [0] temperature (0 = greedy), [1] top_p, [2] presence penalty, [3] frequency penalty, [4] log(min_p)
+        // floats: [0] temperature (0 = greedy), [1] top_p, [2] presence penalty, [3] frequency penalty, [4] log(min_p),
+        //         [5] repetition penalty (1 = off)
         // longs:  [0] top_k in [1, V] (V = off), [1] seed (bits of the ulong), [2] step
-        var floats = new float[5 * batch];
+        var floats = new float[6 * batch];
         var longs = new long[3 * batch];
         bool anySampled = false, anyTopK = false, anyTopP = false, anyPenalty = false, anyMinP = false;
         var biasRows = new List<long>();
@@ -77,7 +79,8 @@ public static class Sampler
             floats[b] = p.Temperature;
             floats[2 * batch + b] = p.PresencePenalty;
             floats[3 * batch + b] = p.FrequencyPenalty;
-            anyPenalty |= p.PresencePenalty != 0f || p.FrequencyPenalty != 0f;
+            floats[5 * batch + b] = p.RepetitionPenalty;
+            anyPenalty |= p.PresencePenalty != 0f || p.FrequencyPenalty != 0f || p.RepetitionPenalty != 1f;
             longs[batch + b] = unchecked((long)seeds[b]);
             longs[2 * batch + b] = steps[b];
             // Greedy rows run through the batched sampling path too (their result is discarded): give them
@@ -101,7 +104,7 @@ public static class Sampler
             anyTopP |= topP < 1f;
         }
         // Greedy-only batches need no parameters on the device at all.
-        var floatParams = anySampled || anyPenalty ? Upload(floats, [5, batch], device) : null;
+        var floatParams = anySampled || anyPenalty ? Upload(floats, [6, batch], device) : null;
         var longParams = anySampled ? Upload(longs, [3, batch], device) : null;
         // The biases as a sparse list: [2, n] (row, token) and [n] values, only when some row has one.
         var biasIndex = biasRows.Count > 0 ? Upload([.. biasRows, .. biasIds], [2, biasRows.Count], device) : null;
@@ -125,8 +128,9 @@ public static class Sampler
     }
 
     /// <summary>Samples one token per row of <paramref name="logits"/> [B, V] with parameters made by
-    /// <see cref="Prepare"/>; <paramref name="tokenCounts"/>: optional [B, V] counts for the penalties.</summary>
-    public static Tensor Sample(Tensor logits, SamplingBatch batch, Tensor? tokenCounts = null)
+    /// <see cref="Prepare"/>; <paramref name="tokenCounts"/>: optional [B, V] counts of the generated tokens for the
+    /// penalties, <paramref name="promptTokens"/>: optional [B, V] prompt-token marks for the repetition penalty.</summary>
+    public static Tensor Sample(Tensor logits, SamplingBatch batch, Tensor? tokenCounts = null, Tensor? promptTokens = null)
     {
         ArgumentNullException.ThrowIfNull(logits);
         ArgumentNullException.ThrowIfNull(batch);
@@ -152,7 +156,8 @@ public static class Sampler
         }
 
         if (tokenCounts is not null && batch.AnyPenalty)
-            x = ApplyPenalties(x, tokenCounts.to(device), batch.Floats![2].unsqueeze(1), batch.Floats[3].unsqueeze(1));
+            x = ApplyPenalties(x, tokenCounts.to(device), batch.Floats![2].unsqueeze(1), batch.Floats[3].unsqueeze(1),
+                batch.Floats[5].unsqueeze(1), promptTokens?.to(device));
 
         var greedyIds = x.argmax(1);
         if (!batch.AnySampled)
@@ -222,12 +227,22 @@ public static class Sampler
         return cat(parts, 1).MoveToOuterDisposeScope();
     }
 
-    internal static Tensor ApplyPenalties(Tensor logits, Tensor counts, Tensor presence, Tensor frequency)
+    /// <summary>Repetition penalty over the prompt's and the output's tokens (divide positive logits, multiply negative
+    /// ones), then presence and frequency penalties over the output's (OpenAI's formula).</summary>
+    internal static Tensor ApplyPenalties(Tensor logits, Tensor counts, Tensor presence, Tensor frequency,
+        Tensor? repetition = null, Tensor? promptTokens = null)
     {
         using var scope = NewDisposeScope();
         var c = counts.to_type(ScalarType.Float32);
-        var seen = c.gt(0f).to_type(ScalarType.Float32);
-        var result = logits.to_type(ScalarType.Float32) - presence * seen - frequency * c;
+        var generated = c.gt(0f);
+        var x = logits.to_type(ScalarType.Float32);
+        if (repetition is not null)
+        {
+            var seen = promptTokens is null ? generated : generated.logical_or(promptTokens.ne(0));
+            var factor = where(x.gt(0f), repetition.reciprocal(), repetition);
+            x = where(seen, x * factor, x);
+        }
+        var result = x - presence * generated.to_type(ScalarType.Float32) - frequency * c;
         return result.MoveToOuterDisposeScope();
     }
 }

@@ -25,6 +25,11 @@ public sealed record SamplingParams
     /// <summary>Maximum number of tokens to generate (&gt;= 1).</summary>
     public int MaxTokens { get; init; } = 16;
 
+    /// <summary>Repetition penalty (Keskar et al. 2019, as Hugging Face and vLLM apply it): the logit of every token
+    /// already in the prompt or the output is divided by it when positive and multiplied by it when negative.
+    /// Greater than 0; 1 = off.</summary>
+    public float RepetitionPenalty { get; init; } = 1f;
+
     /// <summary>min-p sampling (vLLM's min_p): after temperature, drop tokens less likely than MinP times the most
     /// likely one. In [0, 1]; 0 = off.</summary>
     public float MinP { get; init; }
@@ -91,6 +96,8 @@ public sealed record SamplingParams
             throw new ArgumentException($"logprobs must be between 0 and {MaxLogprobs}; got {Logprobs}.", nameof(Logprobs));
         if (PromptLogprobs is < 0 or > MaxLogprobs)
             throw new ArgumentException($"prompt logprobs must be between 0 and {MaxLogprobs}; got {PromptLogprobs}.", nameof(PromptLogprobs));
+        if (!(RepetitionPenalty > 0f && float.IsFinite(RepetitionPenalty)))
+            throw new ArgumentException($"repetition_penalty must be a finite number > 0 (1 = off); got {RepetitionPenalty}.", nameof(RepetitionPenalty));
         if (!(MinP >= 0f && MinP <= 1f))
             throw new ArgumentException($"min_p must be in [0, 1]; got {MinP}.", nameof(MinP));
         if (LogitBias is not null)

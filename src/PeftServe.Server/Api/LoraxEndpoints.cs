@@ -9,8 +9,8 @@ namespace PeftServe.Server.Api;
 /// <summary>LoRAX's native API (Hugging Face TGI's, with an adapter per request): <c>POST /generate</c> and
 /// <c>POST /generate_stream</c> with <c>{"inputs", "parameters": {"adapter_id", "max_new_tokens", ...}}</c>, so
 /// that LoRAX clients (its Python client, TGI clients) drive PeftServe unchanged. Adapters come from this server's
-/// store (adapter_source "local" or unset); parameters this server does not compute (repetition_penalty other
-/// than 1, typical_p, watermark, merged_adapters, response_format, best_of above 1) are refused by name, never
+/// store (adapter_source "local" or unset); parameters this server does not compute (typical_p, watermark,
+/// merged_adapters, response_format, best_of above 1) are refused by name, never
 /// ignored. Errors use TGI's body, <c>{"error", "error_type"}</c>, which those clients parse.</summary>
 public static class LoraxEndpoints
 {
@@ -184,7 +184,6 @@ public static class LoraxEndpoints
         if (source is not (null or "local"))
             throw Invalid($"adapter_source '{source}' is not served: adapters come from this server's store (upload them to /v1/adapters)", "adapter_source");
         Unsupported("merged_adapters", Get("merged_adapters") is null);
-        Unsupported("repetition_penalty", Number("repetition_penalty") is null or 1.0);
         Unsupported("typical_p", Get("typical_p") is null);
         Unsupported("watermark", !Flag("watermark"));
         Unsupported("response_format", Get("response_format") is null);
@@ -193,7 +192,8 @@ public static class LoraxEndpoints
         var adapterId = Get("adapter_id") is { } a ? a.ValueKind == JsonValueKind.String ? a.GetString() : throw Invalid("'adapter_id' must be a string", "adapter_id") : null;
         var (modelId, adapter) = gen.ResolveModel(adapterId);
 
-        double? temperature = Number("temperature"), topP = Number("top_p");
+        double? temperature = Number("temperature"), topP = Number("top_p"), repetition = Number("repetition_penalty");
+        if (repetition is not null and (<= 0 or > 100)) throw Invalid($"'repetition_penalty' must be above 0 and at most 100; got {repetition}", "repetition_penalty");
         long? topK = Integer("top_k"), seed = Integer("seed"), maxNew = Integer("max_new_tokens"), truncate = Integer("truncate"), k = Integer("return_k_alternatives");
         if (temperature is < 0 or > 100) throw Invalid($"'temperature' must be from 0 to 100; got {temperature}", "temperature");
         if (topP is not null and (<= 0 or > 1)) throw Invalid($"'top_p' must be in (0, 1]; got {topP}", "top_p");
@@ -225,6 +225,7 @@ public static class LoraxEndpoints
             Seed = seed,
             Stop = stop,
             IgnoreEos = Flag("ignore_eos_token"),
+            RepetitionPenalty = (float)(repetition ?? 1.0),
             // Every streamed token carries its log probability, as do the details' tokens.
             Logprobs = stream || details ? alternatives : null,
             PromptLogprobs = prefill ? 0 : null,

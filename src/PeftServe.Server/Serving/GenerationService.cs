@@ -89,6 +89,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 Logprobs = s.Logprobs,
                 PromptLogprobs = s.PromptLogprobs,
                 MinP = s.MinP,
+                RepetitionPenalty = s.RepetitionPenalty,
                 LogitBias = s.LogitBias,
             },
         };

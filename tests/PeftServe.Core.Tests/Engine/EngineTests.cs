@@ -304,6 +304,30 @@ public sealed class EngineTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFix
         }
     }
 
+    /// <summary>Repetition penalty as Hugging Face applies it (logits of tokens seen in the prompt or the output divided
+    /// when positive, multiplied when negative): the engine's greedy tokens equal a step-by-step reference built on
+    /// full forwards, and differ from plain greedy decoding.</summary>
+    [Fact]
+    public async Task RepetitionPenaltyMatchesAStepByStepReference()
+    {
+        const float penalty = 1.8f;
+        await using var engine = NewEngine();
+        var got = (await engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(8) with { RepetitionPenalty = penalty } }).CollectAsync()).Ids;
+        var plain = (await engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(8) }).CollectAsync()).Ids;
+
+        var tokens = Prompt.ToList();
+        for (int step = 0; step < 8; step++)
+        {
+            using var ids = torch.tensor(tokens.Select(x => (long)x).ToArray(), [1, tokens.Count]);
+            using var logits = FullLogits.Compute(f.Model, ids);
+            var last = logits[0, -1].data<float>().ToArray();
+            foreach (var seen in tokens.Distinct()) last[seen] = last[seen] > 0 ? last[seen] / penalty : last[seen] * penalty;
+            tokens.Add(Array.IndexOf(last, last.Max()));
+        }
+        Assert.Equal(tokens.Skip(Prompt.Length), got);
+        Assert.NotEqual(plain, got);
+    }
+
     [Fact]
     public void LogprobsBeyondTwentyAreRefused() =>
         Assert.Throws<ArgumentException>(() => new SamplingParams { Logprobs = 21 }.Validate());
