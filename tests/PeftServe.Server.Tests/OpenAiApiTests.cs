@@ -359,7 +359,8 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         }
     }
 
-    /// <summary>logit_bias forces or forbids tokens (greedy included); stop_token_ids end generation at a token; min_p
+    /// <summary>logit_bias forces or forbids tokens (greedy included); stop_token_ids end generation at a token, not before
+    /// min_tokens; min_p
     /// is accepted and, at 1, makes sampling greedy.</summary>
     [Fact]
     public async Task LogitBiasStopTokenIdsAndMinPShapeTheOutput()
@@ -384,6 +385,10 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         var stopped = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 4, ignore_eos = true, temperature = 0, stop_token_ids = new[] { greedy[1] } });
         Assert.Equal("stop", stopped.GetProperty("choices")[0].GetProperty("finish_reason").GetString());
         Assert.Equal(2, stopped.GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+        var atOnce = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 4, ignore_eos = true, temperature = 0, stop_token_ids = new[] { greedy[0] } });
+        Assert.Equal(1, atOnce.GetProperty("usage").GetProperty("completion_tokens").GetInt32());
+        var held = await S.PostJsonAsync("v1/completions", new { prompt = ids, max_tokens = 4, ignore_eos = true, temperature = 0, stop_token_ids = new[] { greedy[0] }, min_tokens = 3 });
+        Assert.True(held.GetProperty("usage").GetProperty("completion_tokens").GetInt32() >= 3);
         Assert.Equal(greedy, await Tokens(new { temperature = 1, seed = 9, min_p = 1 }));
     }
 

@@ -100,6 +100,14 @@ public static class Sampler
                     biasIds.Add(id);
                     biasValues.Add(value);
                 }
+            // min_tokens: the stop ids are masked out until the row has generated that many.
+            if (steps[b] < p.MinTokens)
+                foreach (var id in p.StopTokenIds.Where(id => id < vocab).Distinct())
+                {
+                    biasRows.Add(b);
+                    biasIds.Add(id);
+                    biasValues.Add(float.NegativeInfinity);
+                }
             if (k < vocab) { anyTopK = true; maxTopK = Math.Max(maxTopK, k); }
             anyTopP |= topP < 1f;
         }

@@ -30,6 +30,9 @@ public sealed record SamplingParams
     /// Greater than 0; 1 = off.</summary>
     public float RepetitionPenalty { get; init; } = 1f;
 
+    /// <summary>vLLM's min_tokens: until this many tokens are generated, the stop token ids cannot be sampled.</summary>
+    public int MinTokens { get; init; }
+
     /// <summary>min-p sampling (vLLM's min_p): after temperature, drop tokens less likely than MinP times the most
     /// likely one. In [0, 1]; 0 = off.</summary>
     public float MinP { get; init; }
@@ -98,6 +101,8 @@ public sealed record SamplingParams
             throw new ArgumentException($"prompt logprobs must be between 0 and {MaxLogprobs}; got {PromptLogprobs}.", nameof(PromptLogprobs));
         if (!(RepetitionPenalty > 0f && float.IsFinite(RepetitionPenalty)))
             throw new ArgumentException($"repetition_penalty must be a finite number > 0 (1 = off); got {RepetitionPenalty}.", nameof(RepetitionPenalty));
+        if (MinTokens < 0 || MinTokens > MaxTokens)
+            throw new ArgumentException($"min_tokens must be between 0 and max_tokens ({MaxTokens}); got {MinTokens}.", nameof(MinTokens));
         if (!(MinP >= 0f && MinP <= 1f))
             throw new ArgumentException($"min_p must be in [0, 1]; got {MinP}.", nameof(MinP));
         if (LogitBias is not null)

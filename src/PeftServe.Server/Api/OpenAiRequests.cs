@@ -25,6 +25,8 @@ public sealed record GenerationSettings
     public int? Logprobs { get; init; }
     /// <summary>Null, or the prompt's log probabilities with this many alternatives (completions' echo with logprobs).</summary>
     public int? PromptLogprobs { get; init; }
+    /// <summary>vLLM's min_tokens: no stop token id before this many tokens.</summary>
+    public int MinTokens { get; init; }
     /// <summary>vLLM's repetition_penalty (1 = off).</summary>
     public float RepetitionPenalty { get; init; } = 1f;
     /// <summary>vLLM's min_p (0 = off).</summary>
@@ -58,7 +60,7 @@ public static class OpenAiRequests
     /// caller's own records and changes nothing generated.</summary>
     private static readonly string[] CommonParameters =
         ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
-         "ignore_eos", "stream", "stream_options", "n", "user", "logprobs", "logit_bias", "min_p", "stop_token_ids", "repetition_penalty"];
+         "ignore_eos", "stream", "stream_options", "n", "user", "logprobs", "logit_bias", "min_p", "stop_token_ids", "repetition_penalty", "min_tokens"];
     /// <summary>OpenAI's limit on logit_bias entries.</summary>
     public const int MaxLogitBias = 300;
     private static readonly string[] CompletionParameters = ["prompt", "echo", "best_of"];
@@ -245,6 +247,7 @@ public static class OpenAiRequests
             Logprobs = Logprobs(root, chat),
             MinP = Float(root, "min_p") ?? 0f,
             RepetitionPenalty = Float(root, "repetition_penalty") ?? 1f,
+            MinTokens = Int(root, "min_tokens") ?? 0,
             LogitBias = LogitBias(root),
             StopTokenIds = TokenIds(root, "stop_token_ids"),
             Model = String(root, "model"),
@@ -331,6 +334,7 @@ public static class OpenAiRequests
         if (s.Stop.Count > MaxStopStrings) throw new ApiException(400, $"at most {MaxStopStrings} stop sequences", "stop");
         if (s.Stop.Any(x => x.Length == 0)) throw new ApiException(400, "stop sequences must not be empty", "stop");
         if (!(s.MinP >= 0 && s.MinP <= 1)) throw new ApiException(400, $"min_p must be between 0 and 1; got {s.MinP}", "min_p");
+        if (s.MinTokens < 0 || s.MinTokens > s.MaxTokens) throw new ApiException(400, $"min_tokens must be from 0 to max_tokens; got {s.MinTokens}", "min_tokens");
         if (!(s.RepetitionPenalty > 0 && s.RepetitionPenalty <= 100)) throw new ApiException(400, $"repetition_penalty must be above 0 and at most 100 (1 = off); got {s.RepetitionPenalty}", "repetition_penalty");
     }
 

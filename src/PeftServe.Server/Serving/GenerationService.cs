@@ -65,6 +65,9 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
             throw new ApiException(400, $"the prompt has {prompt.Count} tokens; this model holds at most {host.Engine.MaxColumns} tokens per sequence", "messages", "context_length_exceeded");
         if (s.MaxTokens is { } asked && asked > room)
             throw new ApiException(400, $"this model holds at most {host.Engine.MaxColumns} tokens per sequence; the prompt has {prompt.Count}, so max_tokens can be at most {room} (got {asked})", "max_tokens", "context_length_exceeded");
+        int maxTokens = s.MaxTokens ?? Math.Min(defaultMaxTokens, room);
+        if (s.MinTokens > maxTokens)
+            throw new ApiException(400, $"min_tokens ({s.MinTokens}) is more than max_tokens ({maxTokens})", "min_tokens");
         int vocab = host.Tokenizer.VocabSize;
         if (s.LogitBias?.Keys.FirstOrDefault(id => id >= vocab) is { } badBias && badBias >= vocab)
             throw new ApiException(400, $"logit_bias names token {badBias}; the vocabulary has {vocab} tokens", "logit_bias");
@@ -82,7 +85,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 TopP = s.TopP,
                 TopK = s.TopK,
                 Seed = s.Seed is { } seed ? unchecked((ulong)seed) : null,
-                MaxTokens = s.MaxTokens ?? Math.Min(defaultMaxTokens, room),
+                MaxTokens = maxTokens,
                 StopTokenIds = [.. (s.IgnoreEos ? [] : host.Tokenizer.EosTokenIds).Concat(s.StopTokenIds).Distinct()],
                 PresencePenalty = s.PresencePenalty,
                 FrequencyPenalty = s.FrequencyPenalty,
@@ -90,6 +93,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 PromptLogprobs = s.PromptLogprobs,
                 MinP = s.MinP,
                 RepetitionPenalty = s.RepetitionPenalty,
+                MinTokens = s.MinTokens,
                 LogitBias = s.LogitBias,
             },
         };

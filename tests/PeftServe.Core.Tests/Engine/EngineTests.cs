@@ -328,6 +328,21 @@ public sealed class EngineTests(TinyLlamaFixture f) : IClassFixture<TinyLlamaFix
         Assert.NotEqual(plain, got);
     }
 
+    /// <summary>min_tokens holds the stop ids back until that many tokens exist: a stop id the model would pick first
+    /// ends a plain request at once, but not one with min_tokens.</summary>
+    [Fact]
+    public async Task MinTokensHoldsTheStopIdsBack()
+    {
+        await using var engine = NewEngine();
+        var greedy = Expected("greedy_base");
+        var stopAtOnce = await engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(8) with { StopTokenIds = [greedy[0]] } }).CollectAsync();
+        Assert.Equal([greedy[0]], stopAtOnce.Ids);
+        var held = await engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(8) with { StopTokenIds = [greedy[0]], MinTokens = 3 } }).CollectAsync();
+        Assert.True(held.Ids.Count >= 3);
+        Assert.DoesNotContain(greedy[0], held.Ids.Take(3));
+        Assert.Throws<ArgumentException>(() => engine.Submit(new GenerationRequest { PromptIds = Prompt, Sampling = SamplingParams.Greedy(2) with { MinTokens = 3 } }));
+    }
+
     [Fact]
     public void LogprobsBeyondTwentyAreRefused() =>
         Assert.Throws<ArgumentException>(() => new SamplingParams { Logprobs = 21 }.Validate());
