@@ -27,6 +27,10 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         var ids = models.Select(m => m.Id).ToList();
         Assert.Equal("tiny-llama", ids[0]);
         Assert.Equal(TestServer.StoreAdapters.Order(StringComparer.Ordinal), ids.Skip(1));
+        // vLLM's cards also say how long a sequence may be.
+        var host = (Hosting.ModelHost)S.App.Services.GetService(typeof(Hosting.ModelHost))!;
+        var raw = await S.Http.GetFromJsonAsync<JsonElement>("v1/models");
+        Assert.All(raw.GetProperty("data").EnumerateArray(), m => Assert.Equal(host.Engine.MaxColumns, m.GetProperty("max_model_len").GetInt32()));
     }
 
     [Fact]

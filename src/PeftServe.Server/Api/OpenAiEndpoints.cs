@@ -15,18 +15,19 @@ public static class OpenAiEndpoints
         app.MapGet("/v1/models", (ModelHost host) =>
         {
             long created = host.LoadedAt.ToUnixTimeSeconds();
-            var data = new List<object> { new { id = host.ModelName, @object = "model", created, owned_by = "peftserve", root = host.ModelName, parent = (string?)null } };
+            int maxModelLen = host.Engine.MaxColumns;   // as vLLM's model cards say it
+            var data = new List<object> { new { id = host.ModelName, @object = "model", created, owned_by = "peftserve", root = host.ModelName, parent = (string?)null, max_model_len = maxModelLen } };
             data.AddRange(host.Store.List().Select(a => (object)new
             {
                 id = a.Name, @object = "model", created = a.Created.ToUnixTimeSeconds(), owned_by = "peftserve", root = host.ModelName, parent = host.ModelName,
-                peft_type = a.PeftType,
+                max_model_len = maxModelLen, peft_type = a.PeftType,
             }));
             return Results.Ok(new { @object = "list", data });
         });
         app.MapGet("/v1/models/{id}", (string id, ModelHost host, GenerationService gen) =>
         {
             var (modelId, adapter) = gen.ResolveModel(id);
-            return Results.Ok(new { id = modelId, @object = "model", created = host.LoadedAt.ToUnixTimeSeconds(), owned_by = "peftserve", root = host.ModelName, parent = adapter is null ? null : host.ModelName });
+            return Results.Ok(new { id = modelId, @object = "model", created = host.LoadedAt.ToUnixTimeSeconds(), owned_by = "peftserve", root = host.ModelName, parent = adapter is null ? null : host.ModelName, max_model_len = host.Engine.MaxColumns });
         });
         app.MapPost("/v1/completions", Completions);
         app.MapPost("/v1/chat/completions", ChatCompletions);
