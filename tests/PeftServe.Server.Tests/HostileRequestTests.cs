@@ -153,7 +153,7 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
     }
 
     [Theory]
-    [InlineData("response_format", """{"type": "json_object"}""")]
+    [InlineData("response_format", """{"type": "json_object", "schema": {}}""")]
     [InlineData("response_format", """{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}""")]
     [InlineData("tool_choice", "\"auto\"")]
     [InlineData("functions", """[{"name": "f"}]""")]

@@ -101,6 +101,9 @@ public sealed class LoraxApiTests(ServerFixture fixture) : IClassFixture<ServerF
         Assert.Equal(openAi.GetProperty("choices")[0].GetProperty("text").GetString(), repeated.GetProperty("generated_text").GetString());
         Assert.NotEqual(greedy, repeated.GetProperty("generated_text").GetString());
 
+        var json = await Generate(new() { ["max_new_tokens"] = 10, ["response_format"] = new Dictionary<string, object?> { ["type"] = "json_object", ["schema"] = null } });
+        Assert.StartsWith("{", json.GetProperty("generated_text").GetString()!.TrimStart());
+
         var truncated = await Generate(new() { ["max_new_tokens"] = 2, ["truncate"] = 2, ["details"] = true });
         Assert.Equal(2, truncated.GetProperty("details").GetProperty("prompt_tokens").GetInt32());
     }
@@ -113,6 +116,7 @@ public sealed class LoraxApiTests(ServerFixture fixture) : IClassFixture<ServerF
     [InlineData("adapter_source", "\"hub\"", 400, "validation")]
     [InlineData("merged_adapters", "{\"ids\": [\"a\"], \"weights\": [1], \"density\": 1}", 400, "validation")]
     [InlineData("top_p", "1.5", 400, "validation")]
+    [InlineData("response_format", "{\"type\": \"json_object\", \"schema\": {\"type\": \"object\"}}", 400, "validation")]
     [InlineData("no_such_parameter", "1", 400, "validation")]
     [InlineData("adapter_id", "\"not-in-the-store\"", 404, null)]
     public async Task RefusalsUseTgisErrorBody(string name, string value, int status, string? type)

@@ -396,6 +396,30 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         Assert.Equal(greedy, await Tokens(new { temperature = 1, seed = 9, min_p = 1 }));
     }
 
+    /// <summary>JSON mode: the answer is a prefix of one JSON object, and a whole one when it stops (here the braces are
+    /// made likely, so it closes at once); a JSON schema is refused by name.</summary>
+    [Fact]
+    public async Task JsonModeHoldsTheAnswerToOneObject()
+    {
+        var messages = new[] { new { role = "user", content = "Give me JSON" } };
+        for (int seed = 0; seed < 3; seed++)
+        {
+            var answer = await S.PostJsonAsync("v1/chat/completions", new { messages, max_tokens = 24, seed, response_format = new { type = "json_object" } });
+            var content = answer.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString()!;
+            Assert.StartsWith("{", content.TrimStart());
+            if (answer.GetProperty("choices")[0].GetProperty("finish_reason").GetString() == "stop") JsonDocument.Parse(content).Dispose();
+        }
+        var host = (Hosting.ModelHost)S.App.Services.GetService(typeof(Hosting.ModelHost))!;
+        var braces = new[] { "{", "}" }.ToDictionary(b => host.Tokenizer.Encode(b, addSpecialTokens: false).Single().ToString(), _ => 50);
+        var closed = await S.PostJsonAsync("v1/chat/completions", new { messages, max_tokens = 24, temperature = 0, logit_bias = braces, response_format = new { type = "json_object" } });
+        Assert.Equal("stop", closed.GetProperty("choices")[0].GetProperty("finish_reason").GetString());
+        Assert.Equal("{}", closed.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString()!.Trim());
+
+        using var schema = await S.Http.PostAsJsonAsync("v1/chat/completions", new { messages, response_format = new { type = "json_schema", json_schema = new { name = "x", schema = new { } } } });
+        Assert.Equal(HttpStatusCode.BadRequest, schema.StatusCode);
+        Assert.Equal("response_format", (await schema.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error").GetProperty("param").GetString());
+    }
+
     [Fact]
     public async Task TokenIdPromptsAndEchoAreAccepted()
     {

@@ -313,9 +313,11 @@ internal sealed class ModelRunner : IDisposable
 
     // ------------------------------------------------------------------ sampling
 
+    /// <summary>The rows' sampling parameters on the device, and JSON mode's masks for rows in it (a prefill row
+    /// whose chunk does not end its prompt samples nothing that counts, but gets its mask all the same).</summary>
     private SamplingBatch PrepareSampling(IReadOnlyList<Sequence> rows) =>
         Sampler.Prepare(rows.Select(s => s.Sampling).ToList(), rows.Select(s => s.Seed).ToList(), rows.Select(s => (long)s.Generated).ToList(),
-            _model.Config.VocabSize, _model.Device);
+            _model.Config.VocabSize, _model.Device, rows.Any(s => s.Json is not null) ? rows.Select(s => s.Json?.Allowed()).ToList() : null);
 
     /// <summary>Samples every row, adds the tokens to the penalty counts of the rows that keep some (a
     /// prompt chunk that is not the last holds no row, so its draw is not counted), and reads the ids back:

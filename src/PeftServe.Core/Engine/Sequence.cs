@@ -50,6 +50,9 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     public int Remaining => Columns - Cached;
     public bool InPrefill => Remaining > 1 || Generated == 0;
 
+    /// <summary>JSON mode's recognizer (null without it).</summary>
+    public JsonObjectConstraint? Json { get; set; }
+
     private StreamingDecoder? _decoder;
     private readonly StringBuilder _held = new();
 
@@ -59,6 +62,7 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     public bool Accept(int token, int maxColumns, TokenLogprob? logprob = null)
     {
         Tokens.Add(token);
+        Json?.Advance(token);
         int index = Generated - 1;
         if (index == 0 && PromptLogprobs is not null) Stream.PromptLogprobs = PromptLogprobs;
         bool stopToken = Sampling.StopTokenIds.Contains(token);

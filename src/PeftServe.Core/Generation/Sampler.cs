@@ -49,7 +49,9 @@ public static class Sampler
     /// Validates and packs the per-row parameters and uploads them (two small copies), before the forward
     /// pass whose logits they will sample is queued: nothing is uploaded after it.
     /// </summary>
-    public static SamplingBatch Prepare(IReadOnlyList<SamplingParams> rows, IReadOnlyList<ulong> seeds, IReadOnlyList<long> steps, long vocab, Device device)
+    /// <param name="allowed">Optional per row: which token ids may be sampled (JSON mode); null rows allow all.</param>
+    public static SamplingBatch Prepare(IReadOnlyList<SamplingParams> rows, IReadOnlyList<ulong> seeds, IReadOnlyList<long> steps, long vocab, Device device,
+        IReadOnlyList<bool[]?>? allowed = null)
     {
         ArgumentNullException.ThrowIfNull(rows);
         ArgumentNullException.ThrowIfNull(seeds);
@@ -119,8 +121,24 @@ public static class Sampler
         var biasValue = biasRows.Count > 0 ? Upload(biasValues.ToArray(), [biasValues.Count], device) : null;
         return new SamplingBatch(batch, vocab, floatParams, longParams, anySampled, anyTopK, anyTopP, anyPenalty, maxTopK)
         {
-            AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue,
+            AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue, Allowed = AllowedMask(allowed, batch, vocab, device),
         };
+    }
+
+    /// <summary>[B, V] bool of the tokens each row may take, or null when no row is restricted.</summary>
+    private static Tensor? AllowedMask(IReadOnlyList<bool[]?>? allowed, int batch, long vocab, Device device)
+    {
+        if (allowed is null || allowed.All(a => a is null)) return null;
+        if (allowed.Count != batch) throw new ArgumentException($"allowed has {allowed.Count} rows; the batch has {batch}.", nameof(allowed));
+        var flat = new byte[batch * vocab];
+        for (int b = 0; b < batch; b++)
+        {
+            var row = allowed[b];
+            for (long v = 0; v < vocab; v++) flat[b * vocab + v] = (byte)(row is null || (v < row.Length && row[v]) ? 1 : 0);
+        }
+        using var host = tensor(flat, [batch, vocab]);
+        using var onDevice = Upload(host.clone(), device);
+        return onDevice.to_type(ScalarType.Bool).DetachFromDisposeScope();
     }
 
     private static Tensor Upload(float[] values, long[] shape, Device device) => Upload(tensor(values, shape), device);
@@ -166,6 +184,8 @@ public static class Sampler
         if (tokenCounts is not null && batch.AnyPenalty)
             x = ApplyPenalties(x, tokenCounts.to(device), batch.Floats![2].unsqueeze(1), batch.Floats[3].unsqueeze(1),
                 batch.Floats[5].unsqueeze(1), promptTokens?.to(device));
+
+        if (batch.Allowed is { } allowedTokens) x = x.masked_fill(allowedTokens.logical_not(), float.NegativeInfinity);
 
         var greedyIds = x.argmax(1);
         if (!batch.AnySampled)
@@ -273,9 +293,12 @@ public sealed class SamplingBatch(int rows, long vocab, Tensor? floats, Tensor? 
     /// <summary>[2, n] (row, token id) of every logit bias in the batch, and their [n] values; null when none.</summary>
     internal Tensor? BiasIndex { get; init; }
     internal Tensor? BiasValues { get; init; }
+    /// <summary>[B, V] bool: the tokens each row may take (JSON mode); null when no row is restricted.</summary>
+    internal Tensor? Allowed { get; init; }
 
     public void Dispose()
     {
+        Allowed?.Dispose();
         Floats?.Dispose();
         Longs?.Dispose();
         BiasIndex?.Dispose();

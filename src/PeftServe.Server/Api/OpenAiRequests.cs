@@ -25,6 +25,8 @@ public sealed record GenerationSettings
     public int? Logprobs { get; init; }
     /// <summary>Null, or the prompt's log probabilities with this many alternatives (completions' echo with logprobs).</summary>
     public int? PromptLogprobs { get; init; }
+    /// <summary>JSON mode: response_format {"type": "json_object"}.</summary>
+    public bool JsonObject { get; init; }
     /// <summary>vLLM's min_tokens: no stop token id before this many tokens.</summary>
     public int MinTokens { get; init; }
     /// <summary>vLLM's repetition_penalty (1 = off).</summary>
@@ -128,8 +130,9 @@ public static class OpenAiRequests
             if (v.ValueKind == JsonValueKind.Null) continue;
             bool neutral = name switch
             {
-                "response_format" => v.ValueKind == JsonValueKind.Object && v.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String && t.GetString() == "text"
-                                     && v.EnumerateObject().Count() == 1,
+                // "text" (the default) and "json_object" (JSON mode) are served; json_schema is not.
+                "response_format" => v.ValueKind == JsonValueKind.Object && v.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String
+                                     && t.GetString() is "text" or "json_object" && v.EnumerateObject().Count() == 1,
                 "tools" => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0,
                 "tool_choice" => v.ValueKind == JsonValueKind.String && v.GetString() == "none",
                 "parallel_tool_calls" => false,
@@ -248,6 +251,8 @@ public static class OpenAiRequests
             MinP = Float(root, "min_p") ?? 0f,
             RepetitionPenalty = Float(root, "repetition_penalty") ?? 1f,
             MinTokens = Int(root, "min_tokens") ?? 0,
+            JsonObject = root.TryGetProperty("response_format", out var format) && format.ValueKind == JsonValueKind.Object
+                         && format.GetProperty("type").GetString() == "json_object",
             LogitBias = LogitBias(root),
             StopTokenIds = TokenIds(root, "stop_token_ids"),
             Model = String(root, "model"),

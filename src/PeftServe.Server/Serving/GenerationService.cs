@@ -94,6 +94,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 MinP = s.MinP,
                 RepetitionPenalty = s.RepetitionPenalty,
                 MinTokens = s.MinTokens,
+                JsonObject = s.JsonObject,
                 LogitBias = s.LogitBias,
             },
         };
