@@ -44,7 +44,7 @@ public sealed class JsonObjectConstraint(JsonVocabulary vocabulary, IReadOnlyLis
 
 internal enum JsonMode : byte
 {
-    Start, ObjectFirst, ObjectNext, Value, ArrayFirst, AfterKey, AfterValue, InString, Escape, Unicode,
+    Start, Lead, ObjectFirst, ObjectNext, Value, ArrayFirst, AfterKey, AfterValue, InString, Escape, Unicode,
     Literal, NumMinus, NumZero, NumInt, NumDot, NumFrac, NumE, NumESign, NumExp, Done,
 }
 
@@ -62,7 +62,10 @@ internal readonly record struct JsonState(JsonMode Mode, string Stack, bool Key 
         switch (Mode)
         {
             case JsonMode.Start:
-                // The object opens at once: leading whitespace is valid JSON, but a model may never stop producing it.
+                // One whitespace character at most before the object (a SentencePiece "▁{" reads " {" mid-text): more is
+                // valid JSON, but a model may never stop producing it.
+                return c == '{' ? new JsonState(JsonMode.ObjectFirst, "{") : Space(c) ? this with { Mode = JsonMode.Lead } : null;
+            case JsonMode.Lead:
                 return c == '{' ? new JsonState(JsonMode.ObjectFirst, "{") : null;
             case JsonMode.ObjectFirst:
                 return Space(c) ? this : c == '"' ? this with { Mode = JsonMode.InString, Key = true } : c == '}' ? Close() : null;

@@ -12,10 +12,11 @@ namespace PeftServe.Core.Tests.Generation;
 public sealed class JsonConstraintTests
 {
     /// <summary>Whether <paramref name="text"/> can begin a JSON document whose top level is an object opened at once
-    /// (JSON mode allows no leading whitespace), as Utf8JsonReader judges it when told more may follow.</summary>
+    /// (JSON mode allows one whitespace character before it), as Utf8JsonReader judges it when told more may follow.</summary>
     private static bool OracleAccepts(string text)
     {
-        if (text.Length > 0 && text[0] != '{') return false;
+        int lead = text.Length > 0 && text[0] is ' ' or '\t' or '\n' or '\r' ? 1 : 0;
+        if (text.Length > lead && text[lead] != '{') return false;
         var reader = new Utf8JsonReader(Encoding.UTF8.GetBytes(text), isFinalBlock: false, default);
         try
         {
@@ -68,7 +69,8 @@ public sealed class JsonConstraintTests
     [Theory]
     [InlineData("{}", true)]
     [InlineData("{\"a\": [1, -2.5e+3, true, null, {\"b\": \"x\\u00e9\\n\"}]}", true)]
-    [InlineData(" {}", false)]
+    [InlineData(" {}", true)]
+    [InlineData("  {}", false)]
     [InlineData("{\"a\": 01}", false)]
     [InlineData("[1]", false)]
     [InlineData("{\"a\" 1}", false)]
@@ -116,5 +118,39 @@ public sealed class JsonConstraintTests
             using var bare = new InferenceEngine(model, null, new EngineOptions());
             bare.Submit(new GenerationRequest { PromptIds = prompt, Sampling = SamplingParams.Greedy(2) with { JsonObject = true } });
         });
+    }
+}
+
+/// <summary>JSON mode on real vocabularies (Llama 2's SentencePiece with byte fallback, Llama 3's byte-level BPE,
+/// Qwen's): a JSON document as the tokenizer itself splits it is allowed token by token and ends complete, and
+/// prose cannot start an object.</summary>
+public sealed class JsonConstraintRealTokenizerTests
+{
+    [Theory]
+    [InlineData("llama2")]
+    [InlineData("llama3")]
+    [InlineData("qwen3")]
+    public void ADocumentAsTheTokenizerSplitsItIsAllowedStepByStep(string name)
+    {
+        var tokenizer = Tokenizer.FromDirectory(TestData.RealTokenizerDir(name));
+        var vocabulary = JsonVocabulary.For(tokenizer);
+        const string document = "{\"name\": \"Zoë — 東京\", \"tags\": [\"a\\\"b\", \"\\u00e9\"], \"n\": [1, -2.5e3, true, null], \"deep\": {\"x\": {}}}";
+        var ids = tokenizer.Encode(document, addSpecialTokens: false);
+        var stop = tokenizer.EosTokenIds;
+        var json = new JsonObjectConstraint(vocabulary, stop);
+        foreach (var id in ids)
+        {
+            var allowed = json.Allowed()!;
+            Assert.True(allowed[id], $"{name}: token {id} '{tokenizer.Decode([id])}' refused after {json}");
+            json.Advance(id);
+        }
+        Assert.True(json.Complete);
+        var done = json.Allowed()!;
+        Assert.All(stop, id => Assert.True(done[id]));
+        Assert.Equal(stop.Count, done.Count(a => a));
+
+        var start = new JsonObjectConstraint(vocabulary, stop).Allowed()!;
+        Assert.True(start[tokenizer.Encode("{", addSpecialTokens: false)[^1]]);
+        Assert.False(start[tokenizer.Encode("Hello", addSpecialTokens: false)[^1]]);
     }
 }
