@@ -67,7 +67,7 @@ public static class Sampler
         // longs:  [0] top_k in [1, V] (V = off), [1] seed (bits of the ulong), [2] step
         var floats = new float[6 * batch];
         var longs = new long[3 * batch];
-        bool anySampled = false, anyTopK = false, anyTopP = false, anyPenalty = false, anyMinP = false;
+        bool anySampled = false, anyTopK = false, anyTopP = false, anyPenalty = false, anyMinP = false, allSampledTopK = true;
         var biasRows = new List<long>();
         var biasIds = new List<long>();
         var biasValues = new List<float>();
@@ -112,6 +112,7 @@ public static class Sampler
                 }
             if (k < vocab) { anyTopK = true; maxTopK = Math.Max(maxTopK, k); }
             anyTopP |= topP < 1f;
+            allSampledTopK &= p.IsGreedy || k < vocab;
         }
         // Greedy-only batches need no parameters on the device at all.
         var floatParams = anySampled || anyPenalty ? Upload(floats, [6, batch], device) : null;
@@ -122,6 +123,7 @@ public static class Sampler
         return new SamplingBatch(batch, vocab, floatParams, longParams, anySampled, anyTopK, anyTopP, anyPenalty, maxTopK)
         {
             AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue, Allowed = AllowedMask(allowed, batch, vocab, device),
+            AllSampledTopK = allSampledTopK && anyTopK,
         };
     }
 
@@ -201,8 +203,11 @@ public static class Sampler
         Tensor? cutoff = null; // [B, 1]: keep tokens with scaled >= cutoff
         if (batch.AnyTopP)
         {
-            var sorted = scaled.sort(1, descending: true).Values;
-            var positions = arange(vocab, dtype: ScalarType.Int64, device: device).unsqueeze(0);
+            // When every sampled row keeps a top-k, the nucleus lies within the best max-k tokens: sorting those is
+            // exact and much cheaper than sorting the vocabulary (greedy rows' cutoffs are never used).
+            long width = batch.AllSampledTopK ? batch.MaxTopK : vocab;
+            var sorted = width < vocab ? scaled.topk(checked((int)width), dim: 1).values : scaled.sort(1, descending: true).Values;
+            var positions = arange(width, dtype: ScalarType.Int64, device: device).unsqueeze(0);
             var sortedTopK = sorted.masked_fill(positions >= kTensor.unsqueeze(1), float.NegativeInfinity);
             var cumulative = sortedTopK.softmax(1).cumsum(1);
             var topP = floatParams[1];
@@ -211,7 +216,7 @@ public static class Sampler
             // also protects against the cumulative sum ending a rounding error below 1.
             var prefix = (cumulative < topP.unsqueeze(1)).sum(1, type: ScalarType.Int64) + 1L;
             prefix = where(topP >= 1f, full_like(prefix, vocab), prefix);
-            var keep = minimum(prefix, kTensor); // top-k applies too (the probabilities above were top-k renormalised)
+            var keep = minimum(prefix, kTensor).clamp_max(width); // top-k applies too (the probabilities above were top-k renormalised)
             cutoff = sorted.gather(1, (keep - 1L).unsqueeze(1));
         }
         else if (batch.AnyTopK)
@@ -290,6 +295,8 @@ public sealed class SamplingBatch(int rows, long vocab, Tensor? floats, Tensor? 
     public bool AnyPenalty { get; } = anyPenalty;
     public long MaxTopK { get; } = maxTopK;
     public bool AnyMinP { get; init; }
+    /// <summary>Every sampled row keeps a top-k (so top-p needs only the best <see cref="MaxTopK"/> tokens sorted).</summary>
+    public bool AllSampledTopK { get; init; }
     /// <summary>[2, n] (row, token id) of every logit bias in the batch, and their [n] values; null when none.</summary>
     internal Tensor? BiasIndex { get; init; }
     internal Tensor? BiasValues { get; init; }

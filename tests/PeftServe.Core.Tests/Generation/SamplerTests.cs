@@ -193,6 +193,26 @@ public class SamplerTests
         Assert.Equal([0L, 1L, 2L], seen.Order());
     }
 
+    /// <summary>When every sampled row keeps a top-k, top-p sorts only the best max-k tokens: the draws are exactly
+    /// those of the full sort (forced here by one more row without top-k in the batch), over many steps.</summary>
+    [Fact]
+    public void TopPWithinTopKDrawsAsTheFullSortDoes()
+    {
+        const int batch = 8, vocab = 300;
+        var logits = RandomLogits(11, batch + 1, vocab, scale: 2f);
+        var rows = Enumerable.Range(0, batch).Select(i => i == 3 ? SamplingParams.Greedy(4)
+            : new SamplingParams { Temperature = 0.7f + 0.1f * i, TopK = 5 + 7 * i, TopP = 0.5f + 0.06f * i }).ToArray();
+        var withFullSort = rows.Append(new SamplingParams { Temperature = 1f, TopP = 0.8f }).ToArray();
+        for (int step = 0; step < 200; step++)
+        {
+            var steps = Enumerable.Repeat((long)step, batch + 1).ToArray();
+            var seeds = Enumerable.Range(0, batch + 1).Select(i => (ulong)(i + 100)).ToArray();
+            var narrow = Run(logits[..batch], rows, seeds[..batch], steps[..batch]);
+            var full = Run(logits, withFullSort, seeds, steps);
+            Assert.Equal(full[..batch], narrow);
+        }
+    }
+
     [Fact]
     public void GreedyAndSampledRowsMixInOneBatch()
     {
