@@ -154,7 +154,8 @@ public sealed class HostileRequestTests(ServerFixture fixture) : IClassFixture<S
 
     [Theory]
     [InlineData("response_format", """{"type": "json_object", "schema": {}}""")]
-    [InlineData("response_format", """{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}""")]
+    [InlineData("response_format", """{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}}}""")]
+    [InlineData("response_format", """{"type": "xml"}""")]
     [InlineData("tool_choice", "\"auto\"")]
     [InlineData("functions", """[{"name": "f"}]""")]
     [InlineData("service_tier", "\"auto\"")]

@@ -103,6 +103,12 @@ public sealed class LoraxApiTests(ServerFixture fixture) : IClassFixture<ServerF
 
         var json = await Generate(new() { ["max_new_tokens"] = 10, ["response_format"] = new Dictionary<string, object?> { ["type"] = "json_object", ["schema"] = null } });
         Assert.StartsWith("{", json.GetProperty("generated_text").GetString()!.TrimStart());
+        var schema = new Dictionary<string, object?> { ["type"] = "object", ["properties"] = new { a = new { @enum = new[] { "b" } } }, ["required"] = new[] { "a" }, ["additionalProperties"] = false };
+        var host = (Hosting.ModelHost)S.App.Services.GetService(typeof(Hosting.ModelHost))!;
+        var held = await Generate(new() { ["max_new_tokens"] = 30, ["response_format"] = new Dictionary<string, object?> { ["type"] = "json_object", ["schema"] = schema },
+            ["stop"] = Array.Empty<string>() });
+        var text = held.GetProperty("generated_text").GetString()!;
+        Assert.Matches("^\\s?\\{\\s*\"(a(\"\\s*(:\\s*(\"(b\"?)?)?)?)?)?", text);   // a prefix of the one object the schema allows
 
         var truncated = await Generate(new() { ["max_new_tokens"] = 2, ["truncate"] = 2, ["details"] = true });
         Assert.Equal(2, truncated.GetProperty("details").GetProperty("prompt_tokens").GetInt32());
@@ -116,7 +122,7 @@ public sealed class LoraxApiTests(ServerFixture fixture) : IClassFixture<ServerF
     [InlineData("adapter_source", "\"hub\"", 400, "validation")]
     [InlineData("merged_adapters", "{\"ids\": [\"a\"], \"weights\": [1], \"density\": 1}", 400, "validation")]
     [InlineData("top_p", "1.5", 400, "validation")]
-    [InlineData("response_format", "{\"type\": \"json_object\", \"schema\": {\"type\": \"object\"}}", 400, "validation")]
+    [InlineData("response_format", "{\"type\": \"json_object\", \"schema\": {\"type\": \"object\", \"maxProperties\": 3}}", 400, "validation")]
     [InlineData("no_such_parameter", "1", 400, "validation")]
     [InlineData("adapter_id", "\"not-in-the-store\"", 404, null)]
     public async Task RefusalsUseTgisErrorBody(string name, string value, int status, string? type)

@@ -397,7 +397,8 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
     }
 
     /// <summary>JSON mode: the answer is a prefix of one JSON object, and a whole one when it stops (here the braces are
-    /// made likely, so it closes at once); a JSON schema is refused by name.</summary>
+    /// made likely, so it closes at once). A JSON schema (response_format json_schema, or vLLM's guided_json) is held;
+    /// one with a keyword that cannot be held is refused by name.</summary>
     [Fact]
     public async Task JsonModeHoldsTheAnswerToOneObject()
     {
@@ -415,9 +416,28 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         Assert.Equal("stop", closed.GetProperty("choices")[0].GetProperty("finish_reason").GetString());
         Assert.Equal("{}", closed.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString()!.Trim());
 
-        using var schema = await S.Http.PostAsJsonAsync("v1/chat/completions", new { messages, response_format = new { type = "json_schema", json_schema = new { name = "x", schema = new { } } } });
-        Assert.Equal(HttpStatusCode.BadRequest, schema.StatusCode);
-        Assert.Equal("response_format", (await schema.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error").GetProperty("param").GetString());
+        // A schema: held exactly (this one allows one object; whitespace is made unlikely so greedy decoding ends it).
+        var blanks = Enumerable.Range(0, host.Tokenizer.VocabSize).Where(id => !host.Tokenizer.IsSpecial(id) && host.Tokenizer.Decode([id]) is { Length: > 0 } t && string.IsNullOrWhiteSpace(t))
+            .ToDictionary(id => id.ToString(), _ => -100);
+        var schema = new { type = "object", properties = new { a = new { @const = "b" } }, required = new[] { "a" }, additionalProperties = false };
+        var held = await S.PostJsonAsync("v1/chat/completions", new { messages, max_tokens = 30, temperature = 0, logit_bias = blanks,
+            response_format = new { type = "json_schema", json_schema = new { name = "only", schema, strict = true } } });
+        static void IsTheOnlyObject(string text)
+        {
+            using var doc = JsonDocument.Parse(text);
+            Assert.Equal("a", doc.RootElement.EnumerateObject().Single().Name);
+            Assert.Equal("b", doc.RootElement.GetProperty("a").GetString());
+        }
+        IsTheOnlyObject(held.GetProperty("choices")[0].GetProperty("message").GetProperty("content").GetString()!);
+        Assert.Equal("stop", held.GetProperty("choices")[0].GetProperty("finish_reason").GetString());
+        var guided = await S.PostJsonAsync("v1/completions", new { prompt = "x", max_tokens = 30, temperature = 0, logit_bias = blanks, guided_json = schema });
+        IsTheOnlyObject(guided.GetProperty("choices")[0].GetProperty("text").GetString()!);
+
+        using var refused = await S.Http.PostAsJsonAsync("v1/chat/completions", new { messages, response_format = new { type = "json_schema", json_schema = new { name = "x", schema = new { type = "object", minProperties = 2 } } } });
+        Assert.Equal(HttpStatusCode.BadRequest, refused.StatusCode);
+        var error = (await refused.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error");
+        Assert.Equal("response_format", error.GetProperty("param").GetString());
+        Assert.Contains("minProperties", error.GetProperty("message").GetString());
     }
 
     [Fact]

@@ -120,7 +120,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         if (prompt.Count + 1 > MaxColumns)
             throw new ArgumentException($"the prompt has {prompt.Count} tokens; this engine holds at most {MaxColumns} tokens per sequence");
         if (request.StopStrings is null || request.StopStrings.Any(s => s is null)) throw new ArgumentException("stop strings must not be null");
-        if (sampling.JsonObject && _tokenizer is null) throw new ArgumentException("JSON mode needs the engine to have the model's tokenizer");
+        if (sampling.Json is not null && _tokenizer is null) throw new ArgumentException("guided JSON needs the engine to have the model's tokenizer");
         string? adapterPath = string.IsNullOrEmpty(request.Adapter) ? null : _adapters.Resolve(request.Adapter);
 
         if (Interlocked.Increment(ref _queued) > _options.MaxQueueLength)
@@ -132,7 +132,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
         var stream = new GenerationStream(id, prompt.Count);
         var seq = new Sequence(request, stream, sampling, adapterPath, Interlocked.Increment(ref _order));
         seq.AttachTokenizer(_tokenizer);
-        if (sampling.JsonObject) seq.Json = new JsonObjectConstraint(JsonVocabulary.For(_tokenizer!), sampling.StopTokenIds);
+        if (sampling.Json is { } schema) seq.Json = new JsonConstraint(JsonVocabulary.For(_tokenizer!), schema, sampling.StopTokenIds);
         _incoming.Enqueue(seq);
         if (cancellation.CanBeCanceled)
             seq.Registration = cancellation.Register(() => { seq.CancelRequested = true; _wake.Release(); });

@@ -50,8 +50,8 @@ internal sealed class Sequence(GenerationRequest request, GenerationStream strea
     public int Remaining => Columns - Cached;
     public bool InPrefill => Remaining > 1 || Generated == 0;
 
-    /// <summary>JSON mode's recognizer (null without it).</summary>
-    public JsonObjectConstraint? Json { get; set; }
+    /// <summary>Guided JSON's recognizer (null without it).</summary>
+    public JsonConstraint? Json { get; set; }
 
     private StreamingDecoder? _decoder;
     private readonly StringBuilder _held = new();

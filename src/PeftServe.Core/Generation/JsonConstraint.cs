@@ -1,158 +1,336 @@
 using System.Collections.Concurrent;
 using System.Runtime.CompilerServices;
+using System.Text;
 using PeftServe.Core.Tokenization;
+using Node = PeftServe.Core.Generation.JsonSchema.Node;
+using JsonTypes = PeftServe.Core.Generation.JsonSchema.JsonTypes;
 
 namespace PeftServe.Core.Generation;
 
 /// <summary>
-/// JSON mode (OpenAI's <c>response_format: {"type": "json_object"}</c>): the output is held to a prefix of one JSON
-/// object. Before each step the tokens that would break that are masked out; once the object is closed only the
-/// stop tokens remain, so generation ends there (or, without stop tokens, goes on in whitespace).
+/// Guided JSON decoding: the output is held to a prefix of one JSON object that a <see cref="JsonSchema"/> allows
+/// (JSON mode is the schema "any object"). Before each step the tokens that would break that are masked out; once
+/// the object is closed only the stop tokens remain, so generation ends there (or, without stop tokens, goes on in
+/// whitespace).
 /// <para>
-/// The check is a small pushdown recognizer of RFC 8259 run over each candidate token's text as it reads in the
-/// middle of a text (<see cref="JsonVocabulary"/>). Why our own: the JSON readers at hand (System.Text.Json) check a
-/// finished or streamed document, but cannot be asked "would this continuation still be valid?" for every token of
-/// the vocabulary cheaply; masks are cached by recognizer state, and inside strings (most steps) a per-token flag
-/// answers without running the recognizer.
+/// The check is a pushdown recognizer of JSON that also follows the schema (which keys, which types, which values),
+/// run over each candidate token's text as it reads in the middle of a text (<see cref="JsonVocabulary"/>). anyOf
+/// makes it nondeterministic, so its state is a set of deterministic states. Why our own: the JSON readers at hand
+/// (System.Text.Json) check a finished or streamed document, but cannot be asked "would this continuation still be
+/// valid?" for every token of a vocabulary; masks are cached by state, and inside free strings (most steps) a
+/// per-token flag answers without running the recognizer.
 /// </para>
 /// </summary>
-public sealed class JsonObjectConstraint(JsonVocabulary vocabulary, IReadOnlyList<int> stopTokenIds)
+public sealed class JsonConstraint(JsonVocabulary vocabulary, JsonSchema schema, IReadOnlyList<int> stopTokenIds)
 {
-    private JsonState? _state = JsonState.Start;
+    private JsonStates? _states = JsonStates.Start(schema.Root);
 
     /// <summary>Whether the object is complete.</summary>
-    public bool Complete => _state is { Mode: JsonMode.Done };
+    public bool Complete => _states?.Done == true;
 
-    /// <summary>False once a token outside the mask was taken (it cannot be, unless the mask was empty): no mask then.</summary>
-    public bool Holding => _state is not null;
-
-    /// <summary>Which tokens may come next (indexed by id, the vocabulary's size); null when nothing is held.</summary>
-    public bool[]? Allowed()
-    {
-        if (_state is not { } state) return null;
-        return vocabulary.Mask(state, stopTokenIds);
-    }
+    /// <summary>Which tokens may come next (indexed by id, the vocabulary's size); null when nothing is held (a token
+    /// outside the mask was taken, which happens only when the mask allowed nothing).</summary>
+    public bool[]? Allowed() => _states is { } s ? vocabulary.Mask(s, stopTokenIds) : null;
 
     /// <summary>Moves past a sampled token.</summary>
     public void Advance(int token)
     {
-        if (_state is not { } state) return;
-        if (stopTokenIds.Contains(token)) return;
-        _state = vocabulary.Feed(state, token);
+        if (_states is not { } s || stopTokenIds.Contains(token)) return;
+        _states = vocabulary.Feed(s, token);
+    }
+
+    /// <summary>Feeds text directly (tests): false when it breaks the JSON or the schema.</summary>
+    internal bool Feed(string text)
+    {
+        if (_states is null) return false;
+        _states = _states.Step(text);
+        return _states is not null;
     }
 }
 
 internal enum JsonMode : byte
 {
-    Start, Lead, ObjectFirst, ObjectNext, Value, ArrayFirst, AfterKey, AfterValue, InString, Escape, Unicode,
-    Literal, NumMinus, NumZero, NumInt, NumDot, NumFrac, NumE, NumESign, NumExp, Done,
+    Start, Lead, ObjectFirst, ObjectNext, AfterKey, Value, ArrayFirst, AfterValue,
+    InString, Escape, Unicode, InKey, KeyEscape, KeyUnicode, EnumText, Literal,
+    NumMinus, NumZero, NumInt, NumDot, NumFrac, NumE, NumESign, NumExp, Done,
 }
 
-/// <summary>The recognizer's state: a mode, the open containers ('{' or '[', innermost last), whether a string is a
-/// key, what a literal still needs, how many hex digits a \u escape still needs.</summary>
-internal readonly record struct JsonState(JsonMode Mode, string Stack, bool Key = false, string Rest = "", int Hex = 0)
+/// <summary>An open container: an object (with the keys it has) or an array, and the schema it follows.</summary>
+internal sealed record JsonFrame(bool IsObject, Node Node, string Seen, JsonFrame? Outer)
 {
-    public static readonly JsonState Start = new(JsonMode.Start, "");
+    public bool HasSeen(string key) => Seen.Length > 0 && Seen.Split('\n').Contains(key);
+    public JsonFrame WithKey(string key) => this with { Seen = Seen.Length == 0 ? key : Seen + "\n" + key };
+    public bool RequiredMet => Node.Required.All(HasSeen);
+    /// <summary>Whether another key may still come (after a comma).</summary>
+    public bool MoreKeys => Node.Additional is not null || (Node.Properties?.Keys.Any(k => !HasSeen(k)) ?? false);
+    public string Signature => $"{(IsObject ? 'o' : 'a')}{Node.Id}:{Seen.Replace('\n', ',')}/{Outer?.Signature}";
+}
 
+/// <summary>One deterministic state: a mode, the open containers, the schema of the value being read, and what the
+/// mode needs (a key or enum value read so far, hex digits left, a literal's rest, whether a number is an integer).</summary>
+internal readonly record struct JsonState(JsonMode Mode, JsonFrame? Stack, Node? Value = null, string Text = "", int Hex = 0, string Rest = "", bool Integer = false)
+{
     private static bool Space(char c) => c is ' ' or '\t' or '\n' or '\r';
 
-    /// <summary>The state after <paramref name="c"/>, or null when c cannot come here.</summary>
-    public JsonState? Step(char c)
+    /// <summary>The text of a key that no property has (its text is no longer needed): any text may follow.</summary>
+    public const string OtherKey = "\u0001";
+
+    public string Signature => $"{(int)Mode}|{Value?.Id}|{Text}|{Hex}|{Rest}|{Integer}|{Stack?.Signature}";
+
+    /// <summary>Adds the states after <paramref name="c"/> to <paramref name="next"/> (none when c cannot come here).</summary>
+    public void Step(char c, List<JsonState> next)
     {
         switch (Mode)
         {
             case JsonMode.Start:
                 // One whitespace character at most before the object (a SentencePiece "▁{" reads " {" mid-text): more is
                 // valid JSON, but a model may never stop producing it.
-                return c == '{' ? new JsonState(JsonMode.ObjectFirst, "{") : Space(c) ? this with { Mode = JsonMode.Lead } : null;
+                if (Space(c)) next.Add(this with { Mode = JsonMode.Lead });
+                else StartValue(c, Value!, next);
+                return;
             case JsonMode.Lead:
-                return c == '{' ? new JsonState(JsonMode.ObjectFirst, "{") : null;
+                StartValue(c, Value!, next);
+                return;
             case JsonMode.ObjectFirst:
-                return Space(c) ? this : c == '"' ? this with { Mode = JsonMode.InString, Key = true } : c == '}' ? Close() : null;
+                if (Space(c)) next.Add(this);
+                else if (c == '"') next.Add(this with { Mode = JsonMode.InKey, Text = "" });
+                else if (c == '}' && Stack!.RequiredMet) next.Add(Close());
+                return;
             case JsonMode.ObjectNext:
-                return Space(c) ? this : c == '"' ? this with { Mode = JsonMode.InString, Key = true } : null;
+                if (Space(c)) next.Add(this);
+                else if (c == '"') next.Add(this with { Mode = JsonMode.InKey, Text = "" });
+                return;
+            case JsonMode.InKey:
+                KeyChar(c, next);
+                return;
+            case JsonMode.KeyEscape:
+                if (c == 'u') next.Add(this with { Mode = JsonMode.KeyUnicode, Hex = 4 });
+                else if (c is '"' or '\\' or '/' or 'b' or 'f' or 'n' or 'r' or 't') next.Add(this with { Mode = JsonMode.InKey });
+                return;
+            case JsonMode.KeyUnicode:
+                if (Uri.IsHexDigit(c)) next.Add(Hex == 1 ? this with { Mode = JsonMode.InKey, Hex = 0 } : this with { Hex = Hex - 1 });
+                return;
             case JsonMode.AfterKey:
-                return Space(c) ? this : c == ':' ? this with { Mode = JsonMode.Value } : null;
+                if (Space(c)) next.Add(this);
+                else if (c == ':') next.Add(this with { Mode = JsonMode.Value });
+                return;
             case JsonMode.ArrayFirst:
-                return c == ']' ? Close() : Space(c) ? this : StartValue(c);
+                if (Space(c)) next.Add(this);
+                else if (c == ']') next.Add(Close());
+                else StartValue(c, Stack!.Node.ItemsOrAny, next);
+                return;
             case JsonMode.Value:
-                return Space(c) ? this : StartValue(c);
+                if (Space(c)) next.Add(this);
+                else StartValue(c, Value!, next);
+                return;
             case JsonMode.InString:
-                return c == '"' ? (Key ? this with { Mode = JsonMode.AfterKey, Key = false } : ValueEnded())
-                    : c == '\\' ? this with { Mode = JsonMode.Escape }
-                    : c < ' ' ? null : this;
+                if (c == '"') next.Add(ValueEnded());
+                else if (c == '\\') next.Add(this with { Mode = JsonMode.Escape });
+                else if (c >= ' ') next.Add(this);
+                return;
             case JsonMode.Escape:
-                return c == 'u' ? this with { Mode = JsonMode.Unicode, Hex = 4 }
-                    : c is '"' or '\\' or '/' or 'b' or 'f' or 'n' or 'r' or 't' ? this with { Mode = JsonMode.InString } : null;
+                if (c == 'u') next.Add(this with { Mode = JsonMode.Unicode, Hex = 4 });
+                else if (c is '"' or '\\' or '/' or 'b' or 'f' or 'n' or 'r' or 't') next.Add(this with { Mode = JsonMode.InString });
+                return;
             case JsonMode.Unicode:
-                if (!Uri.IsHexDigit(c)) return null;
-                return Hex == 1 ? this with { Mode = JsonMode.InString, Hex = 0 } : this with { Hex = Hex - 1 };
+                if (Uri.IsHexDigit(c)) next.Add(Hex == 1 ? this with { Mode = JsonMode.InString, Hex = 0 } : this with { Hex = Hex - 1 });
+                return;
+            case JsonMode.EnumText:
+            {
+                var text = Text + c;
+                if (Value!.Enum!.Any(e => e.StartsWith(text, StringComparison.Ordinal))) next.Add(this with { Text = text });
+                else if (Value.Enum!.Contains(Text)) ValueEnded().Step(c, next);   // a number value ends at the next character
+                return;
+            }
             case JsonMode.Literal:
-                if (c != Rest[0]) return null;
-                return Rest.Length == 1 ? ValueEnded() : this with { Rest = Rest[1..] };
+                if (c == Rest[0]) next.Add(Rest.Length == 1 ? ValueEnded() : this with { Rest = Rest[1..] });
+                return;
             case JsonMode.NumMinus:
-                return c == '0' ? this with { Mode = JsonMode.NumZero } : c is >= '1' and <= '9' ? this with { Mode = JsonMode.NumInt } : null;
+                if (c == '0') next.Add(this with { Mode = JsonMode.NumZero });
+                else if (c is >= '1' and <= '9') next.Add(this with { Mode = JsonMode.NumInt });
+                return;
             case JsonMode.NumZero:
-                return c == '.' ? this with { Mode = JsonMode.NumDot } : c is 'e' or 'E' ? this with { Mode = JsonMode.NumE } : ValueEnded().Step(c);
             case JsonMode.NumInt:
-                return char.IsAsciiDigit(c) ? this : c == '.' ? this with { Mode = JsonMode.NumDot } : c is 'e' or 'E' ? this with { Mode = JsonMode.NumE } : ValueEnded().Step(c);
+                if (Mode == JsonMode.NumInt && char.IsAsciiDigit(c)) next.Add(this);
+                else if (c == '.' && !Integer) next.Add(this with { Mode = JsonMode.NumDot });
+                else if (c is 'e' or 'E' && !Integer) next.Add(this with { Mode = JsonMode.NumE });
+                else if (!char.IsAsciiDigit(c)) ValueEnded().Step(c, next);
+                return;
             case JsonMode.NumDot:
-                return char.IsAsciiDigit(c) ? this with { Mode = JsonMode.NumFrac } : null;
+                if (char.IsAsciiDigit(c)) next.Add(this with { Mode = JsonMode.NumFrac });
+                return;
             case JsonMode.NumFrac:
-                return char.IsAsciiDigit(c) ? this : c is 'e' or 'E' ? this with { Mode = JsonMode.NumE } : ValueEnded().Step(c);
+                if (char.IsAsciiDigit(c)) next.Add(this);
+                else if (c is 'e' or 'E') next.Add(this with { Mode = JsonMode.NumE });
+                else ValueEnded().Step(c, next);
+                return;
             case JsonMode.NumE:
-                return c is '+' or '-' ? this with { Mode = JsonMode.NumESign } : char.IsAsciiDigit(c) ? this with { Mode = JsonMode.NumExp } : null;
+                if (c is '+' or '-') next.Add(this with { Mode = JsonMode.NumESign });
+                else if (char.IsAsciiDigit(c)) next.Add(this with { Mode = JsonMode.NumExp });
+                return;
             case JsonMode.NumESign:
-                return char.IsAsciiDigit(c) ? this with { Mode = JsonMode.NumExp } : null;
+                if (char.IsAsciiDigit(c)) next.Add(this with { Mode = JsonMode.NumExp });
+                return;
             case JsonMode.NumExp:
-                return char.IsAsciiDigit(c) ? this : ValueEnded().Step(c);
+                if (char.IsAsciiDigit(c)) next.Add(this);
+                else ValueEnded().Step(c, next);
+                return;
             case JsonMode.AfterValue:
-                if (Space(c)) return this;
-                char top = Stack[^1];
-                return c == ',' ? this with { Mode = top == '{' ? JsonMode.ObjectNext : JsonMode.Value }
-                    : (c == '}' && top == '{') || (c == ']' && top == '[') ? Close() : null;
+            {
+                if (Space(c)) { next.Add(this); return; }
+                var top = Stack!;
+                if (top.IsObject)
+                {
+                    if (c == ',' && top.MoreKeys) next.Add(this with { Mode = JsonMode.ObjectNext });
+                    else if (c == '}' && top.RequiredMet) next.Add(Close());
+                }
+                else if (c == ',') next.Add(this with { Mode = JsonMode.Value, Value = top.Node.ItemsOrAny });
+                else if (c == ']') next.Add(Close());
+                return;
+            }
             default:   // Done: whitespace only
-                return Space(c) ? this : null;
+                if (Space(c)) next.Add(this);
+                return;
         }
     }
 
-    private JsonState? StartValue(char c) => c switch
+    /// <summary>The first character of a value that <paramref name="node"/> allows (each alternative of an anyOf).</summary>
+    private void StartValue(char c, Node node, List<JsonState> next)
     {
-        '"' => this with { Mode = JsonMode.InString, Key = false },
-        '{' => new JsonState(JsonMode.ObjectFirst, Stack + "{"),
-        '[' => new JsonState(JsonMode.ArrayFirst, Stack + "["),
-        '-' => this with { Mode = JsonMode.NumMinus },
-        '0' => this with { Mode = JsonMode.NumZero },
-        >= '1' and <= '9' => this with { Mode = JsonMode.NumInt },
-        't' => this with { Mode = JsonMode.Literal, Rest = "rue" },
-        'f' => this with { Mode = JsonMode.Literal, Rest = "alse" },
-        'n' => this with { Mode = JsonMode.Literal, Rest = "ull" },
-        _ => null,
-    };
+        if (node.Alternatives is { } alternatives)
+        {
+            foreach (var a in alternatives) StartValue(c, a, next);
+            return;
+        }
+        if (node.Enum is { } values)
+        {
+            var text = c.ToString();
+            if (values.Any(e => e.StartsWith(text, StringComparison.Ordinal)))
+                next.Add(new JsonState(JsonMode.EnumText, Stack, node, text));
+            return;
+        }
+        var t = node.Types;
+        // A scalar's state keeps no schema: what follows it depends only on the containers (better mask caching).
+        var here = new JsonState(JsonMode.Value, Stack);
+        switch (c)
+        {
+            case '{' when t.HasFlag(JsonTypes.Object):
+                next.Add(new JsonState(JsonMode.ObjectFirst, new JsonFrame(true, node, "", Stack)));
+                break;
+            case '[' when t.HasFlag(JsonTypes.Array):
+                next.Add(new JsonState(JsonMode.ArrayFirst, new JsonFrame(false, node, "", Stack)));
+                break;
+            case '"' when t.HasFlag(JsonTypes.String):
+                next.Add(here with { Mode = JsonMode.InString });
+                break;
+            case '-' when (t & (JsonTypes.Number | JsonTypes.Integer)) != 0:
+                next.Add(here with { Mode = JsonMode.NumMinus, Integer = !t.HasFlag(JsonTypes.Number) });
+                break;
+            case '0' when (t & (JsonTypes.Number | JsonTypes.Integer)) != 0:
+                next.Add(here with { Mode = JsonMode.NumZero, Integer = !t.HasFlag(JsonTypes.Number) });
+                break;
+            case >= '1' and <= '9' when (t & (JsonTypes.Number | JsonTypes.Integer)) != 0:
+                next.Add(here with { Mode = JsonMode.NumInt, Integer = !t.HasFlag(JsonTypes.Number) });
+                break;
+            case 't' when t.HasFlag(JsonTypes.Boolean):
+                next.Add(here with { Mode = JsonMode.Literal, Rest = "rue" });
+                break;
+            case 'f' when t.HasFlag(JsonTypes.Boolean):
+                next.Add(here with { Mode = JsonMode.Literal, Rest = "alse" });
+                break;
+            case 'n' when t.HasFlag(JsonTypes.Null):
+                next.Add(here with { Mode = JsonMode.Literal, Rest = "ull" });
+                break;
+        }
+    }
 
-    /// <summary>A value ended inside its container (the top level is an object, so there always is one).</summary>
+    /// <summary>A character of a key. Where the object names its keys and allows no others, the key must stay a
+    /// prefix of one not given yet; otherwise any key goes, and its text is kept only while it may still be a named one.</summary>
+    private void KeyChar(char c, List<JsonState> next)
+    {
+        var frame = Stack!;
+        var node = frame.Node;
+        bool open = node.Additional is not null;
+        const string Other = OtherKey;
+        if (c == '"')
+        {
+            var key = Text == Other ? null : Text;
+            bool isNamed = key is not null && (node.Properties?.ContainsKey(key) ?? false);
+            if (isNamed ? frame.HasSeen(key!) : !open) return;   // a named key once; others only where the object allows them
+            var value = isNamed ? node.Properties![key!] : node.Additional!;
+            next.Add(new JsonState(JsonMode.AfterKey, isNamed ? frame.WithKey(key!) : frame, value));
+            return;
+        }
+        if (c == '\\')
+        {
+            if (open) next.Add(this with { Mode = JsonMode.KeyEscape, Text = Other });
+            return;
+        }
+        if (c < ' ') return;
+        var text = Text == Other ? Other : Text + c;
+        bool named = text != Other && node.Properties is not null && node.Properties.Keys.Any(k => !frame.HasSeen(k) && k.StartsWith(text, StringComparison.Ordinal));
+        if (named) next.Add(this with { Text = text });
+        else if (open) next.Add(this with { Text = Other });
+    }
+
     private JsonState ValueEnded() => new(JsonMode.AfterValue, Stack);
 
     private JsonState Close()
     {
-        var rest = Stack[..^1];
-        return rest.Length == 0 ? new JsonState(JsonMode.Done, "") : new JsonState(JsonMode.AfterValue, rest);
+        var outer = Stack!.Outer;
+        return outer is null ? new JsonState(JsonMode.Done, null) : new JsonState(JsonMode.AfterValue, outer);
     }
 }
 
-/// <summary>What JSON mode needs of a tokenizer, computed once per tokenizer: each token's text as it reads in the
-/// middle of a text (a byte-level token that is part of a character reads as U+FFFD and may only sit inside a
-/// string), whether it can stay inside a string as it is, and the masks already computed, by recognizer state.</summary>
+/// <summary>The recognizer's state: every deterministic state still alive (anyOf keeps several).</summary>
+internal sealed class JsonStates
+{
+    public IReadOnlyList<JsonState> States { get; }
+    /// <summary>A text that two equal state sets share (the mask cache's key); built when first asked for.</summary>
+    public string Signature => _signature ??= string.Join(";", States.Select(s => s.Signature).Order(StringComparer.Ordinal));
+    private string? _signature;
+    public bool Done => States.Any(s => s.Mode == JsonMode.Done);
+    /// <summary>Every state is inside a string (a value, or a key no property has) that takes any text: a token without
+    /// quote, backslash or control character keeps them all alive as they are.</summary>
+    public bool FreeString { get; }
+
+    private JsonStates(IReadOnlyList<JsonState> states)
+    {
+        States = states;
+        FreeString = states.All(s => s.Mode == JsonMode.InString || s.Mode == JsonMode.InKey && s.Text == JsonState.OtherKey);
+    }
+
+    public static JsonStates Start(Node root) => new([new JsonState(JsonMode.Start, null, root)]);
+
+    /// <summary>The states after <paramref name="text"/>, or null when none survives.</summary>
+    public JsonStates? Step(string text)
+    {
+        var current = new List<JsonState>(States);
+        var next = new List<JsonState>();
+        foreach (var c in text)
+        {
+            next.Clear();
+            foreach (var s in current) s.Step(c, next);
+            if (next.Count == 0) return null;
+            (current, next) = (next.Count == 1 ? next : next.Distinct().ToList(), current);
+        }
+        return new JsonStates(current);
+    }
+}
+
+/// <summary>What guided JSON decoding needs of a tokenizer, computed once per tokenizer: each token's text as it
+/// reads in the middle of a text (a byte-level token that is part of a character reads as U+FFFD and may only sit
+/// inside a string), whether it can stay inside a string as it is, and the masks already computed, by state.</summary>
 public sealed class JsonVocabulary
 {
     private static readonly ConditionalWeakTable<Tokenizer, JsonVocabulary> Cache = new();
-    private const int MaxCachedMasks = 512;
+    private const int MaxCachedMasks = 1024;
 
     private readonly string?[] _pieces;        // null: never allowed in JSON (special, or empty)
     private readonly bool[] _stringSafe;       // no quote, backslash or control character: stays inside a string
     private readonly bool[] _fragment;         // part of a multi-byte character: only inside a string
     private readonly bool[] _blank;            // whitespace only
-    private readonly ConcurrentDictionary<(JsonState, int), bool[]> _masks = new();
+    private readonly ConcurrentDictionary<string, bool[]> _masks = new(StringComparer.Ordinal);
 
     public int Size => _pieces.Length;
 
@@ -186,27 +364,22 @@ public sealed class JsonVocabulary
         }
     }
 
-    /// <summary>The state after a token, or null when it breaks the JSON (or is no text).</summary>
-    internal JsonState? Feed(JsonState state, int token)
+    /// <summary>The states after a token, or null when it breaks the JSON (or is no text).</summary>
+    internal JsonStates? Feed(JsonStates states, int token)
     {
         if ((uint)token >= (uint)_pieces.Length || _pieces[token] is not { } piece) return null;
-        if (_fragment[token]) return state.Mode == JsonMode.InString && _stringSafe[token] ? state : null;
-        JsonState? s = state;
-        foreach (var c in piece)
-        {
-            s = s.Value.Step(c);
-            if (s is null) return null;
-        }
-        return s;
+        // A piece of a character: only where any text may go, and it changes nothing there.
+        if (_fragment[token]) return states.FreeString && _stringSafe[token] ? states : null;
+        return states.Step(piece);
     }
 
-    internal bool[] Mask(JsonState state, IReadOnlyList<int> stopTokenIds)
+    internal bool[] Mask(JsonStates states, IReadOnlyList<int> stopTokenIds)
     {
-        int stops = stopTokenIds.Count == 0 ? 0 : stopTokenIds.Aggregate(17, (h, id) => h * 31 + id);
-        if (_masks.TryGetValue((state, stops), out var cached)) return cached;
+        var key = states.Signature + "#" + string.Join(",", stopTokenIds);
+        if (_masks.TryGetValue(key, out var cached)) return cached;
         var mask = new bool[_pieces.Length];
         bool any = false;
-        if (state.Mode == JsonMode.Done)
+        if (states.Done)
         {
             // Closed: the stop tokens end it; without any, whitespace fills the rest.
             foreach (var id in stopTokenIds) if ((uint)id < (uint)mask.Length) any = mask[id] = true;
@@ -214,12 +387,22 @@ public sealed class JsonVocabulary
         }
         else
         {
-            bool inString = state.Mode == JsonMode.InString;
+            bool free = states.FreeString;
+            // Which first characters survive, tried once each (the ASCII ones; others are tried per token): a token whose
+            // first character dies is refused without running the recognizer over it.
+            var firstOk = new bool[128];
+            for (int c = 0; c < 128; c++) firstOk[c] = states.Step(((char)c).ToString()) is not null;
             for (int id = 0; id < mask.Length; id++)
-                any |= mask[id] = _pieces[id] is not null && (inString && _stringSafe[id] || Feed(state, id) is not null);
+            {
+                if (_pieces[id] is not { } piece) continue;
+                char first = piece[0];
+                bool ok = free && _stringSafe[id]
+                          || (first >= 128 || firstOk[first]) && Feed(states, id) is not null;
+                any |= mask[id] = ok;
+            }
         }
         if (!any) Array.Fill(mask, true);   // nothing fits (a vocabulary without these characters): hold nothing
-        if (_masks.Count < MaxCachedMasks) _masks.TryAdd((state, stops), mask);
+        if (_masks.Count < MaxCachedMasks) _masks.TryAdd(key, mask);
         return mask;
     }
 }

@@ -30,9 +30,9 @@ public sealed record SamplingParams
     /// Greater than 0; 1 = off.</summary>
     public float RepetitionPenalty { get; init; } = 1f;
 
-    /// <summary>JSON mode (OpenAI's response_format json_object): the output is held to one JSON object
-    /// (<see cref="JsonObjectConstraint"/>); the engine needs a tokenizer for it.</summary>
-    public bool JsonObject { get; init; }
+    /// <summary>Guided JSON: the output is held to one JSON object this schema allows (<see cref="JsonConstraint"/>;
+    /// <see cref="JsonSchema.AnyObject"/> is OpenAI's JSON mode). Null: free text. The engine needs a tokenizer for it.</summary>
+    public JsonSchema? Json { get; init; }
 
     /// <summary>vLLM's min_tokens: until this many tokens are generated, the stop token ids cannot be sampled.</summary>
     public int MinTokens { get; init; }

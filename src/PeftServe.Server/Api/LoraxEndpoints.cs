@@ -9,8 +9,8 @@ namespace PeftServe.Server.Api;
 /// <summary>LoRAX's native API (Hugging Face TGI's, with an adapter per request): <c>POST /generate</c> and
 /// <c>POST /generate_stream</c> with <c>{"inputs", "parameters": {"adapter_id", "max_new_tokens", ...}}</c>, so
 /// that LoRAX clients (its Python client, TGI clients) drive PeftServe unchanged. Adapters come from this server's
-/// store (adapter_source "local" or unset); JSON mode (response_format json_object) is served; what this server does
-/// not compute (typical_p, watermark, merged_adapters, a response_format schema, best_of above 1) is refused by name, never
+/// store (adapter_source "local" or unset); guided JSON (response_format json_object, with a schema or not) is served;
+/// what this server does not compute (typical_p, watermark, merged_adapters, best_of above 1) is refused by name, never
 /// ignored. Errors use TGI's body, <c>{"error", "error_type"}</c>, which those clients parse.</summary>
 public static class LoraxEndpoints
 {
@@ -186,11 +186,20 @@ public static class LoraxEndpoints
         Unsupported("merged_adapters", Get("merged_adapters") is null);
         Unsupported("typical_p", Get("typical_p") is null);
         Unsupported("watermark", !Flag("watermark"));
-        // JSON mode is served; a schema is not (it would be ignored, which is worse than refused).
-        var format = Get("response_format");
-        bool jsonObject = format is { ValueKind: JsonValueKind.Object } f && f.TryGetProperty("type", out var ft) && ft.ValueKind == JsonValueKind.String
-                          && ft.GetString() == "json_object" && !(f.TryGetProperty("schema", out var schema) && schema.ValueKind != JsonValueKind.Null);
-        Unsupported("response_format", format is null || jsonObject);
+        // Guided JSON: {"type": "json_object"} with a schema or without one (any object).
+        Core.Generation.JsonSchema? json = null;
+        if (Get("response_format") is { } format)
+        {
+            if (format.ValueKind != JsonValueKind.Object || !format.TryGetProperty("type", out var ft) || ft.ValueKind != JsonValueKind.String || ft.GetString() != "json_object")
+                throw Invalid("'response_format' must be {\"type\": \"json_object\"}, with a \"schema\" or without", "response_format");
+            if (format.TryGetProperty("schema", out var schema) && schema.ValueKind != JsonValueKind.Null)
+            {
+                try { json = Core.Generation.JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse(schema.ValueKind == JsonValueKind.String ? schema.GetString()! : schema.GetRawText())); }
+                catch (Exception e) when (e is ArgumentException or JsonException or InvalidOperationException or FormatException)
+                { throw Invalid($"response_format.schema: {e.Message}", "response_format"); }
+            }
+            else json = Core.Generation.JsonSchema.AnyObject;
+        }
         Unsupported("best_of", Integer("best_of") is null or 1);
 
         var adapterId = Get("adapter_id") is { } a ? a.ValueKind == JsonValueKind.String ? a.GetString() : throw Invalid("'adapter_id' must be a string", "adapter_id") : null;
@@ -230,7 +239,7 @@ public static class LoraxEndpoints
             Stop = stop,
             IgnoreEos = Flag("ignore_eos_token"),
             RepetitionPenalty = (float)(repetition ?? 1.0),
-            JsonObject = jsonObject,
+            Json = json,
             // Every streamed token carries its log probability, as do the details' tokens.
             Logprobs = stream || details ? alternatives : null,
             PromptLogprobs = prefill ? 0 : null,

@@ -25,8 +25,8 @@ public sealed record GenerationSettings
     public int? Logprobs { get; init; }
     /// <summary>Null, or the prompt's log probabilities with this many alternatives (completions' echo with logprobs).</summary>
     public int? PromptLogprobs { get; init; }
-    /// <summary>JSON mode: response_format {"type": "json_object"}.</summary>
-    public bool JsonObject { get; init; }
+    /// <summary>Guided JSON: response_format json_object (any object) or json_schema, or vLLM's guided_json. Null: free text.</summary>
+    public Core.Generation.JsonSchema? Json { get; init; }
     /// <summary>vLLM's min_tokens: no stop token id before this many tokens.</summary>
     public int MinTokens { get; init; }
     /// <summary>vLLM's repetition_penalty (1 = off).</summary>
@@ -62,7 +62,7 @@ public static class OpenAiRequests
     /// caller's own records and changes nothing generated.</summary>
     private static readonly string[] CommonParameters =
         ["model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
-         "ignore_eos", "stream", "stream_options", "n", "user", "logprobs", "logit_bias", "min_p", "stop_token_ids", "repetition_penalty", "min_tokens"];
+         "ignore_eos", "stream", "stream_options", "n", "user", "logprobs", "logit_bias", "min_p", "stop_token_ids", "repetition_penalty", "min_tokens", "guided_json"];
     /// <summary>OpenAI's limit on logit_bias entries.</summary>
     public const int MaxLogitBias = 300;
     private static readonly string[] CompletionParameters = ["prompt", "echo", "best_of"];
@@ -130,9 +130,8 @@ public static class OpenAiRequests
             if (v.ValueKind == JsonValueKind.Null) continue;
             bool neutral = name switch
             {
-                // "text" (the default) and "json_object" (JSON mode) are served; json_schema is not.
-                "response_format" => v.ValueKind == JsonValueKind.Object && v.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String
-                                     && t.GetString() is "text" or "json_object" && v.EnumerateObject().Count() == 1,
+                "response_format" => true,   // read by GuidedJson
+
                 "tools" => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0,
                 "tool_choice" => v.ValueKind == JsonValueKind.String && v.GetString() == "none",
                 "parallel_tool_calls" => false,
@@ -251,8 +250,7 @@ public static class OpenAiRequests
             MinP = Float(root, "min_p") ?? 0f,
             RepetitionPenalty = Float(root, "repetition_penalty") ?? 1f,
             MinTokens = Int(root, "min_tokens") ?? 0,
-            JsonObject = root.TryGetProperty("response_format", out var format) && format.ValueKind == JsonValueKind.Object
-                         && format.GetProperty("type").GetString() == "json_object",
+            Json = GuidedJson(root),
             LogitBias = LogitBias(root),
             StopTokenIds = TokenIds(root, "stop_token_ids"),
             Model = String(root, "model"),
@@ -271,6 +269,47 @@ public static class OpenAiRequests
         };
         Check(s);
         return s;
+    }
+
+    /// <summary>response_format: "text" (free), "json_object" (any object) or "json_schema" ({"json_schema": {"name",
+    /// "schema", "strict"}}); or vLLM's guided_json (a schema, or a string holding one). A schema this server cannot
+    /// hold is a 400 naming the keyword.</summary>
+    private static Core.Generation.JsonSchema? GuidedJson(JsonElement root)
+    {
+        Core.Generation.JsonSchema? Compile(JsonElement schema, string param)
+        {
+            try
+            {
+                var node = schema.ValueKind == JsonValueKind.String ? System.Text.Json.Nodes.JsonNode.Parse(schema.GetString()!) : System.Text.Json.Nodes.JsonNode.Parse(schema.GetRawText());
+                return Core.Generation.JsonSchema.Parse(node);
+            }
+            catch (Exception e) when (e is ArgumentException or JsonException or InvalidOperationException or FormatException)
+            { throw new ApiException(400, $"'{param}': {e.Message}", param, "unsupported_parameter"); }
+        }
+        Core.Generation.JsonSchema? fromFormat = null;
+        if (Present(root, "response_format", out var format))
+        {
+            if (format.ValueKind != JsonValueKind.Object || !format.TryGetProperty("type", out var type) || type.ValueKind != JsonValueKind.String)
+                throw new ApiException(400, "'response_format' must be an object with a 'type'", "response_format");
+            foreach (var p in format.EnumerateObject())
+                if (p.Name is not ("type" or "json_schema"))
+                    throw new ApiException(400, $"'response_format' takes 'type' and 'json_schema'; '{p.Name}' is not supported by this server", "response_format", "unsupported_parameter");
+            fromFormat = type.GetString() switch
+            {
+                "text" => null,
+                "json_object" => Core.Generation.JsonSchema.AnyObject,
+                "json_schema" => format.TryGetProperty("json_schema", out var js) && js.ValueKind == JsonValueKind.Object && js.TryGetProperty("schema", out var schema)
+                    ? Compile(schema, "response_format")
+                    : throw new ApiException(400, "'response_format' of type json_schema needs 'json_schema': {\"name\", \"schema\"}", "response_format"),
+                var other => throw new ApiException(400, $"'response_format' type '{other}' is not supported (text, json_object, json_schema)", "response_format", "unsupported_parameter"),
+            };
+        }
+        if (Present(root, "guided_json", out var guided))
+        {
+            if (fromFormat is not null) throw new ApiException(400, "give either 'guided_json' or a JSON 'response_format', not both", "guided_json");
+            return Compile(guided, "guided_json");
+        }
+        return fromFormat;
     }
 
     /// <summary>logit_bias: {"token id": bias in [-100, 100]}, at most <see cref="MaxLogitBias"/> entries (the

@@ -94,7 +94,7 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
                 MinP = s.MinP,
                 RepetitionPenalty = s.RepetitionPenalty,
                 MinTokens = s.MinTokens,
-                JsonObject = s.JsonObject,
+                Json = s.Json,
                 LogitBias = s.LogitBias,
             },
         };

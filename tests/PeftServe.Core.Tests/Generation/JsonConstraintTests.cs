@@ -26,16 +26,11 @@ public sealed class JsonConstraintTests
         catch (JsonException) { return false; }
     }
 
-    private static bool RecognizerAccepts(string text)
-    {
-        var s = JsonState.Start;
-        foreach (var c in text)
-        {
-            if (s.Step(c) is not { } next) return false;
-            s = next;
-        }
-        return true;
-    }
+    private static bool RecognizerAccepts(string text, JsonSchema? schema = null) =>
+        JsonStates.Start((schema ?? JsonSchema.AnyObject).Root).Step(text) is not null;
+
+    private static bool Completes(string text, JsonSchema? schema = null) =>
+        JsonStates.Start((schema ?? JsonSchema.AnyObject).Root).Step(text)?.Done == true;
 
     /// <summary>A random walk over JSON-ish characters: at every step each candidate character is judged by both, and
     /// the walk goes on with one the reader accepts.</summary>
@@ -76,11 +71,65 @@ public sealed class JsonConstraintTests
     [InlineData("{\"a\" 1}", false)]
     [InlineData("{\"a\": tru}", false)]
     [InlineData("{} x", false)]
-    public void CompleteDocuments(string text, bool valid)
+    public void CompleteDocuments(string text, bool valid) => Assert.Equal(valid, Completes(text));
+
+    private static readonly JsonSchema Person = JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse("""
+        {
+          "type": "object",
+          "properties": {
+            "name": {"type": "string", "title": "Name"},
+            "age": {"type": "integer"},
+            "score": {"type": "number"},
+            "tags": {"type": "array", "items": {"enum": ["red", "green"]}},
+            "nickname": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "kind": {"const": "person"},
+            "address": {"$ref": "#/$defs/address"}
+          },
+          "required": ["name", "age"],
+          "additionalProperties": false,
+          "$defs": {"address": {"type": "object", "properties": {"city": {"type": "string"}, "next": {"$ref": "#/$defs/address"}}, "required": ["city"]}}
+        }
+        """));
+
+    [Theory]
+    [InlineData("{\"name\": \"Ann\", \"age\": 31}", true)]
+    [InlineData("{\"age\": -4, \"name\": \"B\", \"score\": 2.5e3, \"tags\": [\"red\", \"green\"], \"nickname\": null, \"kind\": \"person\"}", true)]
+    [InlineData("{\"name\": \"C\", \"age\": 1, \"nickname\": \"cc\", \"address\": {\"city\": \"X\", \"next\": {\"city\": \"Y\", \"zip\": 5}}}", true)]
+    [InlineData("{\"name\": \"Ann\"}", false)]                          // age is required
+    [InlineData("{\"name\": \"Ann\", \"age\": 3.5}", false)]            // an integer
+    [InlineData("{\"name\": \"Ann\", \"age\": 3, \"x\": 1}", false)]   // no other keys
+    [InlineData("{\"name\": 5, \"age\": 3}", false)]
+    [InlineData("{\"name\": \"A\", \"age\": 3, \"tags\": [\"blue\"]}", false)]
+    [InlineData("{\"name\": \"A\", \"age\": 3, \"kind\": \"dog\"}", false)]
+    [InlineData("{\"name\": \"A\", \"name\": \"B\", \"age\": 3}", false)]   // a key twice
+    [InlineData("{\"name\": \"A\", \"age\": 3, \"address\": {\"next\": {}}}", false)]   // city is required, in every address
+    public void SchemasAreHeld(string text, bool valid)
     {
-        JsonState? s = JsonState.Start;
-        foreach (var c in text) if (s is not null) s = s.Value.Step(c);
-        Assert.Equal(valid, s is { Mode: JsonMode.Done });
+        Assert.Equal(valid, Completes(text, Person));
+        if (valid) JsonDocument.Parse(text).Dispose();
+    }
+
+    [Fact]
+    public void AKeyMustStayAPrefixOfANameNotGivenYet()
+    {
+        Assert.True(RecognizerAccepts("{\"na", Person));
+        Assert.False(RecognizerAccepts("{\"nx", Person));
+        Assert.True(RecognizerAccepts("{\"name\": \"A\", \"ag", Person));
+        Assert.False(RecognizerAccepts("{\"name\": \"A\", \"na", Person));
+        Assert.False(RecognizerAccepts("{\"name\": \"A\" }", Person));   // closing before age
+    }
+
+    [Theory]
+    [InlineData("""{"type": "object", "properties": {"a": {"type": "string", "pattern": "x+"}}}""", "pattern")]
+    [InlineData("""{"type": "object", "properties": {"a": {"type": "integer", "minimum": 3}}}""", "minimum")]
+    [InlineData("""{"type": "array"}""", "root")]
+    [InlineData("""{"type": "object", "properties": {"a": {"$ref": "https://example.com/x"}}}""", "local references")]
+    [InlineData("""{"type": "object", "properties": {"a\"b": {}}}""", "escape")]
+    [InlineData("""{"type": "object", "required": ["x"], "additionalProperties": false}""", "required")]
+    public void WhatCannotBeHeldIsRefusedByName(string schema, string named)
+    {
+        var e = Assert.Throws<ArgumentException>(() => JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse(schema)));
+        Assert.Contains(named, e.Message);
     }
 
     /// <summary>Through the engine on the fixture model: whatever it samples stays a prefix of one JSON object; with
@@ -97,7 +146,7 @@ public sealed class JsonConstraintTests
             var result = await engine.Submit(new GenerationRequest
             {
                 PromptIds = prompt,
-                Sampling = new SamplingParams { Temperature = 1f, Seed = (ulong)seed, MaxTokens = 48, StopTokenIds = tokenizer.EosTokenIds, JsonObject = true },
+                Sampling = new SamplingParams { Temperature = 1f, Seed = (ulong)seed, MaxTokens = 48, StopTokenIds = tokenizer.EosTokenIds, Json = JsonSchema.AnyObject },
             }).CollectAsync();
             Assert.True(OracleAccepts(result.Text), $"seed {seed}: '{result.Text}' is no JSON prefix");
             if (result.Finish == FinishReason.Stop) JsonDocument.Parse(result.Text).Dispose();
@@ -107,16 +156,28 @@ public sealed class JsonConstraintTests
         var closed = await engine.Submit(new GenerationRequest
         {
             PromptIds = prompt,
-            Sampling = new SamplingParams { Temperature = 0f, MaxTokens = 20, StopTokenIds = tokenizer.EosTokenIds, JsonObject = true, LogitBias = braces },
+            Sampling = new SamplingParams { Temperature = 0f, MaxTokens = 20, StopTokenIds = tokenizer.EosTokenIds, Json = JsonSchema.AnyObject, LogitBias = braces },
         }).CollectAsync();
         Assert.Equal(FinishReason.Stop, closed.Finish);
         Assert.Equal("{}", closed.Text.Trim());
         Assert.Equal(tokenizer.EosTokenIds[0], closed.Ids[^1]);
 
+        // A schema with one possible object: with whitespace made unlikely, greedy decoding writes exactly it.
+        var only = JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse("""{"type": "object", "properties": {"a": {"const": "b"}}, "required": ["a"], "additionalProperties": false}"""));
+        var blanks = Enumerable.Range(0, tokenizer.VocabSize).Where(id => !tokenizer.IsSpecial(id) && tokenizer.Decode([id]) is { Length: > 0 } t && string.IsNullOrWhiteSpace(t))
+            .ToDictionary(id => id, _ => -100f);
+        var forced = await engine.Submit(new GenerationRequest
+        {
+            PromptIds = prompt,
+            Sampling = new SamplingParams { Temperature = 0f, MaxTokens = 30, StopTokenIds = tokenizer.EosTokenIds, Json = only, LogitBias = blanks },
+        }).CollectAsync();
+        Assert.Equal(FinishReason.Stop, forced.Finish);
+        Assert.Equal("{\"a\":\"b\"}", forced.Text);
+
         Assert.Throws<ArgumentException>(() =>
         {
             using var bare = new InferenceEngine(model, null, new EngineOptions());
-            bare.Submit(new GenerationRequest { PromptIds = prompt, Sampling = SamplingParams.Greedy(2) with { JsonObject = true } });
+            bare.Submit(new GenerationRequest { PromptIds = prompt, Sampling = SamplingParams.Greedy(2) with { Json = JsonSchema.AnyObject } });
         });
     }
 }
@@ -137,7 +198,7 @@ public sealed class JsonConstraintRealTokenizerTests
         const string document = "{\"name\": \"Zoë — 東京\", \"tags\": [\"a\\\"b\", \"\\u00e9\"], \"n\": [1, -2.5e3, true, null], \"deep\": {\"x\": {}}}";
         var ids = tokenizer.Encode(document, addSpecialTokens: false);
         var stop = tokenizer.EosTokenIds;
-        var json = new JsonObjectConstraint(vocabulary, stop);
+        var json = new JsonConstraint(vocabulary, JsonSchema.AnyObject, stop);
         foreach (var id in ids)
         {
             var allowed = json.Allowed()!;
@@ -149,7 +210,7 @@ public sealed class JsonConstraintRealTokenizerTests
         Assert.All(stop, id => Assert.True(done[id]));
         Assert.Equal(stop.Count, done.Count(a => a));
 
-        var start = new JsonObjectConstraint(vocabulary, stop).Allowed()!;
+        var start = new JsonConstraint(vocabulary, JsonSchema.AnyObject, stop).Allowed()!;
         Assert.True(start[tokenizer.Encode("{", addSpecialTokens: false)[^1]]);
         Assert.False(start[tokenizer.Encode("Hello", addSpecialTokens: false)[^1]]);
     }
