@@ -313,11 +313,18 @@ internal sealed class ModelRunner : IDisposable
 
     // ------------------------------------------------------------------ sampling
 
-    /// <summary>The rows' sampling parameters on the device, and JSON mode's masks for rows in it (a prefill row
-    /// whose chunk does not end its prompt samples nothing that counts, but gets its mask all the same).</summary>
-    private SamplingBatch PrepareSampling(IReadOnlyList<Sequence> rows) =>
-        Sampler.Prepare(rows.Select(s => s.Sampling).ToList(), rows.Select(s => s.Seed).ToList(), rows.Select(s => (long)s.Generated).ToList(),
-            _model.Config.VocabSize, _model.Device, rows.Any(s => s.Json is not null) ? rows.Select(s => s.Json?.Allowed()).ToList() : null);
+    /// <summary>The rows' sampling parameters on the device. Guided-JSON masks (for rows that have them; a prefill row
+    /// whose chunk does not end its prompt gets its mask all the same) are computed on the thread pool while the
+    /// forward pass runs, and joined at <see cref="Sample"/>: the host work overlaps the device's.</summary>
+    private SamplingBatch PrepareSampling(IReadOnlyList<Sequence> rows)
+    {
+        var batch = Sampler.Prepare(rows.Select(s => s.Sampling).ToList(), rows.Select(s => s.Seed).ToList(), rows.Select(s => (long)s.Generated).ToList(),
+            _model.Config.VocabSize, _model.Device);
+        // The recognizers change only when a token is accepted, after this pass: reading them meanwhile is safe.
+        if (rows.Any(s => s.Json is not null))
+            batch.PendingAllowed = Task.Run(() => (IReadOnlyList<bool[]?>)rows.Select(s => s.Json?.Allowed()).ToList());
+        return batch;
+    }
 
     /// <summary>Samples every row, adds the tokens to the penalty counts of the rows that keep some (a
     /// prompt chunk that is not the last holds no row, so its draw is not counted), and reads the ids back:
@@ -325,6 +332,7 @@ internal sealed class ModelRunner : IDisposable
     private StepTokens Sample(Tensor logits, SamplingBatch sampling, (Tensor Read, Tensor Write)? penalties, IReadOnlyList<Sequence> rows,
         Tensor? extra = null)
     {
+        if (sampling.PendingAllowed is { } pending) Sampler.Restrict(sampling, pending.GetAwaiter().GetResult());
         var (counts, prompt) = penalties is { } p ? _penalties.Read(p.Read) : (null, null);
         var next = Sampler.Sample(logits, sampling, counts, prompt);
         if (penalties is { } q) _penalties.Record(q.Write, next);

@@ -122,9 +122,17 @@ public static class Sampler
         var biasValue = biasRows.Count > 0 ? Upload(biasValues.ToArray(), [biasValues.Count], device) : null;
         return new SamplingBatch(batch, vocab, floatParams, longParams, anySampled, anyTopK, anyTopP, anyPenalty, maxTopK)
         {
-            AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue, Allowed = AllowedMask(allowed, batch, vocab, device),
+            AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue, Allowed = AllowedMask(allowed, batch, vocab, device), Device = device,
             AllSampledTopK = allSampledTopK && anyTopK,
         };
+    }
+
+    /// <summary>Restricts the rows to the tokens <paramref name="allowed"/> (per row; null rows keep all), for a batch
+    /// prepared without them (the masks were computed while the forward ran).</summary>
+    public static void Restrict(SamplingBatch batch, IReadOnlyList<bool[]?> allowed)
+    {
+        batch.Allowed?.Dispose();
+        batch.Allowed = AllowedMask(allowed, batch.Rows, batch.Vocab, batch.Device);
     }
 
     /// <summary>[B, V] bool of the tokens each row may take, or null when no row is restricted.</summary>
@@ -300,8 +308,11 @@ public sealed class SamplingBatch(int rows, long vocab, Tensor? floats, Tensor? 
     /// <summary>[2, n] (row, token id) of every logit bias in the batch, and their [n] values; null when none.</summary>
     internal Tensor? BiasIndex { get; init; }
     internal Tensor? BiasValues { get; init; }
-    /// <summary>[B, V] bool: the tokens each row may take (JSON mode); null when no row is restricted.</summary>
-    internal Tensor? Allowed { get; init; }
+    /// <summary>[B, V] bool: the tokens each row may take (guided JSON); null when no row is restricted.</summary>
+    internal Tensor? Allowed { get; set; }
+    /// <summary>Masks still being computed (joined by <see cref="Sampler.Restrict"/> before sampling), or null.</summary>
+    public Task<IReadOnlyList<bool[]?>>? PendingAllowed { get; set; }
+    internal Device Device { get; init; } = CPU;
 
     public void Dispose()
     {
