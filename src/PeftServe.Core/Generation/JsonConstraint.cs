@@ -302,6 +302,9 @@ internal sealed class JsonStates
 
     public static JsonStates Start(Node root) => new([new JsonState(JsonMode.Start, null, root)]);
 
+    /// <summary>The most deterministic states kept alive at once.</summary>
+    public const int MaxStates = 256;
+
     /// <summary>The states after <paramref name="text"/>, or null when none survives.</summary>
     public JsonStates? Step(string text)
     {
@@ -313,6 +316,8 @@ internal sealed class JsonStates
             foreach (var s in current) s.Step(c, next);
             if (next.Count == 0) return null;
             (current, next) = (next.Count == 1 ? next : next.Distinct().ToList(), current);
+            // Bounded alternatives keep this small; a cap all the same, so no input makes it grow without end.
+            if (current.Count > MaxStates) current = current.Take(MaxStates).ToList();
         }
         return new JsonStates(current);
     }
@@ -324,7 +329,7 @@ internal sealed class JsonStates
 public sealed class JsonVocabulary
 {
     private static readonly ConditionalWeakTable<Tokenizer, JsonVocabulary> Cache = new();
-    private const int MaxCachedMasks = 1024;
+    private const int MaxCachedMasks = 256;   // a mask is a byte per token: 32 MB at most for a 128k vocabulary
 
     private readonly string?[] _pieces;        // null: never allowed in JSON (special, or empty)
     private readonly bool[] _stringSafe;       // no quote, backslash or control character: stays inside a string

@@ -61,7 +61,12 @@ public sealed class JsonSchema
         "writeOnly", "contentMediaType", "contentEncoding", "$defs", "definitions", "strict", "name",
     ];
 
+    /// <summary>Limits that keep one request's schema from costing the engine much (each mask runs the recognizer over
+    /// the vocabulary): properties per object, values per enum, anyOf/oneOf alternatives in all.</summary>
+    public const int MaxProperties = 256, MaxEnumValues = 256, MaxAlternatives = 64;
+
     internal Node Root { get; }
+    private int _alternatives;
 
     private readonly JsonObject _document;
     private readonly Dictionary<string, Node> _refs = new(StringComparer.Ordinal);
@@ -107,6 +112,7 @@ public sealed class JsonSchema
                 case "type": n.Types = Types(value, path); break;
                 case "properties":
                     if (value is not JsonObject props) throw new ArgumentException($"{path}.properties must be an object");
+                    if (props.Count > MaxProperties) throw new ArgumentException($"{path}.properties names {props.Count} properties; at most {MaxProperties} are supported");
                     n.Properties = props.ToDictionary(p => p.Key, p => Compile(p.Value, $"{path}.properties.{p.Key}", depth + 1), StringComparer.Ordinal);
                     foreach (var name in n.Properties.Keys) CheckPlain(name, $"{path}.properties");
                     break;
@@ -119,12 +125,16 @@ public sealed class JsonSchema
                 case "enum":
                     n.Enum = (value as JsonArray ?? throw new ArgumentException($"{path}.enum must be a list")).Select(x => Canonical(x, $"{path}.enum")).ToList();
                     if (n.Enum.Count == 0) throw new ArgumentException($"{path}.enum is empty: it allows nothing");
+                    if (n.Enum.Count > MaxEnumValues) throw new ArgumentException($"{path}.enum has {n.Enum.Count} values; at most {MaxEnumValues} are supported");
                     break;
                 case "const": n.Enum = [Canonical(value, $"{path}.const")]; break;
                 case "anyOf" or "oneOf":
                     n.Alternatives = (value as JsonArray ?? throw new ArgumentException($"{path}.{key} must be a list"))
                         .Select((x, i) => Compile(x, $"{path}.{key}[{i}]", depth + 1)).SelectMany(a => a.Alternatives ?? [a]).ToList();
                     if (n.Alternatives.Count == 0) throw new ArgumentException($"{path}.{key} is empty");
+                    // Alternatives multiply the recognizer's live states: bounded in all, so no schema makes a mask explode.
+                    if ((_alternatives += n.Alternatives.Count) > MaxAlternatives)
+                        throw new ArgumentException($"{path}: the schema has more than {MaxAlternatives} anyOf/oneOf alternatives in all");
                     break;
                 case "allOf":
                     if (value is not JsonArray { Count: 1 } single) throw new ArgumentException($"{path}.allOf of more than one schema is not supported");

@@ -126,8 +126,12 @@ public sealed class JsonConstraintTests
     [InlineData("""{"type": "object", "properties": {"a": {"$ref": "https://example.com/x"}}}""", "local references")]
     [InlineData("""{"type": "object", "properties": {"a\"b": {}}}""", "escape")]
     [InlineData("""{"type": "object", "required": ["x"], "additionalProperties": false}""", "required")]
+    [InlineData("""{"type": "object", "properties": {"a": {"anyOf": [ALTERNATIVES]}}}""", "alternatives")]
+    [InlineData("""{"type": "object", "properties": {"a": {"enum": [VALUES]}}}""", "at most 256")]
     public void WhatCannotBeHeldIsRefusedByName(string schema, string named)
     {
+        schema = schema.Replace("ALTERNATIVES", string.Join(",", Enumerable.Repeat("""{"type": "string"}""", 65)))
+            .Replace("VALUES", string.Join(",", Enumerable.Range(0, 300).Select(i => $"\"v{i}\"")));
         var e = Assert.Throws<ArgumentException>(() => JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse(schema)));
         Assert.Contains(named, e.Message);
     }
