@@ -433,6 +433,11 @@ public sealed class OpenAiApiTests(ServerFixture fixture) : IClassFixture<Server
         var guided = await S.PostJsonAsync("v1/completions", new { prompt = "x", max_tokens = 30, temperature = 0, logit_bias = blanks, guided_json = schema });
         IsTheOnlyObject(guided.GetProperty("choices")[0].GetProperty("text").GetString()!);
 
+        // Hostile shapes are served or refused, never a crash: a definition that is an alternative of itself, deep nesting.
+        var cyclic = System.Text.Json.Nodes.JsonNode.Parse("""{"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "array", "items": {"$ref": "#/$defs/a"}}]}}}""");
+        using (var served = await S.Http.PostAsJsonAsync("v1/completions", new { prompt = "x", max_tokens = 40, guided_json = cyclic }))
+            Assert.Equal(HttpStatusCode.OK, served.StatusCode);
+
         using var refused = await S.Http.PostAsJsonAsync("v1/chat/completions", new { messages, response_format = new { type = "json_schema", json_schema = new { name = "x", schema = new { type = "object", minProperties = 2 } } } });
         Assert.Equal(HttpStatusCode.BadRequest, refused.StatusCode);
         var error = (await refused.Content.ReadFromJsonAsync<JsonElement>()).GetProperty("error");

@@ -30,10 +30,15 @@ public sealed class RandomizedRequestTests
         "stream", "stream_options", "presence_penalty", "frequency_penalty", "response_format", "tools", "user", "suffix",
         "inputs", "parameters", "adapter_id", "adapter_source", "max_new_tokens", "do_sample", "details", "decoder_input_details",
         "return_k_alternatives", "truncate", "return_full_text", "tokens", "add_special_tokens", "add_generation_prompt", "return_token_strs",
+        "guided_json", "response_format", "schema", "json_schema", "type",
     ];
 
-    private static JsonNode? Value(Random rng) => rng.Next(26) switch
+    private static JsonNode? Value(Random rng) => rng.Next(30) switch
     {
+        26 => new JsonObject { ["type"] = "json_object" },
+        27 => new JsonObject { ["type"] = "json_schema", ["json_schema"] = new JsonObject { ["name"] = "x", ["schema"] = Schema(rng) } },
+        28 => Schema(rng),
+        29 => "json_object",
         0 => null,
         1 => true,
         2 => false,
@@ -60,6 +65,17 @@ public sealed class RandomizedRequestTests
         23 => new JsonArray("a", "b"),
         24 => new JsonObject { ["include_usage"] = true },
         _ => -0.0,
+    };
+
+    /// <summary>A small random schema: sometimes valid, sometimes not (unknown keywords, wrong shapes, a self-reference).</summary>
+    private static JsonNode Schema(Random rng) => rng.Next(6) switch
+    {
+        0 => new JsonObject { ["type"] = "object", ["properties"] = new JsonObject { ["a"] = new JsonObject { ["type"] = "integer" } }, ["required"] = new JsonArray("a") },
+        1 => new JsonObject { ["type"] = "object", ["additionalProperties"] = false },
+        2 => new JsonObject { ["type"] = "array" },
+        3 => new JsonObject { ["type"] = "object", ["properties"] = new JsonObject { ["a"] = new JsonObject { ["$ref"] = "#/$defs/a" } }, ["$defs"] = new JsonObject { ["a"] = new JsonObject { ["anyOf"] = new JsonArray(new JsonObject { ["$ref"] = "#/$defs/a" }, new JsonObject { ["type"] = "null" }) } } },
+        4 => new JsonObject { ["type"] = "object", ["properties"] = new JsonObject { ["a"] = new JsonObject { ["pattern"] = "x" } } },
+        _ => new JsonObject { ["type"] = new JsonArray("object", 5), ["enum"] = new JsonArray() },
     };
 
     private static JsonNode Deep(int depth)

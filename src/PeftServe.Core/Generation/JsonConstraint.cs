@@ -58,6 +58,12 @@ internal enum JsonMode : byte
 /// <summary>An open container: an object (with the keys it has) or an array, and the schema it follows.</summary>
 internal sealed record JsonFrame(bool IsObject, Node Node, string Seen, JsonFrame? Outer)
 {
+    /// <summary>How deep containers may nest (System.Text.Json's default too): the state's equality and signature
+    /// recurse through the open containers, so an unbounded depth would end in a stack overflow.</summary>
+    public const int MaxDepth = 64;
+
+    public int Depth { get; } = (Outer?.Depth ?? 0) + 1;
+
     public bool HasSeen(string key) => Seen.Length > 0 && Seen.Split('\n').Contains(key);
     public JsonFrame WithKey(string key) => this with { Seen = Seen.Length == 0 ? key : Seen + "\n" + key };
     public bool RequiredMet => Node.Required.All(HasSeen);
@@ -194,12 +200,15 @@ internal readonly record struct JsonState(JsonMode Mode, JsonFrame? Stack, Node?
         }
     }
 
-    /// <summary>The first character of a value that <paramref name="node"/> allows (each alternative of an anyOf).</summary>
-    private void StartValue(char c, Node node, List<JsonState> next)
+    /// <summary>The first character of a value that <paramref name="node"/> allows (each alternative of an anyOf; an
+    /// alternative met again through a cycle of references adds nothing and is passed over).</summary>
+    private void StartValue(char c, Node node, List<JsonState> next, HashSet<Node>? expanding = null)
     {
         if (node.Alternatives is { } alternatives)
         {
-            foreach (var a in alternatives) StartValue(c, a, next);
+            expanding ??= [];
+            if (!expanding.Add(node)) return;
+            foreach (var a in alternatives) StartValue(c, a, next, expanding);
             return;
         }
         if (node.Enum is { } values)
@@ -214,10 +223,10 @@ internal readonly record struct JsonState(JsonMode Mode, JsonFrame? Stack, Node?
         var here = new JsonState(JsonMode.Value, Stack);
         switch (c)
         {
-            case '{' when t.HasFlag(JsonTypes.Object):
+            case '{' when t.HasFlag(JsonTypes.Object) && (Stack?.Depth ?? 0) < JsonFrame.MaxDepth:
                 next.Add(new JsonState(JsonMode.ObjectFirst, new JsonFrame(true, node, "", Stack)));
                 break;
-            case '[' when t.HasFlag(JsonTypes.Array):
+            case '[' when t.HasFlag(JsonTypes.Array) && (Stack?.Depth ?? 0) < JsonFrame.MaxDepth:
                 next.Add(new JsonState(JsonMode.ArrayFirst, new JsonFrame(false, node, "", Stack)));
                 break;
             case '"' when t.HasFlag(JsonTypes.String):

@@ -109,6 +109,25 @@ public sealed class JsonConstraintTests
         if (valid) JsonDocument.Parse(text).Dispose();
     }
 
+    /// <summary>A definition that is an alternative of itself ("a": anyOf [a, null]) allows nothing new; it must not
+    /// send the recognizer round in circles.</summary>
+    [Fact]
+    public void ASelfReferentialAlternativeEnds()
+    {
+        var schema = JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse(
+            """{"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}}}"""));
+        Assert.True(Completes("{\"a\": null}", schema));
+        Assert.False(RecognizerAccepts("{\"a\": 1", schema));
+    }
+
+    [Fact]
+    public void NestingStopsAtSixtyFourLevels()
+    {
+        Assert.True(RecognizerAccepts("{\"a\": " + new string('[', 63)));
+        Assert.False(RecognizerAccepts("{\"a\": " + new string('[', 64)));
+        Assert.False(OracleAccepts("{\"a\": " + new string('[', 64)));   // System.Text.Json's limit too
+    }
+
     [Fact]
     public void AKeyMustStayAPrefixOfANameNotGivenYet()
     {
