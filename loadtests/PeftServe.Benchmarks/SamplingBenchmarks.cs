@@ -53,7 +53,8 @@ public class SamplingBenchmarks
     public long SampleStep()
     {
         using var scope = torch.NewDisposeScope();
-        using var batch = Sampler.Prepare(_rows, _seeds, _steps, Vocab, _logits.device, _allowed);
+        using var batch = Sampler.Prepare(_rows, _seeds, _steps, Vocab, _logits.device);
+        if (_allowed is not null) Sampler.Restrict(batch, _allowed);
         bool penalties = Options == "penalties";
         var ids = Sampler.Sample(_logits, batch, penalties ? _counts : null, penalties ? _prompt : null);
         if (Options == "logprobs")

@@ -177,11 +177,7 @@ internal sealed class ModelRunner : IDisposable
             var s = rows[row].S;
             int k = s.Sampling.PromptLogprobs!.Value;
             for (int i = 0; i < count; i++, o += width)
-            {
-                var best = new (int, float)[k];
-                for (int j = 0; j < k; j++) best[j] = ((int)packed[o + 2 + j], (float)packed[o + 2 + scoring.Top + j]);
-                s.PromptLogprobs![firstToken + i] = new TokenLogprob((int)packed[o], (float)packed[o + 1], best);
-            }
+                s.PromptLogprobs![firstToken + i] = Unpack(packed, o, scoring.Top, k);
         }
     }
 
@@ -353,12 +349,18 @@ internal sealed class ModelRunner : IDisposable
         {
             int o = r * width;
             ids[r] = (long)host[o];
-            if (rows[r].Sampling.Logprobs is not { } k) continue;
-            var best = new (int, float)[k];
-            for (int j = 0; j < k; j++) best[j] = ((int)host[o + 2 + j], (float)host[o + 2 + top + j]);
-            logprobs[r] = new TokenLogprob((int)ids[r], (float)host[o + 1], best);
+            if (rows[r].Sampling.Logprobs is { } k) logprobs[r] = Unpack(host, o, top, k);
         }
         return new StepTokens(ids, top >= 0 ? logprobs : null, rest);
+    }
+
+    /// <summary>One row of <see cref="Sampler.PackLogprobs"/>'s output (packed with <paramref name="top"/> alternatives)
+    /// at <paramref name="offset"/>, keeping the <paramref name="k"/> its request asked for.</summary>
+    private static TokenLogprob Unpack(double[] packed, int offset, int top, int k)
+    {
+        var best = new (int, float)[k];
+        for (int j = 0; j < k; j++) best[j] = ((int)packed[offset + 2 + j], (float)packed[offset + 2 + top + j]);
+        return new TokenLogprob((int)packed[offset], (float)packed[offset + 1], best);
     }
 
     /// <summary>A sequence stops running (finished, cancelled, failed or preempted): its penalty row goes back.</summary>

@@ -51,7 +51,7 @@ public sealed class JsonConstraint(JsonVocabulary vocabulary, JsonSchema schema,
 internal enum JsonMode : byte
 {
     Start, Lead, ObjectFirst, ObjectNext, AfterKey, Value, ArrayFirst, AfterValue,
-    InString, Escape, Unicode, InKey, KeyEscape, KeyUnicode, EnumText, Literal,
+    InString, Escape, Unicode, InKey, EnumText, Literal,
     NumMinus, NumZero, NumInt, NumDot, NumFrac, NumE, NumESign, NumExp, Done,
 }
 
@@ -83,6 +83,10 @@ internal readonly record struct JsonState(JsonMode Mode, JsonFrame? Stack, Node?
 
     public string Signature => $"{(int)Mode}|{Value?.Id}|{Text}|{Hex}|{Rest}|{Integer}|{Stack?.Signature}";
 
+    /// <summary>Where an escape sequence returns: a key's escapes only occur in keys no property has (text
+    /// <see cref="OtherKey"/>), a value string's text is empty.</summary>
+    private JsonMode EscapedIn => Text == OtherKey ? JsonMode.InKey : JsonMode.InString;
+
     /// <summary>Adds the states after <paramref name="c"/> to <paramref name="next"/> (none when c cannot come here).</summary>
     public void Step(char c, List<JsonState> next)
     {
@@ -109,13 +113,6 @@ internal readonly record struct JsonState(JsonMode Mode, JsonFrame? Stack, Node?
             case JsonMode.InKey:
                 KeyChar(c, next);
                 return;
-            case JsonMode.KeyEscape:
-                if (c == 'u') next.Add(this with { Mode = JsonMode.KeyUnicode, Hex = 4 });
-                else if (c is '"' or '\\' or '/' or 'b' or 'f' or 'n' or 'r' or 't') next.Add(this with { Mode = JsonMode.InKey });
-                return;
-            case JsonMode.KeyUnicode:
-                if (Uri.IsHexDigit(c)) next.Add(Hex == 1 ? this with { Mode = JsonMode.InKey, Hex = 0 } : this with { Hex = Hex - 1 });
-                return;
             case JsonMode.AfterKey:
                 if (Space(c)) next.Add(this);
                 else if (c == ':') next.Add(this with { Mode = JsonMode.Value });
@@ -136,10 +133,10 @@ internal readonly record struct JsonState(JsonMode Mode, JsonFrame? Stack, Node?
                 return;
             case JsonMode.Escape:
                 if (c == 'u') next.Add(this with { Mode = JsonMode.Unicode, Hex = 4 });
-                else if (c is '"' or '\\' or '/' or 'b' or 'f' or 'n' or 'r' or 't') next.Add(this with { Mode = JsonMode.InString });
+                else if (c is '"' or '\\' or '/' or 'b' or 'f' or 'n' or 'r' or 't') next.Add(this with { Mode = EscapedIn });
                 return;
             case JsonMode.Unicode:
-                if (Uri.IsHexDigit(c)) next.Add(Hex == 1 ? this with { Mode = JsonMode.InString, Hex = 0 } : this with { Hex = Hex - 1 });
+                if (Uri.IsHexDigit(c)) next.Add(Hex == 1 ? this with { Mode = EscapedIn, Hex = 0 } : this with { Hex = Hex - 1 });
                 return;
             case JsonMode.EnumText:
             {
@@ -272,7 +269,7 @@ internal readonly record struct JsonState(JsonMode Mode, JsonFrame? Stack, Node?
         }
         if (c == '\\')
         {
-            if (open) next.Add(this with { Mode = JsonMode.KeyEscape, Text = Other });
+            if (open) next.Add(this with { Mode = JsonMode.Escape, Text = Other });
             return;
         }
         if (c < ' ') return;

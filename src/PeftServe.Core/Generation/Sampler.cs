@@ -49,9 +49,7 @@ public static class Sampler
     /// Validates and packs the per-row parameters and uploads them (two small copies), before the forward
     /// pass whose logits they will sample is queued: nothing is uploaded after it.
     /// </summary>
-    /// <param name="allowed">Optional per row: which token ids may be sampled (JSON mode); null rows allow all.</param>
-    public static SamplingBatch Prepare(IReadOnlyList<SamplingParams> rows, IReadOnlyList<ulong> seeds, IReadOnlyList<long> steps, long vocab, Device device,
-        IReadOnlyList<bool[]?>? allowed = null)
+    public static SamplingBatch Prepare(IReadOnlyList<SamplingParams> rows, IReadOnlyList<ulong> seeds, IReadOnlyList<long> steps, long vocab, Device device)
     {
         ArgumentNullException.ThrowIfNull(rows);
         ArgumentNullException.ThrowIfNull(seeds);
@@ -122,33 +120,30 @@ public static class Sampler
         var biasValue = biasRows.Count > 0 ? Upload(biasValues.ToArray(), [biasValues.Count], device) : null;
         return new SamplingBatch(batch, vocab, floatParams, longParams, anySampled, anyTopK, anyTopP, anyPenalty, maxTopK)
         {
-            AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue, Allowed = AllowedMask(allowed, batch, vocab, device), Device = device,
+            AnyMinP = anyMinP, BiasIndex = biasIndex, BiasValues = biasValue, Device = device,
             AllSampledTopK = allSampledTopK && anyTopK,
         };
     }
 
-    /// <summary>Restricts the rows to the tokens <paramref name="allowed"/> (per row; null rows keep all), for a batch
-    /// prepared without them (the masks were computed while the forward ran).</summary>
+    /// <summary>Restricts the rows to the tokens <paramref name="allowed"/> (per row; null rows keep all): guided JSON's
+    /// masks, computed while the forward ran, become one [B, V] bool tensor on the batch's device.</summary>
     public static void Restrict(SamplingBatch batch, IReadOnlyList<bool[]?> allowed)
     {
         batch.Allowed?.Dispose();
-        batch.Allowed = AllowedMask(allowed, batch.Rows, batch.Vocab, batch.Device);
-    }
-
-    /// <summary>[B, V] bool of the tokens each row may take, or null when no row is restricted.</summary>
-    private static Tensor? AllowedMask(IReadOnlyList<bool[]?>? allowed, int batch, long vocab, Device device)
-    {
-        if (allowed is null || allowed.All(a => a is null)) return null;
-        if (allowed.Count != batch) throw new ArgumentException($"allowed has {allowed.Count} rows; the batch has {batch}.", nameof(allowed));
-        var flat = new byte[batch * vocab];
-        for (int b = 0; b < batch; b++)
+        batch.Allowed = null;
+        if (allowed.All(a => a is null)) return;
+        int rows = batch.Rows;
+        long vocab = batch.Vocab;
+        if (allowed.Count != rows) throw new ArgumentException($"allowed has {allowed.Count} rows; the batch has {rows}.", nameof(allowed));
+        var flat = new byte[rows * vocab];
+        for (int b = 0; b < rows; b++)
         {
             var row = allowed[b];
             for (long v = 0; v < vocab; v++) flat[b * vocab + v] = (byte)(row is null || (v < row.Length && row[v]) ? 1 : 0);
         }
-        using var host = tensor(flat, [batch, vocab]);
-        using var onDevice = Upload(host.clone(), device);
-        return onDevice.to_type(ScalarType.Bool).DetachFromDisposeScope();
+        using var host = tensor(flat, [rows, vocab]);
+        using var onDevice = Upload(host.clone(), batch.Device);
+        batch.Allowed = onDevice.to_type(ScalarType.Bool).DetachFromDisposeScope();
     }
 
     private static Tensor Upload(float[] values, long[] shape, Device device) => Upload(tensor(values, shape), device);
