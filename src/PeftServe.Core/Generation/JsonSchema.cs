@@ -82,11 +82,22 @@ public sealed class JsonSchema
     /// <summary>The schema for JSON mode: any object.</summary>
     public static JsonSchema AnyObject { get; } = new(new JsonObject { ["type"] = "object" });
 
-    /// <summary>Compiles a schema; an <see cref="ArgumentException"/> names what it cannot hold.</summary>
+    /// <summary>Compiles a schema; an <see cref="ArgumentException"/> names what it cannot hold (or what is malformed).</summary>
     public static JsonSchema Parse(JsonNode? schema)
     {
         if (schema is not JsonObject o) throw new ArgumentException("the schema must be a JSON object");
-        return new JsonSchema((JsonObject)o.DeepClone());
+        // A value of the wrong kind where a name or list is expected ("type": 5) surfaces from the JSON accessors.
+        try { return new JsonSchema((JsonObject)o.DeepClone()); }
+        catch (Exception e) when (e is InvalidOperationException or FormatException) { throw new ArgumentException($"malformed schema: {e.Message}", e); }
+    }
+
+    /// <summary>A schema as a request carries it: an object, or a string holding one (vLLM accepts both).</summary>
+    public static JsonSchema Parse(JsonElement schema)
+    {
+        JsonNode? node;
+        try { node = JsonNode.Parse(schema.ValueKind == JsonValueKind.String ? schema.GetString()! : schema.GetRawText()); }
+        catch (JsonException e) { throw new ArgumentException($"the schema is not valid JSON: {e.Message}", e); }
+        return Parse(node);
     }
 
     private Node Compile(JsonNode? node, string path, int depth)

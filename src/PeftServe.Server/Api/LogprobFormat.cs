@@ -9,7 +9,7 @@ namespace PeftServe.Server.Api;
 public sealed class LogprobFormat(Func<int, string> tokenText)
 {
     /// <summary>JSON has no infinity: a log probability that underflowed is written as vLLM writes it.</summary>
-    private static float Finite(float logprob) => float.IsFinite(logprob) ? logprob : -9999f;
+    internal static float Finite(float logprob) => float.IsFinite(logprob) ? logprob : -9999f;
 
     /// <summary>The completions shape, for generated tokens; <paramref name="offset"/> is where the first token's
     /// text starts (offsets run along the listed tokens' texts).</summary>

@@ -140,16 +140,15 @@ public static class LoraxEndpoints
     {
         id = t.TokenId,
         text = gen.TokenText(t.TokenId),
-        logprob = Finite(t.Logprob),
+        logprob = LogprobFormat.Finite(t.Logprob),
         special = gen.IsSpecial(t.TokenId),
-        alternative_tokens = alternatives > 0 ? t.Top.Select(a => new { id = a.TokenId, text = gen.TokenText(a.TokenId), logprob = Finite(a.Logprob) }).ToList() : null,
+        alternative_tokens = alternatives > 0 ? t.Top.Select(a => new { id = a.TokenId, text = gen.TokenText(a.TokenId), logprob = LogprobFormat.Finite(a.Logprob) }).ToList() : null,
         skipped = false,
     };
 
     private static List<object> Prefill(GenerationService gen, int[] prompt, IReadOnlyList<TokenLogprob?>? scored) =>
-        prompt.Select((id, j) => (object)new { id, text = gen.TokenText(id), logprob = scored?[j] is { } lp ? Finite(lp.Logprob) : (float?)null }).ToList();
+        prompt.Select((id, j) => (object)new { id, text = gen.TokenText(id), logprob = scored?[j] is { } lp ? LogprobFormat.Finite(lp.Logprob) : (float?)null }).ToList();
 
-    private static float Finite(float logprob) => float.IsFinite(logprob) ? logprob : -9999f;
 
     // ------------------------------------------------------------------ request
 
@@ -194,9 +193,8 @@ public static class LoraxEndpoints
                 throw Invalid("'response_format' must be {\"type\": \"json_object\"}, with a \"schema\" or without", "response_format");
             if (format.TryGetProperty("schema", out var schema) && schema.ValueKind != JsonValueKind.Null)
             {
-                try { json = Core.Generation.JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse(schema.ValueKind == JsonValueKind.String ? schema.GetString()! : schema.GetRawText())); }
-                catch (Exception e) when (e is ArgumentException or JsonException or InvalidOperationException or FormatException)
-                { throw Invalid($"response_format.schema: {e.Message}", "response_format"); }
+                try { json = Core.Generation.JsonSchema.Parse(schema); }
+                catch (ArgumentException e) { throw Invalid($"response_format.schema: {e.Message}", "response_format"); }
             }
             else json = Core.Generation.JsonSchema.AnyObject;
         }

@@ -130,13 +130,10 @@ public static class OpenAiRequests
             if (v.ValueKind == JsonValueKind.Null) continue;
             bool neutral = name switch
             {
-                "response_format" => true,   // read by GuidedJson
-
+                // Everything else is read, and checked, where it is used (response_format, logprobs, best_of, ...).
                 "tools" => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0,
                 "tool_choice" => v.ValueKind == JsonValueKind.String && v.GetString() == "none",
                 "parallel_tool_calls" => false,
-                "logprobs" or "top_logprobs" => true,   // read by ParseSettings
-                "best_of" => true,   // checked against n by ParseCompletion
                 _ => true,
             };
             if (!neutral)
@@ -278,13 +275,8 @@ public static class OpenAiRequests
     {
         Core.Generation.JsonSchema? Compile(JsonElement schema, string param)
         {
-            try
-            {
-                var node = schema.ValueKind == JsonValueKind.String ? System.Text.Json.Nodes.JsonNode.Parse(schema.GetString()!) : System.Text.Json.Nodes.JsonNode.Parse(schema.GetRawText());
-                return Core.Generation.JsonSchema.Parse(node);
-            }
-            catch (Exception e) when (e is ArgumentException or JsonException or InvalidOperationException or FormatException)
-            { throw new ApiException(400, $"'{param}': {e.Message}", param, "unsupported_parameter"); }
+            try { return Core.Generation.JsonSchema.Parse(schema); }
+            catch (ArgumentException e) { throw new ApiException(400, $"'{param}': {e.Message}", param, "unsupported_parameter"); }
         }
         Core.Generation.JsonSchema? fromFormat = null;
         if (Present(root, "response_format", out var format))

@@ -69,10 +69,9 @@ public sealed class GenerationService(ModelHost host, ServerMetrics metrics, IOp
         if (s.MinTokens > maxTokens)
             throw new ApiException(400, $"min_tokens ({s.MinTokens}) is more than max_tokens ({maxTokens})", "min_tokens");
         int vocab = host.Tokenizer.VocabSize;
-        if (s.LogitBias?.Keys.FirstOrDefault(id => id >= vocab) is { } badBias && badBias >= vocab)
-            throw new ApiException(400, $"logit_bias names token {badBias}; the vocabulary has {vocab} tokens", "logit_bias");
-        if (s.StopTokenIds.FirstOrDefault(id => id >= vocab) is var badStop && badStop >= vocab)
-            throw new ApiException(400, $"stop_token_ids names token {badStop}; the vocabulary has {vocab} tokens", "stop_token_ids");
+        int badBias = s.LogitBias?.Keys.FirstOrDefault(id => id >= vocab, -1) ?? -1, badStop = s.StopTokenIds.FirstOrDefault(id => id >= vocab, -1);
+        if (badBias >= 0) throw new ApiException(400, $"logit_bias names token {badBias}; the vocabulary has {vocab} tokens", "logit_bias");
+        if (badStop >= 0) throw new ApiException(400, $"stop_token_ids names token {badStop}; the vocabulary has {vocab} tokens", "stop_token_ids");
         return new GenerationRequest
         {
             PromptIds = prompt,
