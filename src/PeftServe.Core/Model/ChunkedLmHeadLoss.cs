@@ -64,7 +64,7 @@ internal sealed class ChunkedLmHeadLoss : torch.autograd.SingleTensorFunction<Ch
             headGrad = headGrad?.to(lmHead.dtype).MoveToOuterDisposeScope();
         }
         gradOutput.Dispose();
-        return [hiddenGrad, headGrad!, null!, null!];
+        return AutogradHandoff.Return(hiddenGrad, headGrad, null, null);
     }
 
     private static Tensor LossSum(Tensor hidden, Tensor lmHead, Tensor targets, int chunkRows)

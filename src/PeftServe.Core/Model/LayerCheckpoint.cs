@@ -73,6 +73,6 @@ internal sealed class LayerCheckpoint : torch.autograd.SingleTensorFunction<Laye
         gradOutput.Dispose();
         // One entry per forward argument: the hidden states' gradient; none for the positions, the rotary
         // tables (no gradient), the layer delegate or the flag.
-        return [inputGrad!, null!, null!, null!, null!, null!];
+        return AutogradHandoff.Return(inputGrad, null, null, null, null, null);
     }
 }

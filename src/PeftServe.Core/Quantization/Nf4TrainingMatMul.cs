@@ -1,3 +1,4 @@
+using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -30,6 +31,6 @@ internal sealed class Nf4TrainingMatMul : torch.autograd.SingleTensorFunction<Nf
         using (var scope = torch.NewDisposeScope())
             inputGrad = torch.matmul(gradOutput, layer.DenseWeight(gradOutput.dtype)).MoveToOuterDisposeScope();
         gradOutput.Dispose();
-        return [inputGrad, null!];
+        return AutogradHandoff.Return(inputGrad, null);
     }
 }
