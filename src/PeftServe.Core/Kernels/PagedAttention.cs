@@ -16,8 +16,18 @@ internal static class PagedAttention
     {
         var type = KernelModule.TypeName(like.dtype);
         if (type is null || group > MaxGroup || headDim > MaxHeadDim || headDim % 2 != 0) return null;
-        return KernelModule.TryGet(File, like.device,
-            KernelModule.ElementType(like.dtype)!.Value, ("HEAD_DIM", headDim.ToString()), ("GROUP", group.ToString()));
+        return KernelModule.TryGet(File, like.device, KernelModule.ElementType(like.dtype)!.Value,
+            ("HEAD_DIM", headDim.ToString()), ("GROUP", group.ToString()), ("WARPS", AttentionWarps(headDim, group).ToString()));
+    }
+
+    /// <summary>Warps per attention block: the most (up to 16) whose partial outputs, merged through shared
+    /// memory at the end (warps x group x 32 lanes x ceil(hd/32) floats), fit in 32 KiB.</summary>
+    internal static int AttentionWarps(long headDim, long group)
+    {
+        long perWarp = group * 32 * ((headDim + 31) / 32) * sizeof(float);
+        int warps = 16;
+        while (warps > 1 && warps * perWarp > 32 * 1024) warps /= 2;
+        return warps;
     }
 
     /// <summary>A decode step's rotary embedding and KV write in one kernel: from the fused projection
@@ -32,7 +42,8 @@ internal static class PagedAttention
         var module = Module(qkv, hd, heads / nkv);
         if (module is null) return null;
         var queries = torch.empty([n, heads, hd], qkv.dtype, qkv.device);
-        module.Launch("rope_write_kv", ((uint)n, 1, 1), 128, 0,
+        uint threads = (uint)Math.Max(32, (hd / 2 + 31) / 32 * 32);
+        module.Launch("rope_write_kv", ((uint)n, (uint)(heads + 2 * nkv), 1), threads, 0,
             KernelModule.Arg.Ptr(qkv), KernelModule.Arg.Ptr(positions), KernelModule.Arg.Ptr(inverseFrequencies), KernelModule.Arg.Ptr(writeSlots),
             KernelModule.Arg.Ptr(queries), KernelModule.Arg.Ptr(keys), KernelModule.Arg.Ptr(values), KernelModule.Arg.Int(heads), KernelModule.Arg.Int(nkv));
         return queries;
@@ -55,7 +66,7 @@ internal static class PagedAttention
         var module = Module(queries, hd, nq / nkv);
         if (module is null) return null;
         var output = torch.empty_like(queries);
-        module.Launch("paged_decode_attention", ((uint)b, (uint)nkv, 1), 128, 0,
+        module.Launch("paged_decode_attention", ((uint)b, (uint)nkv, 1), (uint)(32 * AttentionWarps(hd, nq / nkv)), 0,
             KernelModule.Arg.Ptr(queries), KernelModule.Arg.Ptr(keys), KernelModule.Arg.Ptr(values), KernelModule.Arg.Ptr(blockTables),
             KernelModule.Arg.Ptr(contextLengths), KernelModule.Arg.Ptr(output), KernelModule.Arg.Int(nkv), KernelModule.Arg.Int(blockTables.shape[1]),
             KernelModule.Arg.Int(blockSize), KernelModule.Arg.Float((float)(1.0 / Math.Sqrt(hd))));

@@ -19,6 +19,9 @@
 #ifndef RANKS_PER_WARP
 #define RANKS_PER_WARP 1
 #endif
+#ifndef SHRINK_UNROLL
+#define SHRINK_UNROLL 4
+#endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32) bgmv_shrink(
     const T* __restrict__ x, long long x_stride, const long long* __restrict__ slots, int tokens_per_row,
     const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,
@@ -45,18 +48,44 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) bgmv_shrink(
     float sum[RANKS_PER_WARP];
     #pragma unroll
     for (int q = 0; q < RANKS_PER_WARP; q++) sum[q] = 0.0f;
-    for (int k = lane * VEC; k < in; k += 32 * VEC)
+    // SHRINK_UNROLL strides of the row per step, all loaded before any is used: the warp's loop is a chain
+    // of load latencies (in / (32 VEC) of them, 43 for a 11,008-wide input), which this shortens.
+    for (int k0 = lane * VEC; k0 < in; k0 += 32 * VEC * SHRINK_UNROLL)
     {
-        float xv[VEC];
-        load_vec(xr + k, xv);
+        float xv[SHRINK_UNROLL][VEC];
+        #pragma unroll
+        for (int u = 0; u < SHRINK_UNROLL; u++)
+        {
+            const int k = k0 + u * 32 * VEC;
+            if (k < in) load_vec(xr + k, xv[u]);
+            else
+            {
+                #pragma unroll
+                for (int i = 0; i < VEC; i++) xv[u][i] = 0.0f;
+            }
+        }
         #pragma unroll
         for (int q = 0; q < RANKS_PER_WARP; q++)
         {
             if (q >= live) break;
-            float av[VEC];
-            load_vec(a + (long long)q * in + k, av);
+            float av[SHRINK_UNROLL][VEC];
             #pragma unroll
-            for (int i = 0; i < VEC; i++) sum[q] = fmaf(av[i], xv[i], sum[q]);
+            for (int u = 0; u < SHRINK_UNROLL; u++)
+            {
+                const int k = k0 + u * 32 * VEC;
+                if (k < in) load_vec(a + (long long)q * in + k, av[u]);
+                else
+                {
+                    #pragma unroll
+                    for (int i = 0; i < VEC; i++) av[u][i] = 0.0f;
+                }
+            }
+            #pragma unroll
+            for (int u = 0; u < SHRINK_UNROLL; u++)
+            {
+                #pragma unroll
+                for (int i = 0; i < VEC; i++) sum[q] = fmaf(av[u][i], xv[u][i], sum[q]);
+            }
         }
     }
     #pragma unroll
@@ -99,17 +128,19 @@ __device__ __forceinline__ void bgmv_expand_impl(
         const float* dr = d + ((long long)n * K + j) * R;
         const T* b = B + s * (long long)R * out + o0;
         int r = 0;
-        // Two ranks per step: both loads go out before either is used.
-        for (; r + 1 < rank; r += 2)
+        // Four ranks per step: their loads go out before any is used (the loop is a chain of load latencies).
+        for (; r + 3 < rank; r += 4)
         {
-            float b0[VEC], b1[VEC];
+            float b0[VEC], b1[VEC], b2[VEC], b3[VEC];
             load_vec(b + (long long)r * out, b0);
             load_vec(b + (long long)(r + 1) * out, b1);
-            const float c0 = dr[r], c1 = dr[r + 1];
+            load_vec(b + (long long)(r + 2) * out, b2);
+            load_vec(b + (long long)(r + 3) * out, b3);
+            const float c0 = dr[r], c1 = dr[r + 1], c2 = dr[r + 2], c3 = dr[r + 3];
             #pragma unroll
-            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c1, b1[i], fmaf(c0, b0[i], acc[i]));
+            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c3, b3[i], fmaf(c2, b2[i], fmaf(c1, b1[i], fmaf(c0, b0[i], acc[i]))));
         }
-        if (r < rank)
+        for (; r < rank; r++)
         {
             float b0[VEC];
             load_vec(b + (long long)r * out, b0);
