@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: ../shared/gpu/pack.sh src/PeftServe.Cli/PeftServe.Cli.csproj; cp ../shared/bench/*.py .gpu/).
-#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [mix] [nf4] [engine] [peft]
+#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [lora-fused] [mix] [nf4] [engine] [peft]
 # Builds the native helper (CUDA graphs) first, against the machine's own libtorch. Figures land in $OUT
 # (the device tool brings them back); the tail of the output is the summary table (loadtests/gpu/summarize.py).
 set -uo pipefail
@@ -43,6 +43,10 @@ fi
 if has lora-overlap; then
   stamp "lora, shrink and expand beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
   PEFTSERVE_LORA_OVERLAP=1 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-overlap.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-overlap.txt"
+fi
+if has lora-fused; then
+  stamp "lora, shrink and expand in one kernel (PEFTSERVE_LORA_FUSED=1)"
+  PEFTSERVE_LORA_FUSED=1 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-fused.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-fused.txt"
 fi
 if has mix; then
   stamp "mix"

@@ -19,6 +19,10 @@ internal static class Bgmv
     /// instead of after it.</summary>
     internal static readonly bool Overlap = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_OVERLAP") == "1";
 
+    /// <summary>Whether LoRA's shrink and expand run as one kernel, <c>lora_shrink_expand</c> (PEFTSERVE_LORA_FUSED=1;
+    /// opt-in until measured on the GPU, see docs/benchmarks.md).</summary>
+    internal static readonly bool Fused = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_FUSED") == "1";
+
     /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of
     /// <paramref name="dtype"/> whose inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors).</summary>
     public static bool Supports(Tensor x, long poolRank, params long[] widths)
@@ -95,6 +99,34 @@ internal static class Bgmv
             KernelModule.Arg.Int(offs[0]), KernelModule.Arg.Int(offs[1]), KernelModule.Arg.Int(offs[2]),
             KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
             KernelModule.Arg.Ptr(bias, 0));
+    }
+
+    /// <summary><see cref="Shrink"/> then <see cref="Expand"/> (no bias) in one launch: y[n, offsets[j] + o] +=
+    /// Σ_r (x[n] · A[s][j][r]) · B_j[s][r][o], the rank-sized intermediate kept in shared memory.</summary>
+    public static void ShrinkExpand(Tensor y, Tensor x, Tensor rowSlots, int tokensPerRow, Tensor a, IReadOnlyList<Tensor> up,
+        IReadOnlyList<long> offsets, Tensor ranks, int rankColumn)
+    {
+        if (y.stride(1) != 1) throw new ArgumentException("y must have contiguous columns");
+        if (up.Count is < 1 or > 3 || up.Count != a.shape[1]) throw new ArgumentException("one to three targets, as many up-projection pools as down");
+        var module = Module(x)!;
+        long n = x.shape[0], inF = x.shape[1];
+        int k = (int)a.shape[1], r = (int)a.shape[2];
+        if (a.shape[3] != inF) throw new ArgumentException($"pool rows have {a.shape[3]} inputs, x has {inF}");
+        var xc = x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
+        long vec = 16 / x.ElementSize, chunk = 8 * 32 * vec * 2;   // the kernel's FUSED_CHUNK
+        long widest = up.Max(b => b.shape[2]);
+        var outs = Enumerable.Range(0, 3).Select(j => j < up.Count ? up[j].shape[2] : 0).ToArray();
+        var offs = Enumerable.Range(0, 3).Select(j => j < offsets.Count ? offsets[j] : 0).ToArray();
+        var pools = Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])).ToArray();
+        module.LaunchOn(NativeHelper.CurrentStream(module.Ordinal), "lora_shrink_expand",
+            ((uint)n, (uint)((widest + chunk - 1) / chunk), (uint)k), 8 * 32, (uint)(r * sizeof(float)),
+            KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)),
+            KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
+            KernelModule.Arg.Ptr(a), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r), KernelModule.Arg.Int(inF),
+            pools[0], pools[1], pools[2],
+            KernelModule.Arg.Int(outs[0]), KernelModule.Arg.Int(outs[1]), KernelModule.Arg.Int(outs[2]),
+            KernelModule.Arg.Int(offs[0]), KernelModule.Arg.Int(offs[1]), KernelModule.Arg.Int(offs[2]),
+            KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn));
     }
 
     /// <summary>z[n, r] = act_s(z[n, r] + bias[s][r]) in place for rows with an adapter (bottleneck adapters).</summary>

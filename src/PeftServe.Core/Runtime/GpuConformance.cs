@@ -34,7 +34,7 @@ public static class GpuConformance
             log.WriteLine($"{(pass ? "PASS" : "FAIL")}  {what}");
             if (!pass) failures++;
         }
-        try { Kernels(device, Report); Nf4(device, Report); }
+        try { Kernels(device, Report); Lora(device, Report); Nf4(device, Report); }
         catch (Exception e) { Report(false, $"kernel checks threw: {e.Message}"); }
         try { Conformance(device, fixturesDir, modelDir, Report); }
         catch (Exception e) { Report(false, $"conformance threw: {e}"); }
@@ -108,6 +108,63 @@ public static class GpuConformance
                 report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"paged attention {dtype} heads {heads}/{kvHeads} dim {hd} rel.err {err:E2}");
             }
         }
+    }
+
+    /// <summary>LoRA's BGMV kernels (shrink then expand, and the fused opt-in kernel) against a float64 reference,
+    /// on a pool whose slots have full, partial and zero ranks, and rows without an adapter.</summary>
+    private static void Lora(Device device, Action<bool, string> report)
+    {
+        using var _ = torch.no_grad();
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+            foreach (var (inF, outs) in new[] { (4096, new long[] { 4096, 1024, 1024 }), (896, new long[] { 4864 }), (11008, new long[] { 4096 }) })
+            {
+                using var scope = torch.NewDisposeScope();
+                int slots = 4, k = outs.Length, r = 16, rows = 9;
+                var a = (torch.randn([slots, k, r, inF], ScalarType.Float32, device) * 0.05).to(dtype);
+                var up = outs.Select(o => (torch.randn([slots, r, o], ScalarType.Float32, device) * 0.05).to(dtype)).ToArray();
+                var offsets = outs.Select((o, j) => outs.Take(j).Sum()).ToArray();
+                var rankTable = new int[slots, k + 1];                       // column 0 unused: targets start at column 1
+                for (int sl = 0; sl < slots; sl++)
+                    for (int j = 0; j < k; j++) rankTable[sl, j + 1] = new[] { 16, 4, 0, 7 }[(sl + j) % 4];
+                var ranks = torch.tensor(rankTable.Cast<int>().ToArray(), [slots, k + 1], device: device);
+                var slotOfRow = new long[] { 0, 1, -1, 2, 3, 0, 1, -1, 3 };
+                var rowSlots = torch.tensor(slotOfRow, device: device);
+                var x = torch.randn([rows, inF], dtype, device);
+                var y0 = torch.randn([rows, outs.Sum()], dtype, device);
+
+                var reference = y0.to(ScalarType.Float64).cpu().clone();
+                var ad = a.to(ScalarType.Float64).cpu();
+                var xd = x.to(ScalarType.Float64).cpu();
+                for (int row = 0; row < rows; row++)
+                {
+                    long sl = slotOfRow[row];
+                    if (sl < 0) continue;
+                    for (int j = 0; j < k; j++)
+                    {
+                        int rank = rankTable[sl, j + 1];
+                        if (rank == 0) continue;
+                        var inter = torch.matmul(ad[sl, j].narrow(0, 0, rank), xd[row]);                                  // [rank]
+                        var delta = torch.matmul(inter, up[j].to(ScalarType.Float64).cpu()[sl].narrow(0, 0, rank));     // [out_j]
+                        reference[row].narrow(0, offsets[j], outs[j]).add_(delta);
+                    }
+                }
+                double tol = dtype == ScalarType.Float32 ? 1e-5 : 2e-2;
+                string shape = $"{dtype} in {inF}, outs {string.Join("|", outs)}";
+                if (!Bgmv.Supports(x, r, outs))
+                {
+                    report(false, $"bgmv {shape}: kernels unavailable ({KernelModule.LastError})");
+                    continue;
+                }
+                var split = y0.clone();
+                var d = Bgmv.Shrink(x, rowSlots, 1, a, ranks, 1);
+                Bgmv.Expand(split, rowSlots, 1, d, up, offsets, ranks, 1);
+                double e1 = RelativeError(split, reference);
+                report(e1 <= tol, $"bgmv shrink + expand {shape}: rel.err {e1:E2}");
+                var fused = y0.clone();
+                Bgmv.ShrinkExpand(fused, x, rowSlots, 1, a, up, offsets, ranks, 1);
+                double e2 = RelativeError(fused, reference);
+                report(e2 <= tol, $"lora_shrink_expand (fused, PEFTSERVE_LORA_FUSED=1) {shape}: rel.err {e2:E2}");
+            }
     }
 
     private static void Nf4(Device device, Action<bool, string> report)
