@@ -17,13 +17,14 @@ for c in $cases; do
   case $c in
     b1) args=(--concurrency 1 --requests 1); skip=6000; count=1500 ;;
     lora32) args=(--concurrency 32 --requests 32 --adapters 32); skip=20000; count=2500 ;;
-    nf4-b1) args=(--concurrency 1 --requests 1 --quantize nf4); skip=6000; count=1500 ;;
+    # Quantizing the random weights at load launches tens of thousands of kernels: skip past them.
+    nf4-b1) args=(--concurrency 1 --requests 1 --quantize nf4); skip=80000; count=1500 ;;
     mix) args=(--concurrency 32 --requests 32 --adapters 9 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit); skip=20000; count=3000 ;;
     *) echo "unknown case $c"; continue ;;
   esac
   echo "== kernels: $c"
   timeout 240 "$ncu" --metrics gpu__time_duration.sum --launch-skip ${SKIP:-$skip} --launch-count ${COUNT:-$count} -f -o /tmp/prof-$c \
-    "${cli[@]}" bench --model $shape --random-weights --prompt-tokens 128 --max-tokens 48 --device cuda --dtype bfloat16 \
+    "${cli[@]}" bench --model $shape --random-weights --prompt-tokens 128 --max-tokens ${TOKENS:-128} --device cuda --dtype bfloat16 \
     --mode waves --warmup 1 --repeats 1 --no-cuda-graphs "${args[@]}" > /tmp/prof-$c.log 2>&1 || { echo "ncu failed:"; tail -5 /tmp/prof-$c.log; }
   "$ncu" -i /tmp/prof-$c.ncu-rep --csv --page raw --metrics gpu__time_duration.sum > /tmp/prof-$c.csv 2>/dev/null
   python3 loadtests/gpu/kernel_profile.py /tmp/prof-$c.csv "$layers" | tee "$OUT/kernels-$c.txt"
