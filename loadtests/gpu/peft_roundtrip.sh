@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trainer checks for the GPU machine (python there has torch, transformers and peft), from the repo
-# root with the CLI bundled in .gpu/ (as for run-all.sh: ../shared/gpu/pack.sh src/PeftServe.Cli/PeftServe.Cli.csproj).
+# root with the CLI bundled in .gpu/ (as for run-all.sh: bash loadtests/gpu/pack.sh).
 #   bash loadtests/gpu/peft_roundtrip.sh [roundtrip] [llama]
 # roundtrip: LoRA, prefix and prompt-tuning adapters trained here on the default model load in Hugging
 #            Face PEFT and give the same logits there as here (float32, within 1e-4).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # LoRA variants on the GPU machine (python there has torch, transformers and peft), from the repo root, with the CLI
-# bundled in .gpu/ (../shared/gpu/pack.sh src/PeftServe.Cli/PeftServe.Cli.csproj):
+# bundled in .gpu/ (bash loadtests/gpu/pack.sh):
 #   bash loadtests/gpu/peft_variants.sh [fixtures] [trained] [bench]
 # fixtures: real PEFT adapters of every variant (DoRA, rsLoRA + alpha_pattern, lora_bias, bias lora_only/all, DoRA on a
 #           base with biases, saved lm_head / embed_tokens, LoRA and DoRA on embed_tokens and lm_head, tied embeddings

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
-# .gpu/ (made here with: ../shared/gpu/pack.sh src/PeftServe.Cli/PeftServe.Cli.csproj; cp ../shared/bench/*.py .gpu/).
+# .gpu/ (made here with: bash loadtests/gpu/pack.sh).
 #   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [lora-fused] [mix] [nf4] [engine] [peft]
 # Builds the native helper (CUDA graphs) first, against the machine's own libtorch. Figures land in $OUT
 # (the device tool brings them back); the tail of the output is the summary table (loadtests/gpu/summarize.py).

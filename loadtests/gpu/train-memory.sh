@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The trainer's memory and speed beside Hugging Face transformers + PEFT, on the GPU machine, in one call
 # (about 5 minutes on an H200). How to run it:
-#   here, from the repo root:   ../shared/gpu/pack.sh src/PeftServe.Cli/PeftServe.Cli.csproj
-#                               cp ../shared/bench/hf_peft_train.py .gpu/
+#   here, from the repo root:   bash loadtests/gpu/pack.sh
 #   on the GPU machine (carry .gpu), from the repo root:   bash loadtests/gpu/train-memory.sh
 # Figures land in $OUT: train-memory.md (the table for docs/benchmarks.md), train-memory.json, one log per run.
 #
