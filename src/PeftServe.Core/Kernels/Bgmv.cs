@@ -47,7 +47,7 @@ internal static class Bgmv
         long n = x.shape[0], inF = x.shape[1];
         int k = (int)a.shape[1], r = (int)a.shape[2];
         if (a.shape[3] != inF) throw new ArgumentException($"pool rows have {a.shape[3]} inputs, x has {inF}");
-        var xc = x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
+        var xc = AlignedRows(x);
         var d = torch.empty([n, k, r], ScalarType.Float32, x.device);
         const int warps = 4;
         module.LaunchOn(stream?.Stream ?? NativeHelper.CurrentStream(module.Ordinal), "bgmv_shrink",
@@ -88,17 +88,12 @@ internal static class Bgmv
         long vec = 16 / up[0].ElementSize;
         long widest = up.Max(b => b.shape[2]);
         const int threads = 128;
-        var outs = Enumerable.Range(0, 3).Select(j => j < up.Count ? up[j].shape[2] : 0).ToArray();
-        var offs = Enumerable.Range(0, 3).Select(j => j < offsets.Count ? offsets[j] : 0).ToArray();
-        var pools = Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])).ToArray();
         module.LaunchOn(stream, kernel, ((uint)n, (uint)((widest + threads * vec - 1) / (threads * vec)), (uint)k), threads, 0,
-            KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
+            [KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r),
-            pools[0], pools[1], pools[2],
-            KernelModule.Arg.Int(outs[0]), KernelModule.Arg.Int(outs[1]), KernelModule.Arg.Int(outs[2]),
-            KernelModule.Arg.Int(offs[0]), KernelModule.Arg.Int(offs[1]), KernelModule.Arg.Int(offs[2]),
+            .. TargetArgs(up, offsets),
             KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
-            KernelModule.Arg.Ptr(bias, 0));
+            KernelModule.Arg.Ptr(bias, 0)]);
     }
 
     /// <summary><see cref="Shrink"/> then <see cref="Expand"/> (no bias) in one launch: y[n, offsets[j] + o] +=
@@ -112,22 +107,30 @@ internal static class Bgmv
         long n = x.shape[0], inF = x.shape[1];
         int k = (int)a.shape[1], r = (int)a.shape[2];
         if (a.shape[3] != inF) throw new ArgumentException($"pool rows have {a.shape[3]} inputs, x has {inF}");
-        var xc = x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
+        var xc = AlignedRows(x);
         long vec = 16 / x.ElementSize, chunk = 8 * 32 * vec * 2;   // the kernel's FUSED_CHUNK
         long widest = up.Max(b => b.shape[2]);
-        var outs = Enumerable.Range(0, 3).Select(j => j < up.Count ? up[j].shape[2] : 0).ToArray();
-        var offs = Enumerable.Range(0, 3).Select(j => j < offsets.Count ? offsets[j] : 0).ToArray();
-        var pools = Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])).ToArray();
         module.LaunchOn(NativeHelper.CurrentStream(module.Ordinal), "lora_shrink_expand",
             ((uint)n, (uint)((widest + chunk - 1) / chunk), (uint)k), 8 * 32, (uint)(r * sizeof(float)),
-            KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)),
+            [KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)),
             KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(a), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r), KernelModule.Arg.Int(inF),
-            pools[0], pools[1], pools[2],
-            KernelModule.Arg.Int(outs[0]), KernelModule.Arg.Int(outs[1]), KernelModule.Arg.Int(outs[2]),
-            KernelModule.Arg.Int(offs[0]), KernelModule.Arg.Int(offs[1]), KernelModule.Arg.Int(offs[2]),
-            KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn));
+            .. TargetArgs(up, offsets),
+            KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn)]);
     }
+
+    /// <summary>x itself when its rows are 16-byte aligned vectors the kernels can load, else a contiguous copy.</summary>
+    private static Tensor AlignedRows(Tensor x) =>
+        x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
+
+    /// <summary>The kernels' three up-projection targets as arguments: pools B0..B2 (unused ones repeat the last),
+    /// widths out0..out2 and output offsets off0..off2 (0 where unused).</summary>
+    private static ulong[] TargetArgs(IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets) =>
+    [
+        .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])),
+        .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Int(j < up.Count ? up[j].shape[2] : 0)),
+        .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Int(j < offsets.Count ? offsets[j] : 0)),
+    ];
 
     /// <summary>z[n, r] = act_s(z[n, r] + bias[s][r]) in place for rows with an adapter (bottleneck adapters).</summary>
     public static void BottleneckActivate(Tensor z, Tensor rowSlots, int tokensPerRow, Tensor bias, Tensor activationCodes)
