@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
-#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [lora-fused] [mix] [nf4] [engine] [peft]
+#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [nf4] [engine] [peft]
 # Builds the native helper (CUDA graphs) first, against the machine's own libtorch. Figures land in $OUT
 # (the device tool brings them back); the tail of the output is the summary table (loadtests/gpu/summarize.py).
 set -uo pipefail
@@ -44,10 +44,6 @@ if has lora-overlap; then
   stamp "lora, shrink and expand beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
   PEFTSERVE_LORA_OVERLAP=1 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-overlap.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-overlap.txt"
 fi
-if has lora-fused; then
-  stamp "lora, shrink and expand in one kernel (PEFTSERVE_LORA_FUSED=1)"
-  PEFTSERVE_LORA_FUSED=1 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-fused.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-fused.txt"
-fi
 if has mix; then
   stamp "mix"
   b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit \
@@ -64,7 +60,9 @@ if has engine; then
 fi
 if has peft; then
   stamp "hf peft"
-  PYTHONUNBUFFERED=1 timeout 420 python3 .gpu/hf_peft_baseline.py "$OUT/peer-peft.json" 2>&1 | grep -v -i warn | tail -8
+  # PEFT_TOKENS shortens the peer's generations (128 new tokens take minutes at its 32-adapter speed).
+  sed "s/B, P, N = 32, 128, 128/B, P, N = 32, 128, ${PEFT_TOKENS:-128}/" .gpu/hf_peft_baseline.py > /tmp/hf_peft_baseline.py
+  PYTHONUNBUFFERED=1 timeout 420 python3 /tmp/hf_peft_baseline.py "$OUT/peer-peft.json" 2>&1 | grep -v -i warn | tail -8
 fi
 stamp "done"
 python3 loadtests/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"

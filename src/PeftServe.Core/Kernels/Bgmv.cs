@@ -10,25 +10,23 @@ namespace PeftServe.Core.Kernels;
 internal static class Bgmv
 {
     private const string File = "bgmv.cu";
-    /// <summary>Ranks one warp of the shrink kernel computes (PEFTSERVE_BGMV_RANKS: 1, 2 or 4; the pool's padded
-    /// rank must be a multiple).</summary>
-    private static readonly int RanksPerWarp = Environment.GetEnvironmentVariable("PEFTSERVE_BGMV_RANKS") is "2" ? 2
-        : Environment.GetEnvironmentVariable("PEFTSERVE_BGMV_RANKS") is "4" ? 4 : 1;
+    /// <summary>Ranks one block of the shrink kernel computes (PEFTSERVE_BGMV_RANKS: 1, 2 or 4).</summary>
+    private static readonly int ShrinkRanks = Environment.GetEnvironmentVariable("PEFTSERVE_BGMV_RANKS") switch
+    {
+        "1" => 1,
+        "4" => 4,
+        _ => 2,
+    };
 
     /// <summary>Whether LoRA's shrink and expand run on a side stream beside the base projection (PEFTSERVE_LORA_OVERLAP=1)
     /// instead of after it.</summary>
     internal static readonly bool Overlap = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_OVERLAP") == "1";
-
-    /// <summary>Whether LoRA's shrink and expand run as one kernel, <c>lora_shrink_expand</c> (PEFTSERVE_LORA_FUSED=1;
-    /// opt-in until measured on the GPU, see docs/benchmarks.md).</summary>
-    internal static readonly bool Fused = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_FUSED") == "1";
 
     /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of
     /// <paramref name="dtype"/> whose inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors).</summary>
     public static bool Supports(Tensor x, long poolRank, params long[] widths)
     {
         if (x.device.type != DeviceType.CUDA || torch.is_grad_enabled()) return false;
-        if (poolRank % RanksPerWarp != 0) return false;
         if (KernelModule.TypeName(x.dtype) is null) return false;
         long vec = 16 / x.ElementSize;
         if (x.shape[^1] % vec != 0 || widths.Any(w => w % vec != 0)) return false;
@@ -37,7 +35,7 @@ internal static class Bgmv
 
     private static KernelModule? Module(Tensor x) =>
         KernelModule.TryGet(File, x.device, KernelModule.ElementType(x.dtype)!.Value,
-            ("RANKS_PER_WARP", RanksPerWarp.ToString()));
+            ("SHRINK_RANKS", ShrinkRanks.ToString()));
 
     /// <summary>d[n, j, r] = x[n] · A[s][j][r] for the K targets of pool <paramref name="a"/> [S, K, R, in],
     /// where s = rowSlots[n / tokensPerRow]; float32 [N, K, R].</summary>
@@ -49,9 +47,8 @@ internal static class Bgmv
         if (a.shape[3] != inF) throw new ArgumentException($"pool rows have {a.shape[3]} inputs, x has {inF}");
         var xc = AlignedRows(x);
         var d = torch.empty([n, k, r], ScalarType.Float32, x.device);
-        const int warps = 4;
         module.LaunchOn(stream?.Stream ?? NativeHelper.CurrentStream(module.Ordinal), "bgmv_shrink",
-            ((uint)n, (uint)((k * r + warps * RanksPerWarp - 1) / (warps * RanksPerWarp)), 1), warps * 32, 0,
+            ((uint)n, (uint)(k * ((r + ShrinkRanks - 1) / ShrinkRanks)), 1), 256, 0,
             KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(a), KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r), KernelModule.Arg.Int(inF));
@@ -94,29 +91,6 @@ internal static class Bgmv
             .. TargetArgs(up, offsets),
             KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
             KernelModule.Arg.Ptr(bias, 0)]);
-    }
-
-    /// <summary><see cref="Shrink"/> then <see cref="Expand"/> (no bias) in one launch: y[n, offsets[j] + o] +=
-    /// Σ_r (x[n] · A[s][j][r]) · B_j[s][r][o], the rank-sized intermediate kept in shared memory.</summary>
-    public static void ShrinkExpand(Tensor y, Tensor x, Tensor rowSlots, int tokensPerRow, Tensor a, IReadOnlyList<Tensor> up,
-        IReadOnlyList<long> offsets, Tensor ranks, int rankColumn)
-    {
-        if (y.stride(1) != 1) throw new ArgumentException("y must have contiguous columns");
-        if (up.Count is < 1 or > 3 || up.Count != a.shape[1]) throw new ArgumentException("one to three targets, as many up-projection pools as down");
-        var module = Module(x)!;
-        long n = x.shape[0], inF = x.shape[1];
-        int k = (int)a.shape[1], r = (int)a.shape[2];
-        if (a.shape[3] != inF) throw new ArgumentException($"pool rows have {a.shape[3]} inputs, x has {inF}");
-        var xc = AlignedRows(x);
-        long vec = 16 / x.ElementSize, chunk = 8 * 32 * vec * 2;   // the kernel's FUSED_CHUNK
-        long widest = up.Max(b => b.shape[2]);
-        module.LaunchOn(NativeHelper.CurrentStream(module.Ordinal), "lora_shrink_expand",
-            ((uint)n, (uint)((widest + chunk - 1) / chunk), (uint)k), 8 * 32, (uint)(r * sizeof(float)),
-            [KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(xc), KernelModule.Arg.Long(xc.stride(0)),
-            KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
-            KernelModule.Arg.Ptr(a), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r), KernelModule.Arg.Int(inF),
-            .. TargetArgs(up, offsets),
-            KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn)]);
     }
 
     /// <summary>x itself when its rows are 16-byte aligned vectors the kernels can load, else a contiguous copy.</summary>

@@ -39,14 +39,16 @@ typedef ELEM_TYPE T;
 // Elements in one 16-byte load.
 #define VEC (16 / (int)sizeof(T))
 
-// Loads VEC consecutive elements (16-byte aligned) as floats.
-__device__ __forceinline__ void load_vec(const T* p, float out[VEC])
+// The VEC elements of one 16-byte vector as floats.
+__device__ __forceinline__ void unpack_vec(const uint4 raw, float out[VEC])
 {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const T* e = reinterpret_cast<const T*>(&raw);
     #pragma unroll
     for (int i = 0; i < VEC; i++) out[i] = to_f32(e[i]);
 }
+
+// Loads VEC consecutive elements (16-byte aligned) as floats.
+__device__ __forceinline__ void load_vec(const T* p, float out[VEC]) { unpack_vec(*reinterpret_cast<const uint4*>(p), out); }
 #endif
 
 __device__ __forceinline__ float warp_sum(float v)

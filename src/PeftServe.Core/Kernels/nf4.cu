@@ -153,6 +153,266 @@ NF4_INSTANTIATE(5) NF4_INSTANTIATE(6) NF4_INSTANTIATE(7) NF4_INSTANTIATE(8)
 NF4_INSTANTIATE(9) NF4_INSTANTIATE(10) NF4_INSTANTIATE(11) NF4_INSTANTIATE(12)
 NF4_INSTANTIATE(13) NF4_INSTANTIATE(14) NF4_INSTANTIATE(15) NF4_INSTANTIATE(16)
 
+// The same product for 1 to 4 rows of x, which each lane reads straight from global memory (the block's 8
+// warps share them through L1) instead of staging tiles in shared memory: no barriers, and each lane issues
+// the weight loads of DIRECT_UNROLL chunks (its whole share of a 4,096-wide row) before using any, so a warp
+// waits for memory once per DIRECT_UNROLL chunks instead of once per tile. Lane l takes chunks l, l + 32, ...
+#define DIRECT_UNROLL 4
+template <int M, bool BF16>
+__device__ __forceinline__ void nf4_gemv_direct(const unsigned short* __restrict__ x, const unsigned char* __restrict__ wq,
+                                                const float* __restrict__ absmax, unsigned short* __restrict__ y, int N, int K)
+{
+    __shared__ float code[16];
+    if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
+    if (n >= N) return;                                          // after the only barrier
+    const int chunks = K >> 5;
+    const uint4* wrow = reinterpret_cast<const uint4*>(wq + (size_t)n * (size_t)(K >> 1));
+    const float* arow = absmax + (size_t)n * (size_t)(K >> 6);
+
+    float acc[M];
+    #pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * DIRECT_UNROLL)
+    {
+        uint4 p[DIRECT_UNROLL];
+        float scale[DIRECT_UNROLL];
+        #pragma unroll
+        for (int u = 0; u < DIRECT_UNROLL; u++)
+        {
+            const int c = c0 + 32 * u;
+            p[u] = c < chunks ? __ldg(wrow + c) : make_uint4(0u, 0u, 0u, 0u);
+            scale[u] = c < chunks ? __ldg(arow + (c >> 1)) : 0.0f;
+        }
+        #pragma unroll
+        for (int u = 0; u < DIRECT_UNROLL; u++)
+        {
+            const int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            float w[32];
+            decode_chunk(p[u], code, w);
+            #pragma unroll
+            for (int m = 0; m < M; m++)
+            {
+                const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * (size_t)K + ((size_t)c << 5));
+                float dot = 0.0f;
+                #pragma unroll
+                for (int v = 0; v < 4; v++)
+                {
+                    const uint4 q = __ldg(xr + v);               // values 8v .. 8v+7 of the chunk
+                    const unsigned int qw[4] = { q.x, q.y, q.z, q.w };
+                    #pragma unroll
+                    for (int j = 0; j < 4; j++)
+                    {
+                        dot = fmaf(low_half<BF16>(qw[j]), w[8 * v + 2 * j], dot);
+                        dot = fmaf(high_half<BF16>(qw[j]), w[8 * v + 2 * j + 1], dot);
+                    }
+                }
+                acc[m] = fmaf(dot, scale[u], acc[m]);
+            }
+        }
+    }
+    #pragma unroll
+    for (int m = 0; m < M; m++)
+    {
+        float v = acc[m];
+        #pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+        if (lane == 0) y[(size_t)m * (size_t)N + n] = from_f32<BF16>(v);
+    }
+}
+
+#define NF4_DIRECT_INSTANTIATE(M) \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_PER_BLOCK) nf4_gemv_direct_bf16_m##M( \
+        const unsigned short* x, const unsigned char* w, const float* absmax, unsigned short* y, int N, int K) \
+    { nf4_gemv_direct<M, true>(x, w, absmax, y, N, K); } \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_PER_BLOCK) nf4_gemv_direct_f16_m##M( \
+        const unsigned short* x, const unsigned char* w, const float* absmax, unsigned short* y, int N, int K) \
+    { nf4_gemv_direct<M, false>(x, w, absmax, y, N, K); }
+
+NF4_DIRECT_INSTANTIATE(1) NF4_DIRECT_INSTANTIATE(2) NF4_DIRECT_INSTANTIATE(3) NF4_DIRECT_INSTANTIATE(4)
+
+// Tensor-core NF4 product for 17 to 32 rows of x (batched decode), where the CUDA-core kernels above become
+// compute-bound: y[m, n] = sum_k x[m, k] * bf16(code[q(n, k)] * absmax), with mma.sync m16n8k16 (fp32
+// accumulation). The weight is the A operand (16 weight rows per m-tile), x^T the B operand (8 tokens per n-tile).
+// A k-permutation makes both operands' fragments contiguous loads: within a unit of 128 columns, the k-slots
+// {2t, 2t+1, 2t+8, 2t+9} that lane (g, t) holds at mma step i (0..7) stand for columns 32t + 4i + {0,1,2,3}, so
+// over the 8 steps a lane covers columns 32t .. 32t+31 of its rows: exactly one 16-byte chunk of packed weights
+// (one absmax) per row, and 64 contiguous bytes of each x row. Products are summed over k in any order, so the
+// permutation changes nothing but the order of the fp32 additions.
+// A block is 8 warps of MMA_MT m-tiles (256 weight rows at MMA_MT = 2), all walking the same columns so x is read
+// from L1 after its first warp; blockIdx.y splits K into `splits` ranges. With more than one split, each block
+// writes fp32 partials to work[split][m][n] and the last block of a row tile to finish (a per-tile counter, reset
+// by that block) adds them in split order and writes y: deterministic, and one launch.
+#define MMA_WARPS 8
+#define MMA_MT 2
+#define MMA_ROWS (MMA_WARPS * MMA_MT * 16)
+
+template <bool BF16> __device__ __forceinline__ unsigned int pack2(float lo, float hi)
+{
+    unsigned int r;
+    if constexpr (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+template <bool BF16> __device__ __forceinline__ void mma16816(float c[4], const unsigned int a[4], unsigned int b0, unsigned int b1)
+{
+    if constexpr (BF16)
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The two weights of step i's k-slot pair e (0: columns 4i, 4i+1; 1: 4i+2, 4i+3) of a 16-byte chunk, scaled and
+// packed: byte 2i + e holds them (high nibble first).
+template <bool BF16> __device__ __forceinline__ unsigned int weight_pair(const uint4 p, int i, int e, const float* code, float scale)
+{
+    const unsigned int words[4] = { p.x, p.y, p.z, p.w };
+    const unsigned int byte = (words[i >> 1] >> (8 * (((i & 1) << 1) + e))) & 0xffu;
+    return pack2<BF16>(code[byte >> 4] * scale, code[byte & 15u] * scale);
+}
+
+template <int NT, bool BF16>
+__device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, const unsigned char* __restrict__ wq,
+                                       const float* __restrict__ absmax, unsigned short* __restrict__ y,
+                                       float* __restrict__ work, int* __restrict__ counters, int M, int N, int K, int splits)
+{
+    __shared__ float code[16];
+    __shared__ int last;
+    if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x, split = blockIdx.y;
+    const int units = K >> 7;
+    const int u0 = (int)((long long)split * units / splits), u1 = (int)((long long)(split + 1) * units / splits);
+    const size_t rowBytes = (size_t)(K >> 1), rowScales = (size_t)(K >> 6);
+
+    // This lane's 2 * MMA_MT weight rows (rows g and g + 8 of each m-tile), clamped into the weight.
+    const uint4* wrow[MMA_MT][2];
+    const float* arow[MMA_MT][2];
+    #pragma unroll
+    for (int mt = 0; mt < MMA_MT; mt++)
+        #pragma unroll
+        for (int h = 0; h < 2; h++)
+        {
+            const int n = min(tile * MMA_ROWS + (warp * MMA_MT + mt) * 16 + g + 8 * h, N - 1);
+            wrow[mt][h] = reinterpret_cast<const uint4*>(wq + (size_t)n * rowBytes);
+            arow[mt][h] = absmax + (size_t)n * rowScales;
+        }
+    // This lane's x rows (token 8 nt + g of each n-tile); tokens past M read row 0 and are never written.
+    const unsigned short* xrow[NT];
+    #pragma unroll
+    for (int nt = 0; nt < NT; nt++) xrow[nt] = x + (size_t)min(8 * nt + g, M - 1) * (size_t)K + 32 * t;
+
+    float acc[MMA_MT][NT][4];
+    #pragma unroll
+    for (int mt = 0; mt < MMA_MT; mt++)
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            #pragma unroll
+            for (int q = 0; q < 4; q++) acc[mt][nt][q] = 0.0f;
+
+    uint4 p[MMA_MT][2];
+    float scale[MMA_MT][2];
+    auto load = [&](int u)
+    {
+        const int c = 4 * u + t;                                        // this lane's chunk of unit u
+        #pragma unroll
+        for (int mt = 0; mt < MMA_MT; mt++)
+            #pragma unroll
+            for (int h = 0; h < 2; h++)
+            {
+                p[mt][h] = __ldg(wrow[mt][h] + c);
+                scale[mt][h] = __ldg(arow[mt][h] + (c >> 1));
+            }
+    };
+    if (u0 < u1) load(u0);
+    for (int u = u0; u < u1; u++)
+    {
+        uint4 cur[MMA_MT][2];
+        float sc[MMA_MT][2];
+        #pragma unroll
+        for (int mt = 0; mt < MMA_MT; mt++)
+            #pragma unroll
+            for (int h = 0; h < 2; h++) { cur[mt][h] = p[mt][h]; sc[mt][h] = scale[mt][h]; }
+        if (u + 1 < u1) load(u + 1);                                    // the next unit's weights, in flight meanwhile
+        uint4 xv[NT];
+        #pragma unroll
+        for (int i = 0; i < 8; i++)
+        {
+            if ((i & 1) == 0)                                           // x columns 32t + 4i .. 32t + 4i + 7
+            {
+                #pragma unroll
+                for (int nt = 0; nt < NT; nt++) xv[nt] = __ldg(reinterpret_cast<const uint4*>(xrow[nt] + (u << 7)) + (i >> 1));
+            }
+            unsigned int a[MMA_MT][4];
+            #pragma unroll
+            for (int mt = 0; mt < MMA_MT; mt++)
+            {
+                a[mt][0] = weight_pair<BF16>(cur[mt][0], i, 0, code, sc[mt][0]);
+                a[mt][1] = weight_pair<BF16>(cur[mt][1], i, 0, code, sc[mt][1]);
+                a[mt][2] = weight_pair<BF16>(cur[mt][0], i, 1, code, sc[mt][0]);
+                a[mt][3] = weight_pair<BF16>(cur[mt][1], i, 1, code, sc[mt][1]);
+            }
+            #pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+            {
+                // x columns 32t + 4i .. +3 of the token: half of the vector.
+                const uint4 q = xv[nt];
+                const unsigned int b0 = (i & 1) ? q.z : q.x, b1 = (i & 1) ? q.w : q.y;
+                #pragma unroll
+                for (int mt = 0; mt < MMA_MT; mt++) mma16816<BF16>(acc[mt][nt], a[mt], b0, b1);
+            }
+        }
+    }
+
+    // acc[mt][nt][q]: weight row (warp * MMA_MT + mt) * 16 + g + 8 (q >> 1), token 8 nt + 2t + (q & 1).
+    #pragma unroll
+    for (int mt = 0; mt < MMA_MT; mt++)
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            #pragma unroll
+            for (int q = 0; q < 4; q++)
+            {
+                const int n = tile * MMA_ROWS + (warp * MMA_MT + mt) * 16 + g + 8 * (q >> 1);
+                const int m = 8 * nt + 2 * t + (q & 1);
+                if (n >= N || m >= M) continue;
+                if (splits == 1) y[(size_t)m * N + n] = from_f32<BF16>(acc[mt][nt][q]);
+                else work[((size_t)split * M + m) * N + n] = acc[mt][nt][q];
+            }
+    if (splits == 1) return;
+    __threadfence();                                                    // partials visible before the count
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counters + tile, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < MMA_ROWS * M; i += blockDim.x)
+    {
+        const int m = i / MMA_ROWS, n = tile * MMA_ROWS + (i - m * MMA_ROWS);
+        if (n >= N) continue;
+        float sum = 0.0f;
+        for (int sp = 0; sp < splits; sp++) sum += __ldcg(work + ((size_t)sp * M + m) * N + n);
+        y[(size_t)m * N + n] = from_f32<BF16>(sum);
+    }
+    if (threadIdx.x == 0) counters[tile] = 0;                           // ready for the next launch (graph replays)
+}
+
+#define NF4_MMA_INSTANTIATE(NT) \
+    extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS) nf4_mma_bf16_n##NT(const unsigned short* x, const unsigned char* w, \
+        const float* absmax, unsigned short* y, float* work, int* counters, int M, int N, int K, int splits) \
+    { nf4_mma<NT, true>(x, w, absmax, y, work, counters, M, N, K, splits); } \
+    extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS) nf4_mma_f16_n##NT(const unsigned short* x, const unsigned char* w, \
+        const float* absmax, unsigned short* y, float* work, int* counters, int M, int N, int K, int splits) \
+    { nf4_mma<NT, false>(x, w, absmax, y, work, counters, M, N, K, splits); }
+
+NF4_MMA_INSTANTIATE(1) NF4_MMA_INSTANTIATE(2) NF4_MMA_INSTANTIATE(3) NF4_MMA_INSTANTIATE(4)
+
 // Dequantization for the plain path (many rows): out[i] = code[q_i] * absmax[i / 64], computed in
 // float32 and rounded once to the output type, exactly as the tensor-op path does. Each thread
 // decodes one 16-byte chunk (32 values, half a block) and writes 64 bytes.

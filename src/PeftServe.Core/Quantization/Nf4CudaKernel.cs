@@ -25,11 +25,24 @@ public static class Nf4CudaKernel
     /// <summary>Largest number of activation rows (B*T) one launch takes.</summary>
     public const int MaxRows = 16;
 
-    /// <summary>Largest number of rows the kernel serves, in launches of up to <see cref="MaxRows"/> rows; more go
-    /// the plain path. Measured on the H200 (Llama-2-7B shapes, 2026-12-02): serving 32 rows as two launches of 16
-    /// took 32.8 ms a decode step against 15.4 ms for dequantize-then-matmul (the kernel multiplies on CUDA cores,
-    /// and 32 rows make it compute-bound), so the split stays off until the kernel uses the tensor cores.</summary>
-    public const int MaxSplitRows = MaxRows;
+    /// <summary>Largest number of rows the fused kernels serve: up to <see cref="MaxRows"/> on CUDA cores, up to this
+    /// many on the tensor cores (<c>nf4_mma</c>, K a multiple of 128); more go the plain path. Measured on the H200
+    /// (Llama-2-7B shapes, 2026-12-02): 32 rows as two CUDA-core launches of 16 took 32.8 ms a decode step against
+    /// 15.4 ms for dequantize-then-matmul (compute-bound), hence the tensor-core kernel for more than 16.</summary>
+    public const int MaxSplitRows = 32;
+
+    /// <summary>Rows up to which the CUDA-core kernel reads x straight from global memory (<c>nf4_gemv_direct</c>)
+    /// instead of staging tiles in shared memory.</summary>
+    public const int MaxDirectRows = 4;
+
+    /// <summary>Weight rows one block of the tensor-core kernel covers (its MMA_ROWS).</summary>
+    private const int MmaRows = 256;
+
+    /// <summary>Blocks the tensor-core kernel aims for (two per SM of an H100/H200), reached by splitting K.</summary>
+    private const int MmaTargetBlocks = 264;
+
+    private static readonly bool DirectEnabled = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_DIRECT") != "0";
+    private static readonly bool MmaEnabled = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA") != "0";
 
     /// <summary>Output rows per thread block (one warp each).</summary>
     private const int WarpsPerBlock = 8;
@@ -56,7 +69,8 @@ public static class Nf4CudaKernel
         long k = weight.Columns, n = weight.Rows;
         if (k % Nf4.BlockSize != 0 || x.shape[^1] != k || n > int.MaxValue || k > int.MaxValue) return null;
         long rows = x.NumberOfElements / k;
-        if (rows < 1 || rows > MaxSplitRows) return null;
+        bool mma = rows > MaxRows;
+        if (rows < 1 || rows > MaxSplitRows || (mma && (!MmaEnabled || k % 128 != 0))) return null;
         if (weight.Device.type != DeviceType.CUDA || weight.Device.index != x.device.index) return null;
         var module = KernelModule.TryGet(File, x.device);
         if (module is null) return null;
@@ -66,15 +80,28 @@ public static class Nf4CudaKernel
         if (KernelModule.Arg.Ptr(x2) % 16 != 0) x2 = x2.clone();   // a view at an odd offset: 16-byte loads need alignment
         var absmax = weight.Absmax ?? weight.DoubleQuant!.ToFloat32();
         var y = torch.empty([rows, n], x.dtype, x.device);
-        for (long first = 0; first < rows; first += MaxRows)
+        string type = x.dtype == ScalarType.BFloat16 ? "bf16" : "f16";
+        if (mma)
         {
-            long count = Math.Min(MaxRows, rows - first);
-            string name = $"nf4_gemv_{(x.dtype == ScalarType.BFloat16 ? "bf16" : "f16")}_m{count}";
-            module.Launch(name, ((uint)((n + WarpsPerBlock - 1) / WarpsPerBlock), 1, 1), 32 * WarpsPerBlock, 0,
-                KernelModule.Arg.Ptr(x2) + (ulong)(first * k * x2.ElementSize), KernelModule.Arg.Ptr(weight.Packed), KernelModule.Arg.Ptr(absmax),
-                KernelModule.Arg.Ptr(y) + (ulong)(first * n * y.ElementSize), KernelModule.Arg.Int(n), KernelModule.Arg.Int(k));
+            long tiles = (n + MmaRows - 1) / MmaRows, units = k / 128;
+            long splits = Math.Clamp((MmaTargetBlocks + tiles - 1) / tiles, 1, units);
+            var work = splits > 1 ? torch.empty([splits, rows, n], ScalarType.Float32, x.device) : null;
+            module.Launch($"nf4_mma_{type}_n{(rows + 7) / 8}", ((uint)tiles, (uint)splits, 1), 256, 0,
+                KernelModule.Arg.Ptr(x2), KernelModule.Arg.Ptr(weight.Packed), KernelModule.Arg.Ptr(absmax), KernelModule.Arg.Ptr(y),
+                KernelModule.Arg.Ptr(work, 0), KernelModule.Arg.Ptr(Counters(x.device, tiles)), KernelModule.Arg.Int(rows),
+                KernelModule.Arg.Int(n), KernelModule.Arg.Int(k), KernelModule.Arg.Int(splits));
             Interlocked.Increment(ref _launches);
         }
+        else
+            for (long first = 0; first < rows; first += MaxRows)
+            {
+                long count = Math.Min(MaxRows, rows - first);
+                string name = DirectEnabled && count <= MaxDirectRows ? $"nf4_gemv_direct_{type}_m{count}" : $"nf4_gemv_{type}_m{count}";
+                module.Launch(name, ((uint)((n + WarpsPerBlock - 1) / WarpsPerBlock), 1, 1), 32 * WarpsPerBlock, 0,
+                    KernelModule.Arg.Ptr(x2) + (ulong)(first * k * x2.ElementSize), KernelModule.Arg.Ptr(weight.Packed), KernelModule.Arg.Ptr(absmax),
+                    KernelModule.Arg.Ptr(y) + (ulong)(first * n * y.ElementSize), KernelModule.Arg.Int(n), KernelModule.Arg.Int(k));
+                Interlocked.Increment(ref _launches);
+            }
         var shape = x.shape.ToArray();
         shape[^1] = n;
         return y.view(shape).MoveToOuterDisposeScope();
@@ -100,6 +127,23 @@ public static class Nf4CudaKernel
         Interlocked.Increment(ref _launches);
         return result.MoveToOuterDisposeScope();
     }
+
+    /// <summary>The tensor-core kernel's per-row-tile arrival counters on a device: zeros, and each launch's last block
+    /// of a tile sets its counter back to zero, so one buffer serves every launch (all on one stream, in order).</summary>
+    private static Tensor Counters(Device device, long tiles)
+    {
+        lock (CountersByDevice)
+        {
+            if (!CountersByDevice.TryGetValue(device.index, out var counters) || counters.shape[0] < tiles)
+            {
+                counters?.Dispose();
+                counters = torch.zeros(Math.Max(tiles, 1024), ScalarType.Int32, device).DetachFromDisposeScope();
+                CountersByDevice[device.index] = counters;
+            }
+            return counters;
+        }
+    }
+    private static readonly Dictionary<int, Tensor> CountersByDevice = [];
 
     /// <summary>The compiled kernels for CUDA device <paramref name="ordinal"/>, or null (see <see cref="LastError"/>).</summary>
     internal static KernelModule? For(int ordinal) => KernelModule.TryGet(File, new Device(DeviceType.CUDA, ordinal));

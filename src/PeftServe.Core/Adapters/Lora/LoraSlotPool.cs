@@ -375,11 +375,6 @@ internal sealed class LoraBatchOp : AdapterBatchOp
         {
             var up = targets.Select(tg => _pool.B(layer, tg)).ToArray();
             var offsets = layout.Select(l => l.Offset).ToArray();
-            if (Bgmv.Fused)
-            {
-                Bgmv.ShrinkExpand(output.view(b * t, output.shape[^1]), x2, Rows.RowSlots, (int)t, _pool.A(layer, group), up, offsets, _pool.Ranks, (int)targets[0]);
-                return output;
-            }
             var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0]);
             Bgmv.Expand(output.view(b * t, output.shape[^1]), Rows.RowSlots, (int)t, d, up, offsets, _pool.Ranks, (int)targets[0]);
             return output;
