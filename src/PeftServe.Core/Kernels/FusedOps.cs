@@ -74,4 +74,19 @@ public static class FusedOps
         var halves = gateUp.chunk(2, -1);
         return (nn.functional.silu(halves[0]) * halves[1]).MoveToOuterDisposeScope();
     }
+
+    /// <summary>In place, each row n of <paramref name="y"/> [..., width] times (or plus, when <paramref name="add"/>)
+    /// row index[n / tokensPerRow] of <paramref name="table"/> [slots, width]: IA3's scales and BitFit's biases in
+    /// one kernel instead of a gather and a product. False (nothing done) where the kernel does not apply.</summary>
+    public static bool RowTableApply(Tensor y, Tensor index, int tokensPerRow, Tensor table, bool add)
+    {
+        if (Module(y) is not { } module || !y.is_contiguous() || !table.is_contiguous() || table.dtype != y.dtype
+            || index.dtype != ScalarType.Int64 || table.shape[^1] != y.shape[^1]) return false;
+        long width = y.shape[^1], rows = y.NumberOfElements / width;
+        if (rows > 65535) return false;
+        module.Launch("row_table_apply", ((uint)Math.Min((width + 255) / 256, 16), (uint)rows, 1), 256, 0,
+            KernelModule.Arg.Ptr(y), KernelModule.Arg.Int(width), KernelModule.Arg.Ptr(index), KernelModule.Arg.Int(tokensPerRow),
+            KernelModule.Arg.Ptr(table), KernelModule.Arg.Int(add ? 1 : 0));
+        return true;
+    }
 }

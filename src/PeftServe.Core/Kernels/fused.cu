@@ -52,3 +52,20 @@ extern "C" __global__ void silu_mul(const T* gate_up, T* out, long long rows, in
     const float s = round_to<T>(g / (1.0f + expf(-g)));
     out[i] = from_f32<T>(s * u);
 }
+
+// Per-row adapter vectors read from a slot table, in place: y[n][o] = T(y[n][o] * table[s][o]) (add = 0: IA3's
+// scales) or T(y[n][o] + table[s][o]) (add = 1: BitFit's biases), s = index[n / tokens_per_row]. The same single
+// rounding as the tensor ops (gather, then multiply or add), without the gathered copy. Grid (ceil(width / 256)
+// capped, rows); y: [rows, width] contiguous; table: [slots, width].
+extern "C" __global__ void row_table_apply(T* __restrict__ y, int width, const long long* __restrict__ index, int tokens_per_row,
+                                           const T* __restrict__ table, int add)
+{
+    const long long n = blockIdx.y;
+    const T* row = table + index[n / tokens_per_row] * (long long)width;
+    T* out = y + n * width;
+    for (int o = blockIdx.x * blockDim.x + threadIdx.x; o < width; o += gridDim.x * blockDim.x)
+    {
+        const float v = to_f32(out[o]), p = to_f32(row[o]);
+        out[o] = from_f32<T>(add ? v + p : v * p);
+    }
+}

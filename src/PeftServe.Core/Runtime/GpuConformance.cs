@@ -34,8 +34,12 @@ public static class GpuConformance
             log.WriteLine($"{(pass ? "PASS" : "FAIL")}  {what}");
             if (!pass) failures++;
         }
-        try { Kernels(device, Report); Lora(device, Report); Nf4(device, Report); }
-        catch (Exception e) { Report(false, $"kernel checks threw: {e.Message}"); }
+        foreach (var (name, check) in new (string, Action<Device, Action<bool, string>>)[]
+                 { ("kernel", Kernels), ("LoRA kernel", Lora), ("NF4 kernel", Nf4), ("adapter kernel", AdapterKernels) })
+        {
+            try { check(device, Report); }
+            catch (Exception e) { Report(false, $"{name} checks threw: {e.Message}"); }
+        }
         try { Conformance(device, fixturesDir, modelDir, Report); }
         catch (Exception e) { Report(false, $"conformance threw: {e}"); }
         try { OurMethods(device, modelDir, Report); }
@@ -162,6 +166,45 @@ public static class GpuConformance
                 double e1 = RelativeError(split, reference);
                 report(e1 <= tol, $"bgmv shrink + expand {shape}: rel.err {e1:E2}");
             }
+    }
+
+    /// <summary>The per-row adapter kernels (IA3's scales and BitFit's biases; LLaMA-Adapter's gated attention)
+    /// against the tensor ops they replace, with rows reading different slots and several tokens per row.</summary>
+    private static void AdapterKernels(Device device, Action<bool, string> report)
+    {
+        using var _ = torch.no_grad();
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+        {
+            using var scope = torch.NewDisposeScope();
+            var index = torch.tensor(new long[] { 2, 0, 3 }, device: device);
+            foreach (bool add in new[] { false, true })
+            {
+                var y = torch.randn([3, 5, 1000], dtype, device);
+                var table = torch.randn([4, 1000], dtype, device);
+                var gathered = table.index_select(0, index).unsqueeze(1);
+                var expected = add ? y + gathered : y * gathered;
+                bool ran = FusedOps.RowTableApply(y, index, 5, table, add);
+                report(ran && y.equal(expected).item<bool>(), $"row_table_apply ({(add ? "BitFit biases" : "IA3 scales")}) {dtype}: {(ran ? "equal to the tensor ops" : "kernel unavailable")}");
+            }
+            // LLaMA-Adapter: 8 query heads over 2 KV heads, 2 query tokens per row, prompts of 6 with the last ones masked.
+            long nq = 8, nkv = 2, hd = 64, len = 6, tq = 2;
+            var q = torch.randn([3, tq, nq, hd], dtype, device).transpose(1, 2);                     // [B,nq,Tq,hd], strided
+            var keys = torch.randn([4, len, nkv, hd], dtype, device);
+            var values = torch.randn([4, len, nkv, hd], dtype, device);
+            var mask = torch.zeros([4, len], dtype, device);
+            mask[2, 4..].fill_(Attention.MinValue(dtype));
+            mask[3, 1..].fill_(Attention.MinValue(dtype));
+            var gate = torch.randn([4], dtype, device);
+            var actual = AdaptionPromptAttention.TryCompute(q, keys, values, mask, gate, index);
+            var qd = q.to(ScalarType.Float64).reshape(3, nkv, (nq / nkv) * tq, hd);
+            var kd = keys.to(ScalarType.Float64).index_select(0, index).permute(0, 2, 1, 3);
+            var vd = values.to(ScalarType.Float64).index_select(0, index).permute(0, 2, 1, 3);
+            var scores = torch.matmul(qd, kd.transpose(2, 3)) / Math.Sqrt(hd) + mask.to(ScalarType.Float64).index_select(0, index).view(3, 1, 1, -1);
+            var weights = torch.softmax(scores, -1) * gate.to(ScalarType.Float64).index_select(0, index).view(3, 1, 1, 1);
+            var reference = torch.matmul(weights, vd).view(3, nq, tq, hd).transpose(1, 2).reshape(3, tq, nq * hd);
+            double err = actual is null ? double.PositiveInfinity : RelativeError(actual, reference);
+            report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"adaption_prompt_attention {dtype} heads {nq}/{nkv} dim {hd}: rel.err {err:E2}");
+        }
     }
 
     private static void Nf4(Device device, Action<bool, string> report)

@@ -1,4 +1,5 @@
 using System.Text.RegularExpressions;
+using PeftServe.Core.Kernels;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -211,7 +212,9 @@ internal sealed class BitFitBatchOp : AdapterBatchOp
     {
         if (!_active[layer, (int)site]) return output;
         _index ??= Rows.PoolIndex(_pool.Capacity).DetachFromDisposeScope();
-        return output + _pool.Table(layer, site).index_select(0, _index).unsqueeze(1);     // [B,1,W] broadcast over T
+        var table = _pool.Table(layer, site);
+        if (output.dim() == 3 && FusedOps.RowTableApply(output, _index, (int)output.shape[1], table, add: true)) return output;   // CUDA: in place
+        return output + table.index_select(0, _index).unsqueeze(1);                            // [B,1,W] broadcast over T
     }
 
     private Tensor? _index;

@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using PeftServe.Core.Adapters.Lora;
+using PeftServe.Core.Kernels;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -168,8 +169,9 @@ internal sealed class IA3SlotPool : AdapterSlotPool
         {
             if (!_active[point]) return t;
             _index ??= Rows.PoolIndex(_pool.Capacity).DetachFromDisposeScope();
-            var scales = _pool._tables[layer, point].index_select(0, _index).unsqueeze(1);   // [B,1,width]
-            return t * scales;
+            var table = _pool._tables[layer, point];
+            if (t.dim() == 3 && FusedOps.RowTableApply(t, _index, (int)t.shape[1], table, add: false)) return t;   // CUDA: in place
+            return t * table.index_select(0, _index).unsqueeze(1);                              // [B,1,width] broadcast over T
         }
 
         private Tensor? _index;

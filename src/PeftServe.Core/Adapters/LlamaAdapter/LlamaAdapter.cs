@@ -1,3 +1,4 @@
+using PeftServe.Core.Kernels;
 using PeftServe.Core.Model;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -147,6 +148,9 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
             long b = queries.shape[0], t = queries.shape[2];
             int nq = c.NumHeads, nkv = c.NumKvHeads, hd = c.HeadDim;
             _index ??= Rows.PoolIndex(pool.Capacity).DetachFromDisposeScope();
+            // CUDA: one kernel reads the pools in place.
+            if (AdaptionPromptAttention.TryCompute(queries, pool._keys[layer], pool._values[layer], pool._mask, pool._gates[layer], _index) is { } fused)
+                return fused;
             var q = queries.reshape(b, nkv, (nq / nkv) * t, hd);                                 // query heads grouped by their KV head
             var keys = pool._keys[layer].index_select(0, _index).permute(0, 2, 1, 3);            // [B,nkv,len,hd]
             var values = pool._values[layer].index_select(0, _index).permute(0, 2, 1, 3);
