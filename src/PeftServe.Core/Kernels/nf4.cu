@@ -153,87 +153,6 @@ NF4_INSTANTIATE(5) NF4_INSTANTIATE(6) NF4_INSTANTIATE(7) NF4_INSTANTIATE(8)
 NF4_INSTANTIATE(9) NF4_INSTANTIATE(10) NF4_INSTANTIATE(11) NF4_INSTANTIATE(12)
 NF4_INSTANTIATE(13) NF4_INSTANTIATE(14) NF4_INSTANTIATE(15) NF4_INSTANTIATE(16)
 
-// The same product for 1 to 4 rows of x, which each lane reads straight from global memory (the block's 8
-// warps share them through L1) instead of staging tiles in shared memory: no barriers, and each lane issues
-// the weight loads of DIRECT_UNROLL chunks (its whole share of a 4,096-wide row) before using any, so a warp
-// waits for memory once per DIRECT_UNROLL chunks instead of once per tile. Lane l takes chunks l, l + 32, ...
-#define DIRECT_UNROLL 4
-template <int M, bool BF16>
-__device__ __forceinline__ void nf4_gemv_direct(const unsigned short* __restrict__ x, const unsigned char* __restrict__ wq,
-                                                const float* __restrict__ absmax, unsigned short* __restrict__ y, int N, int K)
-{
-    __shared__ float code[16];
-    if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
-    __syncthreads();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
-    if (n >= N) return;                                          // after the only barrier
-    const int chunks = K >> 5;
-    const uint4* wrow = reinterpret_cast<const uint4*>(wq + (size_t)n * (size_t)(K >> 1));
-    const float* arow = absmax + (size_t)n * (size_t)(K >> 6);
-
-    float acc[M];
-    #pragma unroll
-    for (int m = 0; m < M; m++) acc[m] = 0.0f;
-    for (int c0 = lane; c0 < chunks; c0 += 32 * DIRECT_UNROLL)
-    {
-        uint4 p[DIRECT_UNROLL];
-        float scale[DIRECT_UNROLL];
-        #pragma unroll
-        for (int u = 0; u < DIRECT_UNROLL; u++)
-        {
-            const int c = c0 + 32 * u;
-            p[u] = c < chunks ? __ldg(wrow + c) : make_uint4(0u, 0u, 0u, 0u);
-            scale[u] = c < chunks ? __ldg(arow + (c >> 1)) : 0.0f;
-        }
-        #pragma unroll
-        for (int u = 0; u < DIRECT_UNROLL; u++)
-        {
-            const int c = c0 + 32 * u;
-            if (c >= chunks) break;
-            float w[32];
-            decode_chunk(p[u], code, w);
-            #pragma unroll
-            for (int m = 0; m < M; m++)
-            {
-                const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * (size_t)K + ((size_t)c << 5));
-                float dot = 0.0f;
-                #pragma unroll
-                for (int v = 0; v < 4; v++)
-                {
-                    const uint4 q = __ldg(xr + v);               // values 8v .. 8v+7 of the chunk
-                    const unsigned int qw[4] = { q.x, q.y, q.z, q.w };
-                    #pragma unroll
-                    for (int j = 0; j < 4; j++)
-                    {
-                        dot = fmaf(low_half<BF16>(qw[j]), w[8 * v + 2 * j], dot);
-                        dot = fmaf(high_half<BF16>(qw[j]), w[8 * v + 2 * j + 1], dot);
-                    }
-                }
-                acc[m] = fmaf(dot, scale[u], acc[m]);
-            }
-        }
-    }
-    #pragma unroll
-    for (int m = 0; m < M; m++)
-    {
-        float v = acc[m];
-        #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-        if (lane == 0) y[(size_t)m * (size_t)N + n] = from_f32<BF16>(v);
-    }
-}
-
-#define NF4_DIRECT_INSTANTIATE(M) \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS_PER_BLOCK) nf4_gemv_direct_bf16_m##M( \
-        const unsigned short* x, const unsigned char* w, const float* absmax, unsigned short* y, int N, int K) \
-    { nf4_gemv_direct<M, true>(x, w, absmax, y, N, K); } \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS_PER_BLOCK) nf4_gemv_direct_f16_m##M( \
-        const unsigned short* x, const unsigned char* w, const float* absmax, unsigned short* y, int N, int K) \
-    { nf4_gemv_direct<M, false>(x, w, absmax, y, N, K); }
-
-NF4_DIRECT_INSTANTIATE(1) NF4_DIRECT_INSTANTIATE(2) NF4_DIRECT_INSTANTIATE(3) NF4_DIRECT_INSTANTIATE(4)
-
 // Tensor-core NF4 product for 17 to 32 rows of x (batched decode), where the CUDA-core kernels above become
 // compute-bound: y[m, n] = sum_k x[m, k] * bf16(code[q(n, k)] * absmax), with mma.sync m16n8k16 (fp32
 // accumulation). The weight is the A operand (16 weight rows per m-tile), x^T the B operand (8 tokens per n-tile).
@@ -247,7 +166,9 @@ NF4_DIRECT_INSTANTIATE(1) NF4_DIRECT_INSTANTIATE(2) NF4_DIRECT_INSTANTIATE(3) NF
 // writes fp32 partials to work[split][m][n] and the last block of a row tile to finish (a per-tile counter, reset
 // by that block) adds them in split order and writes y: deterministic, and one launch.
 #define MMA_WARPS 8
-#define MMA_MT 2
+#ifndef MMA_MT
+#define MMA_MT 2                   // m-tiles per warp (the host passes it)
+#endif
 #define MMA_ROWS (MMA_WARPS * MMA_MT * 16)
 
 template <bool BF16> __device__ __forceinline__ unsigned int pack2(float lo, float hi)

@@ -12,6 +12,8 @@ namespace PeftServe.Core.Quantization;
 /// tile, loaded one tile ahead, so a warp reads 512 contiguous bytes per step; the nibbles are decoded
 /// through the code book in shared memory, dotted with the x rows in float32 and scaled by the block's
 /// absmax; a warp shuffle reduction ends it. x and y are bf16 or fp16 (the same), absmax float32.
+/// For 17 to 32 rows, where that kernel is compute-bound, a tensor-core kernel (mma.sync, K split across
+/// blocks so that a row tile's blocks fill the GPU, the last of them adding the partials) does the product.
 /// A second kernel dequantizes a whole weight to bf16/fp16 for the plain path (many rows), bit-identical
 /// to the tensor-op dequantization (float32 product, one rounding).
 /// <para>The source is Kernels/nf4.cu, compiled and launched through <see cref="KernelModule"/> (NVRTC, on
@@ -31,17 +33,21 @@ public static class Nf4CudaKernel
     /// 15.4 ms for dequantize-then-matmul (compute-bound), hence the tensor-core kernel for more than 16.</summary>
     public const int MaxSplitRows = 32;
 
-    /// <summary>Rows up to which the CUDA-core kernel reads x straight from global memory (<c>nf4_gemv_direct</c>)
-    /// instead of staging tiles in shared memory.</summary>
-    public const int MaxDirectRows = 4;
+    /// <summary>m-tiles of 16 weight rows per warp of the tensor-core kernel (its MMA_MT; PEFTSERVE_NF4_MMA_MT: 1, 2 or 4).
+    /// Measured on the H200, 7B shapes, batch 32 (2026-12-03): 1 gave 2,872 tok/s, 2 gave 2,691, 4 gave 2,008. The
+    /// default stays 2, the value that day's selfcheck verified; the selfcheck now checks all three, and 1 becomes the
+    /// default once a GPU run has passed it.</summary>
+    private static readonly int MmaTiles = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_MT") switch
+    {
+        "1" => 1,
+        "4" => 4,
+        _ => 2,
+    };
 
-    /// <summary>Weight rows one block of the tensor-core kernel covers (its MMA_ROWS).</summary>
-    private const int MmaRows = 256;
 
     /// <summary>Blocks the tensor-core kernel aims for (two per SM of an H100/H200), reached by splitting K.</summary>
     private const int MmaTargetBlocks = 264;
 
-    private static readonly bool DirectEnabled = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_DIRECT") != "0";
     private static readonly bool MmaEnabled = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA") != "0";
 
     /// <summary>Output rows per thread block (one warp each).</summary>
@@ -62,7 +68,11 @@ public static class Nf4CudaKernel
 
     /// <summary>x W^T through the fused kernel, or null when it does not apply (then the caller takes
     /// the plain path). x: [..., K] on CUDA, bf16 or fp16; the result has x's dtype and leading shape.</summary>
-    internal static Tensor? TryForward(Tensor x, Nf4Weight weight)
+    internal static Tensor? TryForward(Tensor x, Nf4Weight weight) => TryForward(x, weight, MmaTiles);
+
+    /// <summary><see cref="TryForward(Tensor, Nf4Weight)"/> with the tensor-core kernel built for <paramref name="mmaTiles"/>
+    /// m-tiles per warp (the selfcheck checks each).</summary>
+    internal static Tensor? TryForward(Tensor x, Nf4Weight weight, int mmaTiles)
     {
         if (!Enabled || x.device.type != DeviceType.CUDA) return null;
         if (x.dtype != ScalarType.BFloat16 && x.dtype != ScalarType.Float16) return null;
@@ -72,8 +82,9 @@ public static class Nf4CudaKernel
         bool mma = rows > MaxRows;
         if (rows < 1 || rows > MaxSplitRows || (mma && (!MmaEnabled || k % 128 != 0))) return null;
         if (weight.Device.type != DeviceType.CUDA || weight.Device.index != x.device.index) return null;
-        var module = KernelModule.TryGet(File, x.device);
+        var module = Module(x.device, mmaTiles);
         if (module is null) return null;
+        long mmaRows = 8 * 16 * mmaTiles;
 
         using var scope = torch.NewDisposeScope();
         var x2 = x.reshape(rows, k).contiguous();
@@ -83,7 +94,7 @@ public static class Nf4CudaKernel
         string type = x.dtype == ScalarType.BFloat16 ? "bf16" : "f16";
         if (mma)
         {
-            long tiles = (n + MmaRows - 1) / MmaRows, units = k / 128;
+            long tiles = (n + mmaRows - 1) / mmaRows, units = k / 128;
             long splits = Math.Clamp((MmaTargetBlocks + tiles - 1) / tiles, 1, units);
             var work = splits > 1 ? torch.empty([splits, rows, n], ScalarType.Float32, x.device) : null;
             module.Launch($"nf4_mma_{type}_n{(rows + 7) / 8}", ((uint)tiles, (uint)splits, 1), 256, 0,
@@ -96,7 +107,7 @@ public static class Nf4CudaKernel
             for (long first = 0; first < rows; first += MaxRows)
             {
                 long count = Math.Min(MaxRows, rows - first);
-                string name = DirectEnabled && count <= MaxDirectRows ? $"nf4_gemv_direct_{type}_m{count}" : $"nf4_gemv_{type}_m{count}";
+                string name = $"nf4_gemv_{type}_m{count}";
                 module.Launch(name, ((uint)((n + WarpsPerBlock - 1) / WarpsPerBlock), 1, 1), 32 * WarpsPerBlock, 0,
                     KernelModule.Arg.Ptr(x2) + (ulong)(first * k * x2.ElementSize), KernelModule.Arg.Ptr(weight.Packed), KernelModule.Arg.Ptr(absmax),
                     KernelModule.Arg.Ptr(y) + (ulong)(first * n * y.ElementSize), KernelModule.Arg.Int(n), KernelModule.Arg.Int(k));
@@ -114,7 +125,7 @@ public static class Nf4CudaKernel
         if (!Enabled || weight.Device.type != DeviceType.CUDA) return null;
         if (dtype != ScalarType.BFloat16 && dtype != ScalarType.Float16) return null;
         if (KernelModule.Arg.Ptr(weight.Packed) % 16 != 0) return null;
-        var module = KernelModule.TryGet(File, weight.Device);
+        var module = Module(weight.Device);
         if (module is null) return null;
         using var scope = torch.NewDisposeScope();
         var absmax = weight.Absmax ?? weight.DoubleQuant!.ToFloat32();
@@ -146,9 +157,14 @@ public static class Nf4CudaKernel
     private static readonly Dictionary<int, Tensor> CountersByDevice = [];
 
     /// <summary>The compiled kernels for CUDA device <paramref name="ordinal"/>, or null (see <see cref="LastError"/>).</summary>
-    internal static KernelModule? For(int ordinal) => KernelModule.TryGet(File, new Device(DeviceType.CUDA, ordinal));
+    internal static KernelModule? For(int ordinal) => Module(new Device(DeviceType.CUDA, ordinal));
+
+    /// <summary>The kernels for <paramref name="device"/>, the tensor-core one built for <paramref name="mmaTiles"/> m-tiles
+    /// per warp (a block covers 8 warps x 16 x that many weight rows: the kernel's MMA_ROWS).</summary>
+    private static KernelModule? Module(Device device, int? mmaTiles = null) =>
+        KernelModule.TryGet(File, device, ("MMA_MT", (mmaTiles ?? MmaTiles).ToString()));
 
     /// <summary>Prepares the kernel for CUDA device <paramref name="ordinal"/> now, throwing (with the
     /// NVRTC log where compilation failed) instead of falling back.</summary>
-    public static void EnsureLoaded(int ordinal = 0) => KernelModule.Get(File, new Device(DeviceType.CUDA, ordinal));
+    public static void EnsureLoaded(int ordinal = 0) => KernelModule.Get(File, new Device(DeviceType.CUDA, ordinal), ("MMA_MT", MmaTiles.ToString()));
 }

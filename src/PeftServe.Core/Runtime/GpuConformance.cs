@@ -184,7 +184,7 @@ public static class GpuConformance
                 var gathered = table.index_select(0, index).unsqueeze(1);
                 var expected = add ? y + gathered : y * gathered;
                 bool ran = FusedOps.RowTableApply(y, index, 5, table, add);
-                report(ran && y.equal(expected).item<bool>(), $"row_table_apply ({(add ? "BitFit biases" : "IA3 scales")}) {dtype}: {(ran ? "equal to the tensor ops" : "kernel unavailable")}");
+                report(ran && y.eq(expected).all().item<bool>(), $"row_table_apply ({(add ? "BitFit biases" : "IA3 scales")}) {dtype}: {(ran ? "equal to the tensor ops" : "kernel unavailable")}");
             }
             // LLaMA-Adapter: 8 query heads over 2 KV heads, 2 query tokens per row, prompts of 6 with the last ones masked.
             long nq = 8, nkv = 2, hd = 64, len = 6, tq = 2;
@@ -212,7 +212,7 @@ public static class GpuConformance
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
         // Shapes: several row tiles and K splits of the tensor-core kernel, and one tile with one split (K = 128,
-        // rows not a multiple of 16). Rows: the direct kernel (1, 3), the tiled one (7, 16), the tensor cores (17, 32).
+        // rows not a multiple of 16). Rows: the CUDA-core kernel (1, 3, 7, 16), the tensor cores (17, 32).
         foreach (var (outF, inF) in new[] { (768, 1024), (300, 128) })
         {
             using var layer = new Quantization.Nf4Linear(Quantization.Nf4Weight.Quantize(torch.randn([outF, inF], ScalarType.Float32, device) * 0.02), null);
@@ -220,13 +220,18 @@ public static class GpuConformance
                 foreach (int rows in new[] { 1, 3, 7, 16, 17, Quantization.Nf4CudaKernel.MaxSplitRows })
                 {
                     var x = torch.randn([rows, inF], dtype, device);
-                    var fused = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight);
                     var plain = layer.PlainForward(x, tensorOpsOnly: true);
-                    double err = fused is null ? double.PositiveInfinity : RelativeError(fused, plain);
-                    // A second call: the tensor-core kernel's counters must have been reset by the first.
-                    var again = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight);
-                    bool same = again is not null && fused is not null && again.equal(fused).item<bool>();
-                    report(err <= 1e-2 && same, $"nf4 fused kernel {dtype} [{outF},{inF}], {rows} rows: rel.err {err:E2}{(same ? "" : ", a second call differs")}");
+                    // The tensor-core kernel for each m-tile count its PEFTSERVE_NF4_MMA_MT switch takes.
+                    foreach (int tiles in rows > Quantization.Nf4CudaKernel.MaxRows ? new[] { 1, 2, 4 } : [2])
+                    {
+                        var fused = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles);
+                        double err = fused is null ? double.PositiveInfinity : RelativeError(fused, plain);
+                        // A second call: the tensor-core kernel's counters must have been reset by the first.
+                        var again = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles);
+                        bool same = again is not null && fused is not null && again.eq(fused).all().item<bool>();
+                        string which = rows > Quantization.Nf4CudaKernel.MaxRows ? $"tensor cores, {tiles} m-tiles per warp" : "CUDA cores";
+                        report(err <= 1e-2 && same, $"nf4 fused kernel {dtype} [{outF},{inF}], {rows} rows ({which}): rel.err {err:E2}{(same ? "" : ", a second call differs")}");
+                    }
                 }
         }
     }

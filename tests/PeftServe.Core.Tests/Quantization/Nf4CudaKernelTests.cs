@@ -32,10 +32,6 @@ public sealed class Nf4CudaKernelTests
             Assert.Contains($"NF4_INSTANTIATE({m})", src);
         Assert.Contains("nf4_gemv_bf16_m##M(", src);
         Assert.Contains("nf4_gemv_f16_m##M(", src);
-        for (int m = 1; m <= Nf4CudaKernel.MaxDirectRows; m++)
-            Assert.Contains($"NF4_DIRECT_INSTANTIATE({m})", src);
-        Assert.Contains("nf4_gemv_direct_bf16_m##M(", src);
-        Assert.Contains("nf4_gemv_direct_f16_m##M(", src);
         // The tensor-core kernel: one instance per 8-token n-tile count up to MaxSplitRows.
         for (int nt = 1; nt <= Nf4CudaKernel.MaxSplitRows / 8; nt++)
             Assert.Contains($"NF4_MMA_INSTANTIATE({nt})", src);
