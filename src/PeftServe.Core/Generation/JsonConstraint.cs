@@ -318,14 +318,31 @@ internal sealed class JsonStates
         var next = new List<JsonState>();
         foreach (var c in text)
         {
-            next.Clear();
-            foreach (var s in current) s.Step(c, next);
-            if (next.Count == 0) return null;
-            (current, next) = (next.Count == 1 ? next : next.Distinct().ToList(), current);
-            // Bounded alternatives keep this small; a cap all the same, so no input makes it grow without end.
-            if (current.Count > MaxStates) current = current.Take(MaxStates).ToList();
+            if (!Advance(current, c, next)) return null;
+            (current, next) = (next, current);
         }
         return new JsonStates(current);
+    }
+
+    /// <summary>One character of <see cref="Step"/>: fills <paramref name="next"/> with the states after
+    /// <paramref name="c"/> from <paramref name="current"/>, each once (first occurrence first), at most
+    /// <see cref="MaxStates"/>; false when none survives.</summary>
+    internal static bool Advance(List<JsonState> current, char c, List<JsonState> next)
+    {
+        next.Clear();
+        foreach (var s in current) s.Step(c, next);
+        if (next.Count == 0) return false;
+        if (next.Count > 1)
+        {
+            var seen = new HashSet<JsonState>();
+            int kept = 0;
+            for (int i = 0; i < next.Count; i++)
+                if (seen.Add(next[i])) next[kept++] = next[i];
+            next.RemoveRange(kept, next.Count - kept);
+        }
+        // Bounded alternatives keep this small; a cap all the same, so no input makes it grow without end.
+        if (next.Count > MaxStates) next.RemoveRange(MaxStates, next.Count - MaxStates);
+        return true;
     }
 }
 
@@ -342,6 +359,7 @@ public sealed class JsonVocabulary
     private readonly bool[] _fragment;         // part of a multi-byte character: only inside a string
     private readonly bool[] _blank;            // whitespace only
     private readonly ConcurrentDictionary<string, bool[]> _masks = new(StringComparer.Ordinal);
+    private (int[] Ids, int[] Shared)? _sorted;     // see Sorted
 
     public int Size => _pieces.Length;
 
@@ -388,6 +406,17 @@ public sealed class JsonVocabulary
     {
         var key = states.Signature + "#" + string.Join(",", stopTokenIds);
         if (_masks.TryGetValue(key, out var cached)) return cached;
+        var mask = ComputeMask(states, stopTokenIds);
+        if (_masks.Count < MaxCachedMasks) _masks.TryAdd(key, mask);
+        return mask;
+    }
+
+    /// <summary>The mask, not cached. Tokens are walked in the sorted order of their texts, so a token reuses the states
+    /// its predecessor reached over their common prefix (a vocabulary's texts share most of their characters with a
+    /// neighbour), and once a prefix breaks the JSON every token that begins with it is refused without a step. Equal,
+    /// token by token, to feeding each token on its own (<see cref="MaskByFeeding"/>, which the tests compare it with).</summary>
+    internal bool[] ComputeMask(JsonStates states, IReadOnlyList<int> stopTokenIds)
+    {
         var mask = new bool[_pieces.Length];
         bool any = false;
         if (states.Done)
@@ -399,21 +428,67 @@ public sealed class JsonVocabulary
         else
         {
             bool free = states.FreeString;
-            // Which first characters survive, tried once each (the ASCII ones; others are tried per token): a token whose
-            // first character dies is refused without running the recognizer over it.
-            var firstOk = new bool[128];
-            for (int c = 0; c < 128; c++) firstOk[c] = states.Step(((char)c).ToString()) is not null;
+            // A piece of a character is allowed only where any text may go (see Feed).
             for (int id = 0; id < mask.Length; id++)
+                if (_fragment[id]) any |= mask[id] = free && _stringSafe[id];
+            var (ids, shared) = Sorted();
+            // levels[d]: the states after the first d characters of the current text; levels[0..valid] hold for it.
+            var levels = new List<List<JsonState>> { new(states.States) };
+            int valid = 0, deadPrefix = 0;
+            for (int i = 0; i < ids.Length; i++)
             {
-                if (_pieces[id] is not { } piece) continue;
-                char first = piece[0];
-                bool ok = free && _stringSafe[id]
-                          || (first >= 128 || firstOk[first]) && Feed(states, id) is not null;
-                any |= mask[id] = ok;
+                int id = ids[i];
+                string piece = _pieces[id]!;
+                if (deadPrefix > 0 && shared[i] >= deadPrefix) continue;   // begins with a prefix that broke it
+                deadPrefix = 0;
+                valid = Math.Min(valid, shared[i]);
+                if (free && _stringSafe[id]) { any = mask[id] = true; continue; }   // stays inside the string as it is
+                bool ok = true;
+                for (int d = valid; d < piece.Length; d++)
+                {
+                    if (levels.Count == d + 1) levels.Add([]);
+                    if (!JsonStates.Advance(levels[d], piece[d], levels[d + 1])) { ok = false; deadPrefix = d + 1; break; }
+                    valid = d + 1;
+                }
+                if (ok) any = mask[id] = true;
             }
+            // Tokens skipped under a dead prefix keep false, except those the string flags allow.
+            if (free)
+                for (int id = 0; id < mask.Length; id++)
+                    if (_pieces[id] is not null && _stringSafe[id]) any = mask[id] = true;
         }
         if (!any) Array.Fill(mask, true);   // nothing fits (a vocabulary without these characters): hold nothing
-        if (_masks.Count < MaxCachedMasks) _masks.TryAdd(key, mask);
         return mask;
+    }
+
+    /// <summary>The reference: each token's text fed on its own from <paramref name="states"/>.</summary>
+    internal bool[] MaskByFeeding(JsonStates states, IReadOnlyList<int> stopTokenIds)
+    {
+        if (states.Done) return ComputeMask(states, stopTokenIds);
+        var mask = new bool[_pieces.Length];
+        bool any = false;
+        for (int id = 0; id < mask.Length; id++) any |= mask[id] = Feed(states, id) is not null;
+        if (!any) Array.Fill(mask, true);
+        return mask;
+    }
+
+    /// <summary>The ids of the tokens with a text that is not part of a character, sorted by text (ordinal), and for
+    /// each the length of the prefix it shares with the one before it. Made on first use.</summary>
+    private (int[] Ids, int[] Shared) Sorted()
+    {
+        if (_sorted is { } done) return done;
+        var ids = Enumerable.Range(0, _pieces.Length).Where(id => _pieces[id] is not null && !_fragment[id]).ToArray();
+        Array.Sort(ids, (a, b) => string.CompareOrdinal(_pieces[a], _pieces[b]));
+        var shared = new int[ids.Length];
+        for (int i = 1; i < ids.Length; i++)
+        {
+            string a = _pieces[ids[i - 1]]!, b = _pieces[ids[i]]!;
+            int n = 0, max = Math.Min(a.Length, b.Length);
+            while (n < max && a[n] == b[n]) n++;
+            shared[i] = n;
+        }
+        var result = (ids, shared);
+        _sorted = result;
+        return result;
     }
 }

@@ -237,4 +237,43 @@ public sealed class JsonConstraintRealTokenizerTests
         Assert.True(start[tokenizer.Encode("{", addSpecialTokens: false)[^1]]);
         Assert.False(start[tokenizer.Encode("Hello", addSpecialTokens: false)[^1]]);
     }
+
+    /// <summary>The mask walks the vocabulary in sorted order, sharing prefixes; at states all over a document (keys,
+    /// strings, escapes, numbers, literals, an enum, anyOf alternatives, the end) it must equal feeding every token on
+    /// its own.</summary>
+    [Theory]
+    [InlineData("llama2")]
+    [InlineData("llama3")]
+    [InlineData("qwen3")]
+    public void TheSharedPrefixMaskEqualsFeedingEveryToken(string name)
+    {
+        var tokenizer = Tokenizer.FromDirectory(TestData.RealTokenizerDir(name));
+        var vocabulary = JsonVocabulary.For(tokenizer);
+        var schema = JsonSchema.Parse(System.Text.Json.Nodes.JsonNode.Parse("""
+            {"type": "object", "properties": {
+              "name": {"type": "string"}, "kind": {"enum": ["cat", "catalog", 12]},
+              "n": {"anyOf": [{"type": "integer"}, {"type": "array", "items": {"type": "boolean"}}]}},
+             "required": ["name"], "additionalProperties": false}
+            """));
+        var cases = new (JsonSchema Schema, string Text)[]
+        {
+            (JsonSchema.AnyObject, ""), (JsonSchema.AnyObject, "{"), (JsonSchema.AnyObject, "{\"na"), (JsonSchema.AnyObject, "{\"name\": "),
+            (JsonSchema.AnyObject, "{\"name\": \"Zo"), (JsonSchema.AnyObject, "{\"a\": \"x\\"), (JsonSchema.AnyObject, "{\"a\": \"\\u00"),
+            (JsonSchema.AnyObject, "{\"a\": [1, -2."), (JsonSchema.AnyObject, "{\"a\": tr"), (JsonSchema.AnyObject, "{\"a\": {}, "),
+            (JsonSchema.AnyObject, "{\"a\": 1}"),
+            (schema, "{"), (schema, "{\"na"), (schema, "{\"name\": \"x\", \"kind\": \"cat"), (schema, "{\"name\": \"x\", \"kind\": 1"),
+            (schema, "{\"name\": \"x\", \"n\": "), (schema, "{\"name\": \"x\", \"n\": [tr"),
+        };
+        var stop = tokenizer.EosTokenIds;
+        foreach (var (s, text) in cases)
+        {
+            var states = JsonStates.Start(s.Root).Step(text);
+            Assert.NotNull(states);
+            var expected = vocabulary.MaskByFeeding(states!, stop);
+            var actual = vocabulary.ComputeMask(states!, stop);
+            var differ = Enumerable.Range(0, expected.Length).Where(id => expected[id] != actual[id]).Take(5).ToArray();
+            Assert.True(differ.Length == 0, $"{name} after '{text}': tokens {string.Join(", ", differ.Select(id => $"{id} '{tokenizer.Decode([id])}' (expected {expected[id]})"))}");
+            Assert.Contains(true, actual);
+        }
+    }
 }
