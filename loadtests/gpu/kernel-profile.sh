@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Where a decode step's GPU time goes, kernel by kernel, on the GPU machine (Nsight Compute, one metric:
 # gpu__time_duration). From the repo root with the CLI bundled in .gpu/ and the native helper built:
-#   bash loadtests/gpu/kernel-profile.sh [b1] [lora32] [nf4-b1] [mix]
+#   bash loadtests/gpu/kernel-profile.sh [b1] [lora32] [nf4-b1] [nf4-b32] [mix]
 # Each case runs `bench` eagerly (--no-cuda-graphs: every kernel is its own launch, the same kernels the graphs
-# replay), skips the first SKIP launches (load, warm-up, the first prefill) and times the next COUNT; the
-# summary (loadtests/gpu/kernel_profile.py) gives per kernel the launches per decode step, the median time and
-# the share of the step, so prefill outliers barely move it. Output: $OUT/kernels-CASE.txt.
+# replay) with collection off until its timed round starts (PEFTSERVE_PROFILER_RANGE=1: the bench marks that round
+# with cuProfilerStart/Stop, so loading, NF4 quantization and warm-up are left out), then times COUNT launches from
+# there; the summary (loadtests/gpu/kernel_profile.py) gives per kernel the launches per decode step, the median
+# time and the share of the step, so the round's prefill barely moves it. Output: $OUT/kernels-CASE.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cases=${*:-b1 lora32 nf4-b1}
@@ -15,16 +16,16 @@ shape=loadtests/shapes/llama-2-7b
 layers=$(python3 -c "import json; print(json.load(open('$shape/config.json'))['num_hidden_layers'])")
 for c in $cases; do
   case $c in
-    b1) args=(--concurrency 1 --requests 1); skip=6000; count=1500 ;;
-    lora32) args=(--concurrency 32 --requests 32 --adapters 32); skip=20000; count=2500 ;;
-    # Quantizing the random weights at load launches tens of thousands of kernels: skip past them.
-    nf4-b1) args=(--concurrency 1 --requests 1 --quantize nf4); skip=80000; count=1500 ;;
-    mix) args=(--concurrency 32 --requests 32 --adapters 9 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit); skip=20000; count=3000 ;;
+    b1) args=(--concurrency 1 --requests 1); count=1500 ;;
+    lora32) args=(--concurrency 32 --requests 32 --adapters 32); count=2500 ;;
+    nf4-b1) args=(--concurrency 1 --requests 1 --quantize nf4); count=1500 ;;
+    nf4-b32) args=(--concurrency 32 --requests 32 --quantize nf4); count=1500 ;;
+    mix) args=(--concurrency 32 --requests 32 --adapters 9 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit); count=3000 ;;
     *) echo "unknown case $c"; continue ;;
   esac
   echo "== kernels: $c"
-  timeout 240 "$ncu" --metrics gpu__time_duration.sum --launch-skip ${SKIP:-$skip} --launch-count ${COUNT:-$count} -f -o /tmp/prof-$c \
-    "${cli[@]}" bench --model $shape --random-weights --prompt-tokens 128 --max-tokens ${TOKENS:-128} --device cuda --dtype bfloat16 \
+  PEFTSERVE_PROFILER_RANGE=1 timeout 240 "$ncu" --metrics gpu__time_duration.sum --profile-from-start off \
+    --launch-skip ${SKIP:-0} --launch-count ${COUNT:-$count} -f -o /tmp/prof-$c "${cli[@]}" bench --model $shape --random-weights --prompt-tokens 128 --max-tokens ${TOKENS:-128} --device cuda --dtype bfloat16 \
     --mode waves --warmup 1 --repeats 1 --no-cuda-graphs "${args[@]}" > /tmp/prof-$c.log 2>&1 || { echo "ncu failed:"; tail -5 /tmp/prof-$c.log; }
   "$ncu" -i /tmp/prof-$c.ncu-rep --csv --page raw --metrics gpu__time_duration.sum > /tmp/prof-$c.csv 2>/dev/null
   python3 loadtests/gpu/kernel_profile.py /tmp/prof-$c.csv "$layers" | tee "$OUT/kernels-$c.txt"

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Cuda;
 using PeftServe.Core.Engine;
 using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
@@ -159,7 +160,11 @@ internal static class BenchCommand
             if (rounds >= warmup && (steady || rounds >= warmup + 8)) break;
             previous = r.DecodeTokensPerSecond;
         }
+        // With PEFTSERVE_PROFILER_RANGE=1 on CUDA, a profiler started with collection off sees only the timed rounds.
+        bool mark = ProfilerRange.Requested && llm.Device.type == TorchSharp.DeviceType.CUDA;
+        if (mark) ProfilerRange.Start(Math.Max(0, (int)llm.Device.index));
         var timed = Enumerable.Range(0, Math.Max(1, repeats)).Select(_ => round(engine)).OrderBy(r => r.DecodeTokensPerSecond).ToList();
+        if (mark) ProfilerRange.Stop(Math.Max(0, (int)llm.Device.index));
         var median = timed[timed.Count / 2];
         return median with
         {

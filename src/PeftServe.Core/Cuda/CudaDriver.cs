@@ -39,6 +39,8 @@ internal sealed unsafe class CudaDriver
     public readonly delegate* unmanaged<ulong, void*, nuint, IntPtr, int> MemcpyHtoDAsync;
     public readonly delegate* unmanaged<ulong, byte, nuint, IntPtr, int> MemsetD8Async;
     public readonly delegate* unmanaged<nuint*, nuint*, int> MemGetInfo;
+    public readonly delegate* unmanaged<int> ProfilerStart;
+    public readonly delegate* unmanaged<int> ProfilerStop;
     private readonly delegate* unmanaged<int, byte**, int> _getErrorString;
 
     /// <summary>CUDA_ERROR_NOT_READY: an event or stream still has work pending.</summary>
@@ -70,6 +72,8 @@ internal sealed unsafe class CudaDriver
         MemcpyHtoDAsync = (delegate* unmanaged<ulong, void*, nuint, IntPtr, int>)E("cuMemcpyHtoDAsync_v2");
         MemsetD8Async = (delegate* unmanaged<ulong, byte, nuint, IntPtr, int>)E("cuMemsetD8Async");
         MemGetInfo = (delegate* unmanaged<nuint*, nuint*, int>)E("cuMemGetInfo_v2");
+        ProfilerStart = (delegate* unmanaged<int>)E("cuProfilerStart");
+        ProfilerStop = (delegate* unmanaged<int>)E("cuProfilerStop");
         _getErrorString = (delegate* unmanaged<int, byte**, int>)E("cuGetErrorString");
         Check(Init(0), "cuInit");
     }
