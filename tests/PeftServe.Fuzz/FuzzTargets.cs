@@ -1,5 +1,7 @@
 using System.Text;
+using System.Text.Json;
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Generation;
 using PeftServe.Core.Model;
 using PeftServe.Core.Runtime;
 using PeftServe.Core.SafeTensors;
@@ -21,6 +23,7 @@ public static class FuzzTargets
         ["tokenizer"] = TokenizerJson,
         ["jinja"] = Jinja,
         ["archive"] = Archive,
+        ["guided-json"] = GuidedJson,
     };
 
     /// <summary>A scratch folder of this process (in memory where /dev/shm exists).</summary>
@@ -133,5 +136,43 @@ public static class FuzzTargets
             });
         }
         catch (ArchiveException) { }
+    }
+
+    private static readonly Lazy<(JsonVocabulary Vocabulary, IReadOnlyList<int> Stop)> DefaultVocabulary = new(() =>
+    {
+        var tokenizer = Tokenizer.FromDirectory(DefaultModel.Directory);
+        return (JsonVocabulary.For(tokenizer), tokenizer.EosTokenIds);
+    });
+
+    /// <summary>guided JSON: the bytes before the first 0 are a request's JSON schema (UTF-8), the rest the text the
+    /// model has produced. The schema may be refused only with ArgumentException (a body that is not JSON at all
+    /// never gets this far: the request reader refuses it). The recognizer then reads the text as far as it stays
+    /// valid, and at that state the token mask over the default model's vocabulary must equal feeding every token
+    /// on its own: a mask that differs is a crash.</summary>
+    public static void GuidedJson(byte[] input)
+    {
+        int cut = Array.IndexOf(input, (byte)0);
+        // Both parts decoded as the server decodes a request body (invalid bytes become U+FFFD).
+        var schemaText = Encoding.UTF8.GetString(input, 0, cut < 0 ? input.Length : cut);
+        var text = cut < 0 ? "" : Encoding.UTF8.GetString(input, cut + 1, input.Length - cut - 1);
+        JsonSchema schema;
+        try
+        {
+            using var document = JsonDocument.Parse(schemaText);
+            schema = JsonSchema.Parse(document.RootElement);
+        }
+        catch (JsonException) { return; }
+        catch (ArgumentException) { return; }
+        var states = JsonStates.Start(schema.Root);
+        foreach (var c in text)
+        {
+            if (states.Step(c.ToString()) is not { } next) break;
+            states = next;
+        }
+        var (vocabulary, stop) = DefaultVocabulary.Value;
+        var mask = vocabulary.ComputeMask(states, stop);
+        var reference = vocabulary.MaskByFeeding(states, stop);
+        int differs = Enumerable.Range(0, mask.Length).FirstOrDefault(id => mask[id] != reference[id], -1);
+        if (differs >= 0) throw new InvalidOperationException($"guided JSON: the mask differs from feeding each token at token {differs}");
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes PeftServe's parsers with AFL++ (Debian's afl++) through SharpFuzz, and checks the findings.
 #   tests/fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]     (default 20 s each, every target)
-# Targets: safetensors, adapter-config, tokenizer, jinja, archive (tests/PeftServe.Fuzz/FuzzTargets.cs).
+# Targets: safetensors, adapter-config, tokenizer, jinja, archive, guided-json (tests/PeftServe.Fuzz/FuzzTargets.cs).
 # Seeds come from tests/fuzz/corpus/TARGET; AFL's output goes to artifacts/fuzz/findings/TARGET. Each
 # crash found is copied to artifacts/fuzz/crashes/TARGET: keep it as a regression by moving it to
 # tests/fuzz/regressions/TARGET (the test suite replays those and the seeds). Exit code 1 on any crash.
@@ -11,7 +11,7 @@ repo=$(cd "$here/../.." && pwd)
 seconds=${1:-20}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(safetensors adapter-config tokenizer jinja archive)
+[ ${#targets[@]} -gt 0 ] || targets=(safetensors adapter-config tokenizer jinja archive guided-json)
 out=$repo/artifacts/fuzz
 log() { printf '[fuzz] %s\n' "$*" >&2; }
 

@@ -97,6 +97,8 @@ public sealed class JsonSchema
         JsonNode? node;
         try { node = JsonNode.Parse(schema.ValueKind == JsonValueKind.String ? schema.GetString()! : schema.GetRawText()); }
         catch (JsonException e) { throw new ArgumentException($"the schema is not valid JSON: {e.Message}", e); }
+        // A string that is no valid text (a lone UTF-16 surrogate, invalid UTF-8) cannot be read as one.
+        catch (InvalidOperationException e) { throw new ArgumentException($"the schema is not valid text: {e.Message}", e); }
         return Parse(node);
     }
 

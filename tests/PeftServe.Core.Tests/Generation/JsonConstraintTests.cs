@@ -155,6 +155,16 @@ public sealed class JsonConstraintTests
         Assert.Contains(named, e.Message);
     }
 
+    /// <summary>A schema sent as a string (vLLM accepts both forms) whose text is not valid (a lone surrogate) is an
+    /// argument error naming that, not an exception from deep inside the reader.</summary>
+    [Fact]
+    public void ASchemaStringThatIsNoValidTextIsRefused()
+    {
+        using var document = JsonDocument.Parse("\"{\\\"type\\\": \\\"obj\\ud800\\\"}\"");
+        var e = Assert.Throws<ArgumentException>(() => JsonSchema.Parse(document.RootElement));
+        Assert.Contains("not valid text", e.Message);
+    }
+
     /// <summary>Through the engine on the fixture model: whatever it samples stays a prefix of one JSON object; with
     /// the braces made likely, the object closes and the stop token ends it at once.</summary>
     [Fact]
