@@ -22,9 +22,9 @@ internal static class Bgmv
     /// instead of after it.</summary>
     internal static readonly bool Overlap = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_OVERLAP") == "1";
 
-    /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of
-    /// <paramref name="dtype"/> whose inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors).</summary>
-    public static bool Supports(Tensor x, long poolRank, params long[] widths)
+    /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of x's dtype whose
+    /// inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors; any pool rank).</summary>
+    public static bool Supports(Tensor x, params long[] widths)
     {
         if (x.device.type != DeviceType.CUDA || torch.is_grad_enabled()) return false;
         if (KernelModule.TypeName(x.dtype) is null) return false;

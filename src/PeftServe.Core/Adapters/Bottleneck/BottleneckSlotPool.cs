@@ -147,7 +147,7 @@ internal sealed class BottleneckBatchOp : AdapterBatchOp
         var (down, downBias, upT, upBias) = _pool.Weights(layer, placement);
         long b = output.shape[0], t = output.shape[1], hidden = output.shape[2];
         var flat = output.reshape(b * t, hidden);
-        if (output.is_contiguous() && Bgmv.Supports(flat, _pool.Dim, hidden))
+        if (output.is_contiguous() && Bgmv.Supports(flat, hidden))
         {
             var z = Bgmv.Shrink(flat, Rows.RowSlots, (int)t, down.unsqueeze(1), _pool.Ranks, (int)placement);     // [N,1,dim] float32
             Bgmv.BottleneckActivate(z, Rows.RowSlots, (int)t, downBias, _pool.ActivationCodes);

@@ -316,7 +316,7 @@ internal sealed class LoraBatchOp : AdapterBatchOp
         var layout = Layout(group);
         long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
         var x2 = x.reshape(b * t, inF);
-        if (!Bgmv.Supports(x2, _pool.Rank, [.. layout.Select(l => l.Width)])) return;
+        if (!Bgmv.Supports(x2, [.. layout.Select(l => l.Width)])) return;
         var side = SideStream.For(x.device.index < 0 ? 0 : x.device.index);
         side.Fork();
         var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0], side);
@@ -371,7 +371,7 @@ internal sealed class LoraBatchOp : AdapterBatchOp
         var layout = Layout(group);
         long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
         var x2 = x.reshape(b * t, inF);
-        if (output.is_contiguous() && Bgmv.Supports(x2, _pool.Rank, [.. layout.Select(l => l.Width)]))
+        if (output.is_contiguous() && Bgmv.Supports(x2, [.. layout.Select(l => l.Width)]))
         {
             var up = targets.Select(tg => _pool.B(layer, tg)).ToArray();
             var offsets = layout.Select(l => l.Offset).ToArray();
