@@ -116,8 +116,8 @@
     const body = await response.json();
     if (response.ok) {
       result.textContent = `stored ${body.id} (${body.peft_type}, ${body.bytes} bytes)`;
-      result.dataset.uploaded = body.id;
       await loadModels(body.id);
+      result.dataset.uploaded = body.id;   // set once the picker offers and selects it (the tests wait on this)
     } else {
       result.textContent = `${response.status}: ${body.error?.message ?? "upload failed"}`;
     }
