@@ -427,10 +427,11 @@ public sealed class JsonVocabulary
         }
         else
         {
-            bool free = states.FreeString;
-            // A piece of a character is allowed only where any text may go (see Feed).
-            for (int id = 0; id < mask.Length; id++)
-                if (_fragment[id]) any |= mask[id] = free && _stringSafe[id];
+            // Where any text may go, a text without quote, backslash or control character stays inside the string as it
+            // is (pieces of a character included, which are allowed nowhere else: see Feed); the walk skips those.
+            if (states.FreeString)
+                for (int id = 0; id < mask.Length; id++)
+                    if (_pieces[id] is not null && _stringSafe[id]) any = mask[id] = true;
             var (ids, shared) = Sorted();
             // levels[d]: the states after the first d characters of the current text; levels[0..valid] hold for it.
             var levels = new List<List<JsonState>> { new(states.States) };
@@ -442,7 +443,7 @@ public sealed class JsonVocabulary
                 if (deadPrefix > 0 && shared[i] >= deadPrefix) continue;   // begins with a prefix that broke it
                 deadPrefix = 0;
                 valid = Math.Min(valid, shared[i]);
-                if (free && _stringSafe[id]) { any = mask[id] = true; continue; }   // stays inside the string as it is
+                if (mask[id]) continue;                                     // allowed above
                 bool ok = true;
                 for (int d = valid; d < piece.Length; d++)
                 {
@@ -452,10 +453,6 @@ public sealed class JsonVocabulary
                 }
                 if (ok) any = mask[id] = true;
             }
-            // Tokens skipped under a dead prefix keep false, except those the string flags allow.
-            if (free)
-                for (int id = 0; id < mask.Length; id++)
-                    if (_pieces[id] is not null && _stringSafe[id]) any = mask[id] = true;
         }
         if (!any) Array.Fill(mask, true);   // nothing fits (a vocabulary without these characters): hold nothing
         return mask;

@@ -44,7 +44,6 @@ public static class Nf4CudaKernel
         _ => 2,
     };
 
-
     /// <summary>Blocks the tensor-core kernel aims for (two per SM of an H100/H200), reached by splitting K.</summary>
     private const int MmaTargetBlocks = 264;
 
@@ -147,7 +146,7 @@ public static class Nf4CudaKernel
         {
             if (!CountersByDevice.TryGetValue(device.index, out var counters) || counters.shape[0] < tiles)
             {
-                counters?.Dispose();
+                // A smaller buffer is replaced, never disposed: a captured CUDA graph may still point at it.
                 counters = torch.zeros(Math.Max(tiles, 1024), ScalarType.Int32, device).DetachFromDisposeScope();
                 CountersByDevice[device.index] = counters;
             }
@@ -161,10 +160,11 @@ public static class Nf4CudaKernel
 
     /// <summary>The kernels for <paramref name="device"/>, the tensor-core one built for <paramref name="mmaTiles"/> m-tiles
     /// per warp (a block covers 8 warps x 16 x that many weight rows: the kernel's MMA_ROWS).</summary>
-    private static KernelModule? Module(Device device, int? mmaTiles = null) =>
-        KernelModule.TryGet(File, device, ("MMA_MT", (mmaTiles ?? MmaTiles).ToString()));
+    private static KernelModule? Module(Device device, int? mmaTiles = null) => KernelModule.TryGet(File, device, MmaDefine(mmaTiles));
+
+    private static (string, string) MmaDefine(int? mmaTiles = null) => ("MMA_MT", (mmaTiles ?? MmaTiles).ToString());
 
     /// <summary>Prepares the kernel for CUDA device <paramref name="ordinal"/> now, throwing (with the
     /// NVRTC log where compilation failed) instead of falling back.</summary>
-    public static void EnsureLoaded(int ordinal = 0) => KernelModule.Get(File, new Device(DeviceType.CUDA, ordinal), ("MMA_MT", MmaTiles.ToString()));
+    public static void EnsureLoaded(int ordinal = 0) => KernelModule.Get(File, new Device(DeviceType.CUDA, ordinal), MmaDefine());
 }
