@@ -13,7 +13,9 @@ namespace PeftServe.Fuzz;
 /// <summary>The fuzzed parsers, one entry point each, taking the fuzzer's bytes. Each parser promises
 /// one typed exception for bad input; the harness swallows exactly that one, so anything else that
 /// escapes (an IndexOutOfRangeException, a NullReferenceException, a stack overflow ...) is a crash
-/// for AFL++ and a failure for the regression test that replays the corpus.</summary>
+/// for AFL++ and a failure for the regression test that replays the corpus. No harness returns before
+/// calling its parser, even on no bytes: SharpFuzz may read the first input before AFL++ has written it,
+/// and a first run that touches no instrumented code makes AFL++ abort ("No instrumentation detected").</summary>
 public static class FuzzTargets
 {
     public static readonly IReadOnlyDictionary<string, Action<byte[]>> All = new Dictionary<string, Action<byte[]>>
@@ -63,12 +65,11 @@ public static class FuzzTargets
     /// is the config. Checked both ways (metadata-only and full load). Promises AdapterException.</summary>
     public static void AdapterConfig(byte[] input)
     {
-        if (input.Length == 0) return;
         var dir = Path.Combine(Scratch, "adapter");
         Directory.CreateDirectory(dir);
-        var weights = Weights.Value[input[0] % Weights.Value.Length];
+        var weights = Weights.Value[(input.Length == 0 ? 0 : input[0]) % Weights.Value.Length];
         File.Copy(Path.Combine(weights, AdapterFolder.WeightsFile), Path.Combine(dir, AdapterFolder.WeightsFile), overwrite: true);
-        File.WriteAllBytes(Path.Combine(dir, AdapterFolder.ConfigFile), input[1..]);
+        File.WriteAllBytes(Path.Combine(dir, AdapterFolder.ConfigFile), input.Length == 0 ? [] : input[1..]);
         try
         {
             AdapterMethods.Validate(dir, "fuzz", Model.Value, new AdapterLimits());
@@ -124,13 +125,12 @@ public static class FuzzTargets
     /// the archive, unpacked under small limits. Promises ArchiveException.</summary>
     public static void Archive(byte[] input)
     {
-        if (input.Length == 0) return;
-        var name = (input[0] & 1) == 0 ? "fuzz.zip" : "fuzz.tar.gz";
+        var name = input.Length > 0 && (input[0] & 1) == 1 ? "fuzz.tar.gz" : "fuzz.zip";
         var limits = new ArchiveLimits { MaxBytes = 1 << 20, MaxEntries = 16, MaxHeaderBytes = 4096 };
         var sink = new byte[4096];
         try
         {
-            AdapterArchive.Unpack(new MemoryStream(input, 1, input.Length - 1), name, limits, (_, data) =>
+            AdapterArchive.Unpack(new MemoryStream(input, Math.Min(1, input.Length), Math.Max(0, input.Length - 1)), name, limits, (_, data) =>
             {
                 while (data.Read(sink) > 0) { }
             });
@@ -156,12 +156,9 @@ public static class FuzzTargets
         var schemaText = Encoding.UTF8.GetString(input, 0, cut < 0 ? input.Length : cut);
         var text = cut < 0 ? "" : Encoding.UTF8.GetString(input, cut + 1, input.Length - cut - 1);
         JsonSchema schema;
-        try
-        {
-            using var document = JsonDocument.Parse(schemaText);
-            schema = JsonSchema.Parse(document.RootElement);
-        }
-        catch (JsonException) { return; }
+        // Handed over as a JSON string holding the schema (a form requests may use), so that text which is no
+        // JSON at all still goes through the instrumented parser and gives AFL++ a trace.
+        try { schema = JsonSchema.Parse(JsonSerializer.SerializeToElement(schemaText)); }
         catch (ArgumentException) { return; }
         var states = JsonStates.Start(schema.Root);
         foreach (var c in text)

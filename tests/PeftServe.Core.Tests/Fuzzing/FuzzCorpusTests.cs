@@ -26,6 +26,15 @@ public sealed class FuzzCorpusTests
     public void EveryKnownInputEndsInItsParsersTypedError(string target, string file) =>
         FuzzTargets.All[target](File.ReadAllBytes(Path.Combine(TestData.RepoRoot, file)));
 
+    /// <summary>SharpFuzz reads the first input from stdin as soon as the fork server is up, which can be
+    /// before AFL++ has written it: the first run may see no bytes. Every harness must then still reach its
+    /// (instrumented) parser, or AFL++ aborts with "No instrumentation detected"; and it must not crash.</summary>
+    [Theory]
+    [MemberData(nameof(Targets))]
+    public void AnEmptyInputEndsInItsParsersTypedError(string target) => FuzzTargets.All[target]([]);
+
+    public static TheoryData<string> Targets() => new(FuzzTargets.All.Keys);
+
     [Fact]
     public void EveryTargetHasSeeds()
     {
