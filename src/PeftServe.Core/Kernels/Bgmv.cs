@@ -55,13 +55,18 @@ internal static class Bgmv
         return d;
     }
 
-    /// <summary>y[n, offsets[j] + o] += Σ_r d[n, j, r] · B_j[s][r][o] (+ bias[s][o] for j = 0), in place.
+    /// <summary>y[n, offsets[j] + o] += Σ_r c[n, j, r] · B_j[s][r][o] (+ bias[s][o] for j = 0), in place, where
+    /// c = d, or with <paramref name="activation"/> (bottleneck adapters: the down-projection's bias [S, R] and each
+    /// slot's activation code [S] int32, 0 ReLU, 1 GELU, 2 SiLU, 3 tanh) c = act_s(d + bias[s]).
     /// y: [N, width] with unit column stride; <paramref name="up"/>: up to three pools [S, R, out_j].</summary>
     public static void Expand(Tensor y, Tensor rowSlots, int tokensPerRow, Tensor d, IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets,
-        Tensor ranks, int rankColumn, Tensor? bias = null)
+        Tensor ranks, int rankColumn, Tensor? bias = null, (Tensor Bias, Tensor Codes)? activation = null)
     {
         if (y.stride(1) != 1) throw new ArgumentException("y must have contiguous columns");
-        LaunchExpand("bgmv_expand", NativeHelper.CurrentStream(Module(y)!.Ordinal), Module(y)!, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn, bias);
+        if (activation is { } act && (act.Bias.shape[^1] != d.shape[2] || act.Codes.dtype != ScalarType.Int32))
+            throw new ArgumentException("the activation's bias must be [S, R] and its codes int32");
+        LaunchExpand("bgmv_expand", NativeHelper.CurrentStream(Module(y)!.Ordinal), Module(y)!, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn,
+            bias, activation);
     }
 
     /// <summary>The same sum written (not added) into a new float32 [N, <paramref name="width"/>] buffer, zeros
@@ -72,12 +77,12 @@ internal static class Bgmv
     {
         var module = Module(up[0])!;
         var y = torch.empty([d.shape[0], width], ScalarType.Float32, d.device);
-        LaunchExpand("bgmv_expand_to_f32", stream.Stream, module, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn, null);
+        LaunchExpand("bgmv_expand_to_f32", stream.Stream, module, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn, null, null);
         return y;
     }
 
     private static void LaunchExpand(string kernel, IntPtr stream, KernelModule module, Tensor y, Tensor rowSlots, int tokensPerRow, Tensor d,
-        IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets, Tensor ranks, int rankColumn, Tensor? bias)
+        IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets, Tensor ranks, int rankColumn, Tensor? bias, (Tensor Bias, Tensor Codes)? activation)
     {
         if (up.Count is < 1 or > 3) throw new ArgumentException("one to three up-projection pools");
         long n = y.shape[0];
@@ -90,7 +95,7 @@ internal static class Bgmv
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r),
             .. TargetArgs(up, offsets),
             KernelModule.Arg.Ptr(ranks), KernelModule.Arg.Int(ranks.shape[1]), KernelModule.Arg.Int(rankColumn),
-            KernelModule.Arg.Ptr(bias, 0)]);
+            KernelModule.Arg.Ptr(bias, 0), KernelModule.Arg.Ptr(activation?.Bias, 0), KernelModule.Arg.Ptr(activation?.Codes, 0)]);
     }
 
     /// <summary>x itself when its rows are 16-byte aligned vectors the kernels can load, else a contiguous copy.</summary>
@@ -105,15 +110,4 @@ internal static class Bgmv
         .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Int(j < up.Count ? up[j].shape[2] : 0)),
         .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Int(j < offsets.Count ? offsets[j] : 0)),
     ];
-
-    /// <summary>z[n, r] = act_s(z[n, r] + bias[s][r]) in place for rows with an adapter (bottleneck adapters).</summary>
-    public static void BottleneckActivate(Tensor z, Tensor rowSlots, int tokensPerRow, Tensor bias, Tensor activationCodes)
-    {
-        var module = Module(bias)!;
-        long n = z.shape[0], r = z.shape[^1];
-        long total = n * r;
-        module.Launch("bottleneck_activate", ((uint)((total + 255) / 256), 1, 1), 256, 0,
-            KernelModule.Arg.Ptr(z), KernelModule.Arg.Long(n), KernelModule.Arg.Int(r), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
-            KernelModule.Arg.Ptr(bias), KernelModule.Arg.Ptr(activationCodes));
-    }
 }

@@ -6,7 +6,7 @@
 // for target j (0: the adapter has no such target); ranks past it are never read. A slot index < 0 means
 // the token's sequence has no adapter of this kind: nothing is added.
 // Used by LoRA (K = 3 for q|k|v, 2 for gate|up, 1 for o and down) and by bottleneck adapters (K = 1, with
-// a bias and an activation between the two products).
+// a bias and an activation between the two products, applied by the expand as it reads the shrink's output).
 #include "common.cuh"
 
 // Both products are short and latency-bound at decode sizes (a 4096-wide rank-16 shrink for 32 tokens is 6M
@@ -93,10 +93,24 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
     }
 }
 
-// The up-projection: acc[o] = sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given),
+// A bottleneck adapter's activation, by code: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
+__device__ __forceinline__ float bottleneck_act(int code, float v)
+{
+    switch (code)
+    {
+        case 0: return fmaxf(v, 0.0f);
+        case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        case 2: return v / (1.0f + expf(-v));
+        default: return tanhf(v);
+    }
+}
+
+// The up-projection: acc[o] = sum_{r < rank(s, j)} c[r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given),
 // for o < out_j, and then either (ACCUMULATE) y[n][off_j + o] = T(y + acc) in place in the layer's output, or
 // y[n][off_j + o] = acc into a float32 buffer, zeros included (tokens without an adapter write 0), so the
 // buffer can be computed beside the base projection on another stream and added after it.
+// c[r] = d[n][j][r]; for bottleneck adapters (act_codes given) c[r] = act_s(d[n][j][r] + act_bias[s][r]): the
+// down-projection's bias and activation are applied as the coefficients are loaded, in no launch of their own.
 // y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
 // Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs and loads the B rows
 // of EXPAND_RANKS ranks (and its outputs) in one round: one round for ranks up to EXPAND_RANKS.
@@ -107,7 +121,8 @@ __device__ __forceinline__ void bgmv_expand_impl(
     const float* __restrict__ d, int K, int R,
     const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
     int out0, int out1, int out2, int off0, int off1, int off2,
-    const int* __restrict__ ranks, int rank_stride, int rank_col, const T* __restrict__ bias)
+    const int* __restrict__ ranks, int rank_stride, int rank_col, const T* __restrict__ bias,
+    const T* __restrict__ act_bias, const int* __restrict__ act_codes)
 {
     const int n = blockIdx.x, j = blockIdx.z;
     const long long s = slots[n / tokens_per_row];
@@ -126,6 +141,7 @@ __device__ __forceinline__ void bgmv_expand_impl(
     if constexpr (ACCUMULATE) load_vec(yr, prior);                      // issued with the B loads below
     const float* dr = d + ((long long)n * K + j) * R;
     const T* b = B + s * (long long)R * out + o0;
+    const int code = act_codes != nullptr && rank > 0 ? act_codes[s] : -1;
     for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
     {
         uint4 bv[EXPAND_RANKS];
@@ -136,6 +152,7 @@ __device__ __forceinline__ void bgmv_expand_impl(
             const bool live = r0 + q < rank;
             bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
             c[q] = live ? dr[r0 + q] : 0.0f;
+            if (code >= 0 && live) c[q] = bottleneck_act(code, c[q] + to_f32(act_bias[s * R + r0 + q]));
         }
         #pragma unroll
         for (int q = 0; q < EXPAND_RANKS; q++)
@@ -162,32 +179,9 @@ __device__ __forceinline__ void bgmv_expand_impl(
 #define EXPAND_PARAMS(Y) \
     Y* y, long long y_stride, const long long* slots, int tokens_per_row, const float* d, int K, int R, \
     const T* B0, const T* B1, const T* B2, int out0, int out1, int out2, int off0, int off1, int off2, \
-    const int* ranks, int rank_stride, int rank_col, const T* bias
-#define EXPAND_ARGS y, y_stride, slots, tokens_per_row, d, K, R, B0, B1, B2, out0, out1, out2, off0, off1, off2, ranks, rank_stride, rank_col, bias
+    const int* ranks, int rank_stride, int rank_col, const T* bias, const T* act_bias, const int* act_codes
+#define EXPAND_ARGS y, y_stride, slots, tokens_per_row, d, K, R, B0, B1, B2, out0, out1, out2, off0, off1, off2, ranks, rank_stride, rank_col, bias, \
+    act_bias, act_codes
 
 extern "C" __global__ void __launch_bounds__(128) bgmv_expand(EXPAND_PARAMS(T)) { bgmv_expand_impl<true, T>(EXPAND_ARGS); }
 extern "C" __global__ void __launch_bounds__(128) bgmv_expand_to_f32(EXPAND_PARAMS(float)) { bgmv_expand_impl<false, float>(EXPAND_ARGS); }
-
-// Bottleneck adapters between their two products: z[n][r] = act_s(z[n][r] + bias[s][r]) in place, for the
-// tokens that have an adapter (float32 throughout). codes[s]: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
-extern "C" __global__ void bottleneck_activate(
-    float* __restrict__ z, long long N, int R, const long long* __restrict__ slots, int tokens_per_row,
-    const T* __restrict__ bias, const int* __restrict__ codes)
-{
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= N * R) return;
-    const long long n = i / R;
-    const int r = (int)(i - n * R);
-    const long long s = slots[n / tokens_per_row];
-    if (s < 0) return;
-    const float v = z[i] + to_f32(bias[s * R + r]);
-    float a;
-    switch (codes[s])
-    {
-        case 0: a = fmaxf(v, 0.0f); break;
-        case 1: a = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); break;
-        case 2: a = v / (1.0f + expf(-v)); break;
-        default: a = tanhf(v); break;
-    }
-    z[i] = a;
-}

@@ -168,14 +168,16 @@ public static class GpuConformance
             }
     }
 
-    /// <summary>The per-row adapter kernels (IA3's scales and BitFit's biases; LLaMA-Adapter's gated attention)
-    /// against the tensor ops they replace, with rows reading different slots and several tokens per row.</summary>
+    /// <summary>The per-row adapter kernels (IA3's scales and BitFit's biases; LLaMA-Adapter's gated attention;
+    /// bottleneck adapters' shrink and expand with the bias and activation in the expand) against the tensor ops
+    /// or a float64 reference, with rows reading different slots and several tokens per row.</summary>
     private static void AdapterKernels(Device device, Action<bool, string> report)
     {
         using var _ = torch.no_grad();
         foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
         {
             using var scope = torch.NewDisposeScope();
+            Bottleneck(device, dtype, report);
             var index = torch.tensor(new long[] { 2, 0, 3 }, device: device);
             foreach (bool add in new[] { false, true })
             {
@@ -205,6 +207,48 @@ public static class GpuConformance
             double err = actual is null ? double.PositiveInfinity : RelativeError(actual, reference);
             report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"adaption_prompt_attention {dtype} heads {nq}/{nkv} dim {hd}: rel.err {err:E2}");
         }
+    }
+
+    /// <summary>A bottleneck pool of 5 slots (one per activation code, the last one with no module: rank 0) served to
+    /// 7 rows of 2 tokens each (one row without an adapter) through shrink and the expand that applies the down
+    /// bias and activation, against a float64 reference.</summary>
+    private static void Bottleneck(Device device, ScalarType dtype, Action<bool, string> report)
+    {
+        using var scope = torch.NewDisposeScope();
+        const int hidden = 896, dim = 48, tokens = 2;
+        int slots = 5;
+        var down = (torch.randn([slots, 1, dim, hidden], ScalarType.Float32, device) * 0.1).to(dtype);
+        var downBias = (torch.randn([slots, dim], ScalarType.Float32, device) * 0.5).to(dtype);
+        var upT = (torch.randn([slots, dim, hidden], ScalarType.Float32, device) * 0.05).to(dtype);
+        var upBias = (torch.randn([slots, hidden], ScalarType.Float32, device) * 0.05).to(dtype);
+        int[] rankOf = [dim, dim, dim, dim, 0];
+        var ranks = torch.tensor(rankOf.SelectMany(r => new[] { 0, r }).ToArray(), [slots, 2], device: device);   // column 1: this placement
+        var codes = torch.tensor(new[] { 0, 1, 2, 3, 0 }, device: device);
+        long[] slotOfRow = [3, 0, -1, 1, 2, 4, 1];
+        var rowSlots = torch.tensor(slotOfRow, device: device);
+        var x = torch.randn([slotOfRow.Length * tokens, hidden], dtype, device);
+        if (!Bgmv.Supports(x, hidden, dim))
+        {
+            report(false, $"bottleneck bgmv {dtype}: kernels unavailable ({KernelModule.LastError})");
+            return;
+        }
+        var y = torch.zeros_like(x);                              // the expand adds into it: y is the delta alone
+        var z = Bgmv.Shrink(x, rowSlots, tokens, down, ranks, 1);
+        Bgmv.Expand(y, rowSlots, tokens, z, [upT], [0L], ranks, 1, upBias, (downBias, codes));
+
+        var reference = torch.zeros(x.shape, ScalarType.Float64);
+        var (xd, dd, dbd, ud, ubd) = (x.to(ScalarType.Float64).cpu(), down.to(ScalarType.Float64).cpu(), downBias.to(ScalarType.Float64).cpu(),
+            upT.to(ScalarType.Float64).cpu(), upBias.to(ScalarType.Float64).cpu());
+        for (int n = 0; n < xd.shape[0]; n++)
+        {
+            long sl = slotOfRow[n / tokens];
+            if (sl < 0 || rankOf[sl] == 0) continue;
+            var pre = torch.matmul(dd[sl, 0], xd[n]) + dbd[sl];
+            var act = new[] { nn.functional.relu(pre), nn.functional.gelu(pre), nn.functional.silu(pre), torch.tanh(pre) }[(int)sl % 4];
+            reference[n].add_(torch.matmul(act, ud[sl]) + ubd[sl]);
+        }
+        double err = RelativeError(y, reference);
+        report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"bottleneck bgmv (bias and activation in the expand) {dtype}: delta rel.err {err:E2}");
     }
 
     private static void Nf4(Device device, Action<bool, string> report)

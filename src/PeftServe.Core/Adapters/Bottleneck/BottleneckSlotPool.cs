@@ -121,9 +121,9 @@ public sealed class BottleneckSlotPool : AdapterSlotPool
 }
 
 /// <summary>Bottleneck deltas for the rows of one forward pass at one placement. On CUDA: the BGMV shrink
-/// reads every row's down-projection in place, a small kernel adds the bias and applies the slot's
-/// activation, and the BGMV expand adds the up-projection and its bias (rows without an adapter add
-/// nothing), whatever the mix of adapters. Elsewhere: the rows' matrices are gathered for two batched
+/// reads every row's down-projection in place, and the BGMV expand adds the down bias and applies the slot's
+/// activation as it reads the shrink's output, then adds the up-projection and its bias (rows without an
+/// adapter add nothing), whatever the mix of adapters: two launches. Elsewhere: the rows' matrices are gathered for two batched
 /// matmuls, with the activation applied per group of rows sharing one.</summary>
 internal sealed class BottleneckBatchOp : AdapterBatchOp
 {
@@ -150,8 +150,8 @@ internal sealed class BottleneckBatchOp : AdapterBatchOp
         if (output.is_contiguous() && Bgmv.Supports(flat, hidden))
         {
             var z = Bgmv.Shrink(flat, Rows.RowSlots, (int)t, down.unsqueeze(1), _pool.Ranks, (int)placement);     // [N,1,dim] float32
-            Bgmv.BottleneckActivate(z, Rows.RowSlots, (int)t, downBias, _pool.ActivationCodes);
-            Bgmv.Expand(output.view(b * t, hidden), Rows.RowSlots, (int)t, z, [upT], [0L], _pool.Ranks, (int)placement, upBias);
+            Bgmv.Expand(output.view(b * t, hidden), Rows.RowSlots, (int)t, z, [upT], [0L], _pool.Ranks, (int)placement, upBias,
+                activation: (downBias, _pool.ActivationCodes));
             return output;
         }
         var slots = Rows.SlotIndex;
