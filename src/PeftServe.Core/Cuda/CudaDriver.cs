@@ -28,6 +28,8 @@ internal sealed unsafe class CudaDriver
     public readonly delegate* unmanaged<IntPtr*, IntPtr, byte*, int> ModuleGetFunction;
     public readonly delegate* unmanaged<IntPtr, int, int, int> FuncSetAttribute;
     public readonly delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, void**, void**, int> LaunchKernel;
+    /// <summary>cuLaunchKernelEx (CUDA 11.8+; null on older drivers): a launch with attributes, here programmatic dependent launch.</summary>
+    public readonly delegate* unmanaged<LaunchConfig*, IntPtr, void**, void**, int> LaunchKernelEx;
     public readonly delegate* unmanaged<IntPtr*, uint, int> StreamCreate;
     public readonly delegate* unmanaged<IntPtr, IntPtr, uint, int> StreamWaitEvent;
     public readonly delegate* unmanaged<IntPtr, int> StreamSynchronize;
@@ -46,6 +48,29 @@ internal sealed unsafe class CudaDriver
     /// <summary>CUDA_ERROR_NOT_READY: an event or stream still has work pending.</summary>
     public const int NotReady = 600;
 
+    /// <summary>CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: the kernel may start before the one before it in
+    /// the stream has finished (it waits for it with griddepcontrol.wait, see Kernels/launch.cuh).</summary>
+    public const int LaunchAttributeProgrammaticStreamSerialization = 6;
+
+    /// <summary>cuda.h's CUlaunchAttribute: an id, padding to 8 bytes, and a 64-byte value union.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct LaunchAttribute
+    {
+        public int Id;
+        private int _padding;
+        public fixed byte Value[64];
+    }
+
+    /// <summary>cuda.h's CUlaunchConfig.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct LaunchConfig
+    {
+        public uint GridX, GridY, GridZ, BlockX, BlockY, BlockZ, SharedBytes;
+        public IntPtr Stream;
+        public LaunchAttribute* Attributes;
+        public uint AttributeCount;
+    }
+
     private CudaDriver()
     {
         var lib = NativeLoader.Load("CUDA driver", Environment.GetEnvironmentVariable("PEFTSERVE_LIBCUDA"),
@@ -61,6 +86,7 @@ internal sealed unsafe class CudaDriver
         ModuleGetFunction = (delegate* unmanaged<IntPtr*, IntPtr, byte*, int>)E("cuModuleGetFunction");
         FuncSetAttribute = (delegate* unmanaged<IntPtr, int, int, int>)E("cuFuncSetAttribute");
         LaunchKernel = (delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, void**, void**, int>)E("cuLaunchKernel");
+        LaunchKernelEx = NativeLibrary.TryGetExport(lib, "cuLaunchKernelEx", out var launchEx) ? (delegate* unmanaged<LaunchConfig*, IntPtr, void**, void**, int>)launchEx : null;
         StreamCreate = (delegate* unmanaged<IntPtr*, uint, int>)E("cuStreamCreate");
         StreamWaitEvent = (delegate* unmanaged<IntPtr, IntPtr, uint, int>)E("cuStreamWaitEvent");
         StreamSynchronize = (delegate* unmanaged<IntPtr, int>)E("cuStreamSynchronize");

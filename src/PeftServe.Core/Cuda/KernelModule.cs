@@ -14,7 +14,7 @@ namespace PeftServe.Core.Cuda;
 /// (PEFTSERVE_KERNEL_CACHE, default ~/.cache/peftserve/kernels), so a restart skips compilation.
 /// <see cref="TryGet"/> returns null (and says why in <see cref="LastError"/>) where there is no CUDA, no
 /// NVRTC, an older GPU than sm_80, or when PEFTSERVE_KERNELS=0: callers then take their TorchSharp path.</summary>
-internal sealed unsafe class KernelModule
+internal sealed unsafe partial class KernelModule
 {
     private static readonly ConcurrentDictionary<string, Lazy<KernelModule?>> Modules = new();
     private readonly ConcurrentDictionary<string, IntPtr> _functions = new();
@@ -27,16 +27,27 @@ internal sealed unsafe class KernelModule
     /// <summary>False when PEFTSERVE_KERNELS=0: every kernel family then takes its TorchSharp path.</summary>
     public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("PEFTSERVE_KERNELS") != "0";
 
+    /// <summary>Whether our kernels are launched with programmatic dependent launch where the GPU has it (sm_90+) and
+    /// the driver has cuLaunchKernelEx: PEFTSERVE_PDL=1. Each launch may then begin while the kernel before it is
+    /// finishing, hiding part of the gap between the many short kernels of a decode step. Read when a module loads.</summary>
+    public static bool ProgrammaticLaunch { get; set; } = Environment.GetEnvironmentVariable("PEFTSERVE_PDL") == "1";
+
+    private readonly bool _programmatic;
+
     /// <summary>Why the last module could not be prepared, or null.</summary>
     public static string? LastError { get; private set; }
 
-    private KernelModule(int ordinal, IntPtr context, IntPtr module, string target)
+    private KernelModule(int ordinal, IntPtr context, IntPtr module, string target, bool programmatic)
     {
         Ordinal = ordinal;
         _context = context;
         _module = module;
         Target = target;
+        _programmatic = programmatic;
     }
+
+    /// <summary>Whether this module's kernels are launched with programmatic dependent launch.</summary>
+    public bool Programmatic => _programmatic;
 
     /// <summary>The module for kernel file <paramref name="file"/> (e.g. "fused.cu") on <paramref name="device"/>
     /// with the given -D constants, or null when our kernels cannot run there.</summary>
@@ -74,17 +85,19 @@ internal sealed unsafe class KernelModule
         var (image, target) = CompileCached(source, file, major, minor, options);
         IntPtr module;
         fixed (byte* p = image) cu.Check(cu.ModuleLoadData(&module, p), $"cuModuleLoadData({file}, {target})");
-        return new KernelModule(ordinal, context, module, target);
+        bool programmatic = ProgrammaticLaunch && major >= 9 && cu.LaunchKernelEx != null;
+        return new KernelModule(ordinal, context, module, target, programmatic);
     }
 
-    /// <summary>The text of an embedded kernel file, with <c>#include "common.cuh"</c> replaced by that file
-    /// (NVRTC compiles one string; this is the only include our kernels use).</summary>
-    public static string Source(string file)
-    {
-        var text = Raw(file);
-        const string include = "#include \"common.cuh\"";
-        return text.Contains(include, StringComparison.Ordinal) ? text.Replace(include, Raw("common.cuh")) : text;
-    }
+    /// <summary>The text of an embedded kernel file with each <c>#include "NAME.cuh"</c> line replaced by that embedded
+    /// file's text (recursively; a file included twice is pasted once): NVRTC compiles one string.</summary>
+    public static string Source(string file) => Paste(Raw(file), []);
+
+    private static string Paste(string text, HashSet<string> pasted) =>
+        IncludeLine().Replace(text, m => pasted.Add(m.Groups[1].Value) ? Paste(Raw(m.Groups[1].Value), pasted) : "");
+
+    [System.Text.RegularExpressions.GeneratedRegex(@"^[ \t]*#include ""([A-Za-z0-9_]+\.cuh)""[ \t]*$", System.Text.RegularExpressions.RegexOptions.Multiline)]
+    private static partial System.Text.RegularExpressions.Regex IncludeLine();
 
     private static string Raw(string file)
     {
@@ -143,6 +156,22 @@ internal sealed unsafe class KernelModule
         {
             values[i] = args[i];
             pointers[i] = &values[i];
+        }
+        if (_programmatic)
+        {
+            // Programmatic dependent launch: this kernel's launch overlaps the end of the one before it (it waits for
+            // it in wait_for_prior_kernels, Kernels/launch.cuh). Captured into CUDA graphs as programmatic edges.
+            CudaDriver.LaunchAttribute attribute = default;
+            attribute.Id = CudaDriver.LaunchAttributeProgrammaticStreamSerialization;
+            *(int*)attribute.Value = 1;
+            var config = new CudaDriver.LaunchConfig
+            {
+                GridX = grid.X, GridY = grid.Y, GridZ = grid.Z, BlockX = threads, BlockY = 1, BlockZ = 1,
+                SharedBytes = sharedBytes, Stream = stream, Attributes = &attribute, AttributeCount = 1,
+            };
+            cu.Check(cu.LaunchKernelEx(&config, fn, pointers, null),
+                $"cuLaunchKernelEx({function}, grid {grid.X}x{grid.Y}x{grid.Z}, {threads} threads, programmatic dependent launch)");
+            return;
         }
         cu.Check(cu.LaunchKernel(fn, grid.X, grid.Y, grid.Z, threads, 1, 1, sharedBytes, stream, pointers, null),
             $"cuLaunchKernel({function}, grid {grid.X}x{grid.Y}x{grid.Z}, {threads} threads)");

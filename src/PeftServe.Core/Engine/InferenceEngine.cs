@@ -66,7 +66,8 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
     public AdapterManager Adapters => _adapters;
     internal ModelRunner Runner => _runner;
     /// <summary>How decode steps run: "cuda graphs (captures, replays)" or "eager (why)".</summary>
-    public string DecodeMode => _runner.UsesGraphs ? $"cuda graphs ({_runner.GraphCaptures} captured, {_runner.GraphReplays} replays)" : $"eager ({_runner.GraphsUnavailable})";
+    public string DecodeMode => (_runner.UsesGraphs ? $"cuda graphs ({_runner.GraphCaptures} captured, {_runner.GraphReplays} replays)" : $"eager ({_runner.GraphsUnavailable})")
+        + (Cuda.KernelModule.ProgrammaticLaunch && _model.Device.type == DeviceType.CUDA ? ", programmatic dependent launch requested" : "");
     /// <summary>Longest sequence (virtual tokens + prompt + generated) the engine can hold.</summary>
     public int MaxColumns { get; }
     public int KvBlocksFree => Volatile.Read(ref _freeBlocksSnapshot);

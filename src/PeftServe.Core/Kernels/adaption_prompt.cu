@@ -16,6 +16,7 @@ extern "C" __global__ void __launch_bounds__(AP_WARPS * 32) adaption_prompt_atte
     const T* __restrict__ keys, const T* __restrict__ values, const T* __restrict__ mask, const T* __restrict__ gate,
     const long long* __restrict__ index, T* __restrict__ out, int Tq, int nq, int nkv, int hd, int L, float scale)
 {
+    wait_for_prior_kernels();
     const int row = blockIdx.x, b = row / Tq, t = row - b * Tq;
     const int h = blockIdx.y * AP_WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (h >= nq) return;

@@ -29,6 +29,7 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
     const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,
     float* __restrict__ d, int K, int R, int in)
 {
+    wait_for_prior_kernels();
     __shared__ float partial[SHRINK_THREADS / 32][SHRINK_RANKS];
     const int n = blockIdx.x;
     const int runs = (R + SHRINK_RANKS - 1) / SHRINK_RANKS;          // runs of ranks per target
@@ -124,6 +125,7 @@ __device__ __forceinline__ void bgmv_expand_impl(
     const int* __restrict__ ranks, int rank_stride, int rank_col, const T* __restrict__ bias,
     const T* __restrict__ act_bias, const int* __restrict__ act_codes)
 {
+    wait_for_prior_kernels();
     const int n = blockIdx.x, j = blockIdx.z;
     const long long s = slots[n / tokens_per_row];
     const int rank = s < 0 ? 0 : ranks[s * rank_stride + rank_col + j];

@@ -2,6 +2,8 @@
 // No CUDA headers are needed: the 16-bit conversions are inline PTX (sm_80+).
 // Each module is compiled for one element type, chosen with -DELEM_TYPE=bf16_t | f16_t | float.
 
+#include "launch.cuh"
+
 #define NEG_INF __int_as_float(0xff800000)
 
 struct bf16_t { unsigned short bits; };

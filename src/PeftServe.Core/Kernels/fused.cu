@@ -24,6 +24,7 @@ __device__ __forceinline__ void rms_norm_row(const T* __restrict__ x, const T* _
 
 extern "C" __global__ void rms_norm(const T* x, const T* w, T* out, int H, float eps)
 {
+    wait_for_prior_kernels();
     const long long row = blockIdx.x;
     rms_norm_row(x + row * H, w, out + row * H, H, eps);
 }
@@ -32,6 +33,7 @@ extern "C" __global__ void rms_norm(const T* x, const T* w, T* out, int H, float
 // norm sees exactly the rounded sum.
 extern "C" __global__ void add_rms_norm(const T* h, const T* delta, const T* w, T* residual, T* out, int H, float eps)
 {
+    wait_for_prior_kernels();
     const long long row = blockIdx.x;
     const T* hr = h + row * H;
     const T* dr = delta + row * H;
@@ -44,6 +46,7 @@ extern "C" __global__ void add_rms_norm(const T* h, const T* delta, const T* w, 
 // out[r, i] = T(T(silu(g)) * u) with g = gate_up[r, i], u = gate_up[r, I + i].
 extern "C" __global__ void silu_mul(const T* gate_up, T* out, long long rows, int I)
 {
+    wait_for_prior_kernels();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * I) return;
     const long long r = i / I, c = i - r * I;
@@ -60,6 +63,7 @@ extern "C" __global__ void silu_mul(const T* gate_up, T* out, long long rows, in
 extern "C" __global__ void row_table_apply(T* __restrict__ y, int width, const long long* __restrict__ index, int tokens_per_row,
                                            const T* __restrict__ table, int add)
 {
+    wait_for_prior_kernels();
     const long long n = blockIdx.y;
     const T* row = table + index[n / tokens_per_row] * (long long)width;
     T* out = y + n * width;

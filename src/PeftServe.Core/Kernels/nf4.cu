@@ -1,5 +1,6 @@
 // NF4 kernels. Packed weights: row-major, two codes per byte, the first (even k) in the high nibble;
 // absmax float32, one per 64 consecutive weights.
+#include "launch.cuh"
 #define WARPS_PER_BLOCK 8
 #define TILE_K 1024                // x columns staged in shared memory per step: one 32-chunk per lane
 #define CHUNK_STRIDE 40            // 32 values + 8 padding per chunk in shared memory (80 bytes): the
@@ -63,6 +64,7 @@ template <int M, bool BF16>
 __device__ __forceinline__ void nf4_gemv(const unsigned short* __restrict__ x, const unsigned char* __restrict__ wq,
                                          const float* __restrict__ absmax, unsigned short* __restrict__ y, int N, int K)
 {
+    wait_for_prior_kernels();
     __shared__ float code[16];
     __shared__ __align__(16) unsigned short xs[M * (TILE_K / 32) * CHUNK_STRIDE];
     if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
@@ -203,6 +205,7 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
                                        const float* __restrict__ absmax, unsigned short* __restrict__ y,
                                        float* __restrict__ work, int* __restrict__ counters, int M, int N, int K, int splits)
 {
+    wait_for_prior_kernels();
     __shared__ float code[16];
     __shared__ int last;
     if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
@@ -341,6 +344,7 @@ template <bool BF16>
 __device__ __forceinline__ void nf4_dequant(const unsigned char* __restrict__ wq, const float* __restrict__ absmax,
                                             unsigned short* __restrict__ out, long long chunks)
 {
+    wait_for_prior_kernels();
     __shared__ float code[16];
     if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
     __syncthreads();

@@ -33,6 +33,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_decode_attention(
     const long long* __restrict__ block_tables, const long long* __restrict__ context_lens, T* __restrict__ out,
     int nkv, int max_blocks, int block_size, float scale)
 {
+    wait_for_prior_kernels();
     const int b = blockIdx.x, kvh = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nq = nkv * GROUP;
@@ -142,6 +143,7 @@ extern "C" __global__ void rope_write_kv(
     const long long* __restrict__ write_slots, T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache,
     int nq, int nkv)
 {
+    wait_for_prior_kernels();
     const int n = blockIdx.x, head = blockIdx.y;
     const int half = HEAD_DIM / 2;
     const long long width = (long long)(nq + 2 * nkv) * HEAD_DIM;

@@ -28,6 +28,9 @@ public static class GpuConformance
         if (!torch.cuda.is_available()) { log.WriteLine("selfcheck: CUDA is not available"); return 2; }
         var device = new Device(DeviceType.CUDA, ordinal);
         log.WriteLine($"selfcheck on {device}: native helper {(NativeHelper.IsAvailable ? "loaded" : "MISSING: " + NativeHelper.Unavailable)}");
+        var probe = KernelModule.TryGet("fused.cu", device, KernelModule.ElementType(ScalarType.Float32)!.Value);
+        log.WriteLine($"kernels: {(probe is null ? "unavailable: " + KernelModule.LastError : probe.Target)}; programmatic dependent launch " +
+            $"{(probe?.Programmatic == true ? "on" : KernelModule.ProgrammaticLaunch ? "requested, unavailable here (needs sm_90 and cuLaunchKernelEx)" : "off (PEFTSERVE_PDL=1 turns it on)")}");
         int failures = 0;
         void Report(bool pass, string what)
         {
