@@ -33,6 +33,10 @@ public abstract class AdapterMethod
     /// <summary>Reads and validates an adapter against the base model; the result holds host (CPU) tensors.</summary>
     public abstract Adapter Load(AdapterFolder folder, string name, ModelConfig model, AdapterLimits limits);
 
+    /// <summary>Whether this method's adapters have a pool of their own; false for a method whose adapters another
+    /// method serves (AdaMix: bottleneck slots), whose <see cref="CreatePool"/> then throws and <see cref="PoolBytes"/> is 0.</summary>
+    public virtual bool HasOwnPool => true;
+
     /// <summary>A fixed pool of device slots for this method's adapters.</summary>
     public abstract AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits);
 

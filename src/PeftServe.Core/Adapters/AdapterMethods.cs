@@ -20,7 +20,7 @@ public static class AdapterMethods
         new PromptTuningMethod(),
         new IA3Method(),
         new LlamaAdapterMethod(),
-        new BottleneckMethod(),
+        BottleneckMethod.Instance,
         new AdaMixMethod(),
         new BitFitMethod(),
     ];

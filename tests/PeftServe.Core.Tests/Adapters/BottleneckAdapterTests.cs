@@ -76,7 +76,7 @@ public sealed class BottleneckAdapterTests : IClassFixture<TinyLlamaFixture>, ID
         var big = BottleneckSpec.Random(6, 1, "both", "tanh");
         var small = BottleneckSpec.Random(7, 16, "attention", "relu", [2]);
         var limits = new AdapterLimits { SlotsPerMethod = 2 };
-        using var pool = new Core.Adapters.Bottleneck.BottleneckMethod().CreatePool(_f.Model, limits);
+        using var pool = Core.Adapters.Bottleneck.BottleneckMethod.Instance.CreatePool(_f.Model, limits);
         using var bigAdapter = AdapterMethods.Load(big.Write(_dir.Path, "big"), "big", _f.Model.Config, limits);
         using var smallAdapter = AdapterMethods.Load(small.Write(_dir.Path, "small"), "small", _f.Model.Config, limits);
         pool.Store(0, bigAdapter);

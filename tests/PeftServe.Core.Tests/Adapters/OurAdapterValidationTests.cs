@@ -153,8 +153,10 @@ public sealed class OurAdapterValidationTests : IDisposable
     public void ValidAdaMixLoadsAsABottleneckAdapter()
     {
         using var adapter = AdapterMethods.Load(AdaMix("ok"), "ok", Model, new AdapterLimits());
-        Assert.Equal("adamix", adapter.Method.Name);
+        Assert.Same(Core.Adapters.Bottleneck.BottleneckMethod.Instance, adapter.Method);   // served from the bottleneck slots
         Assert.IsType<Core.Adapters.Bottleneck.BottleneckAdapter>(adapter);
+        // Upload validation reports the serving method too; the adapter is still listed by its peft_type.
+        Assert.Same(Core.Adapters.Bottleneck.BottleneckMethod.Instance, AdapterMethods.Validate(AdaMix("ok2"), "ok2", Model, new AdapterLimits()));
     }
 
     [Theory]

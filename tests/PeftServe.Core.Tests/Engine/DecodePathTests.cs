@@ -57,6 +57,13 @@ public sealed class DecodePathTests(TinyLlamaFixture f) : IClassFixture<TinyLlam
         var limits = new AdapterLimits { SlotsPerMethod = 3, MaxRank = 8, MaxVirtualTokens = 5, MaxBottleneckDim = 16 };
         foreach (var method in AdapterMethods.All)
         {
+            if (!method.HasOwnPool)
+            {
+                // Served by another method's pool (AdaMix: bottleneck slots): nothing of its own is reserved or made.
+                Assert.Equal(0, method.PoolBytes(f.Model.Config, limits, f.Model.DType));
+                Assert.Throws<InvalidOperationException>(() => method.CreatePool(f.Model, limits));
+                continue;
+            }
             long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
             using var pool = method.CreatePool(f.Model, limits);
             long bytes = PoolTensors(pool).Sum(t => t.NumberOfElements * t.ElementSize);

@@ -11,11 +11,11 @@ namespace PeftServe.Core.Adapters.AdaMix;
 /// + mean(b_down)) + mean(b_up). (This is averaging of parameters, not of expert outputs: the two
 /// differ because of the non-linearity, and the paper serves the former.)
 ///
-/// Serving reuses the bottleneck slot pool and batched op, but AdaMix gets a pool of its own rather
-/// than sharing the bottleneck method's: the registry gives every method its own pool and slot count,
-/// so AdaMix adapters neither take bottleneck slots nor depend on the bottleneck method's instance,
-/// and slot-exhaustion errors name the method the user loaded. The cost is one more gathered op per
-/// hook in a batch that mixes both kinds, which at a handful of layers is small.</summary>
+/// Served exactly so: the averaged adapter is a bottleneck adapter and takes a slot of the bottleneck method's
+/// pool, so a batch that mixes bottleneck and AdaMix rows runs one shrink and one expand per placement for both
+/// (with a pool of its own, AdaMix rows cost two more launches per placement and layer: on the H200 every such
+/// launch was several microseconds of a decode step). The two kinds share the bottleneck slots
+/// (--slots-per-method); the files, errors and API still call an AdaMix adapter by its peft_type.</summary>
 public sealed class AdaMixMethod : AdapterMethod
 {
     /// <summary>Upper bound on num_experts (the paper uses 4; anything this large is a mistake).</summary>
@@ -32,7 +32,11 @@ public sealed class AdaMixMethod : AdapterMethod
         return BottleneckReader.Read(this, folder, name, model, BottleneckConfig.Read(folder, model, limits), experts);
     }
 
-    public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) => new BottleneckSlotPool(this, model, limits);
+    /// <summary>AdaMix adapters live in the bottleneck method's pool; this method has none of its own.</summary>
+    public override bool HasOwnPool => false;
 
-    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) => BottleneckSlotPool.Bytes(c, limits, dtype);
+    public override AdapterSlotPool CreatePool(LlamaModel model, AdapterLimits limits) =>
+        throw new InvalidOperationException("AdaMix adapters are served from the bottleneck method's slots");
+
+    public override long PoolBytes(ModelConfig c, AdapterLimits limits, ScalarType dtype) => 0;
 }

@@ -122,7 +122,9 @@ internal sealed record BottleneckConfig(int Dim, bool[] Placements, BottleneckAc
 }
 
 /// <summary>Reads the module tensors of a bottleneck adapter (<c>experts</c> = 0) or of an AdaMix
-/// adapter (<c>experts</c> = E: every module has E experts, which are averaged here).</summary>
+/// adapter (<c>experts</c> = E: every module has E experts, which are averaged here). <paramref name="method"/>
+/// (the method that reads the files) names the adapter kind in errors; either way the result is a bottleneck
+/// adapter, served from the bottleneck method's slots.</summary>
 internal static partial class BottleneckReader
 {
     public static string PlacementName(BottleneckPlacement p) => p == BottleneckPlacement.Attention ? "attention_adapter" : "mlp_adapter";
@@ -181,7 +183,8 @@ internal static partial class BottleneckReader
             foreach (var m in modules)
                 if (m is not null) foreach (var t in m.Tensors) t.DetachFromDisposeScope();
         }
-        return new BottleneckAdapter(method, cfg.Activation, r, modules) { Name = name, SourcePath = f.Path };
+        // Served from the bottleneck method's slots whichever method read it (an AdaMix adapter is its averaged bottleneck).
+        return new BottleneckAdapter(BottleneckMethod.Instance, cfg.Activation, r, modules) { Name = name, SourcePath = f.Path };
     }
 
     /// <summary>The tensor (which must exist, have this shape and hold only finite values) as float32,
@@ -219,6 +222,11 @@ internal static partial class BottleneckReader
 /// the attention block's output and/or the MLP block's output, before the residual add.</summary>
 public sealed class BottleneckMethod : AdapterMethod
 {
+    /// <summary>The registry's instance: it also serves AdaMix adapters (see AdaMixMethod).</summary>
+    public static BottleneckMethod Instance { get; } = new();
+
+    private BottleneckMethod() { }
+
     public override string Name => "bottleneck";
     public override IReadOnlyList<string> PeftTypes { get; } = ["BOTTLENECK"];
 
