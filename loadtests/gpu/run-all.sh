@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
-#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [nf4] [engine] [peft] [pdl]
+#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [mix-separate] [nf4] [engine] [peft] [pdl]
+# mix-separate: the mix with every method's output work in kernels of its own (PEFTSERVE_ROW_EPILOGUE=0), to compare.
 # pdl: the selfcheck again and batch 1, batch 32, 32 LoRAs, the mix and NF4 batch 1 with programmatic dependent
 # launch (PEFTSERVE_PDL=1), to set beside the same call's figures without it.
 # Builds the native helper (CUDA graphs) first, against the machine's own libtorch. Figures land in $OUT
@@ -50,6 +51,11 @@ if has mix; then
   stamp "mix"
   b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit \
     --json "$OUT/bench-mix.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-mix.txt"
+fi
+if has mix-separate; then
+  stamp "mix, every method with its own kernels (PEFTSERVE_ROW_EPILOGUE=0)"
+  PEFTSERVE_ROW_EPILOGUE=0 b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 \
+    --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit --json "$OUT/bench-mix-separate.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-mix-separate.txt"
 fi
 if has nf4; then
   stamp "nf4"

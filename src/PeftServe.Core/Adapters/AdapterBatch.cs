@@ -68,11 +68,7 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
         return embeddings;
     }
 
-    public Tensor Qkv(int layer, Tensor x, Tensor qkv)
-    {
-        foreach (var op in _ops) qkv = op.Qkv(layer, x, qkv);
-        return qkv;
-    }
+    public Tensor Qkv(int layer, Tensor x, Tensor qkv) => AtOutput(layer, LinearSite.Qkv, x, qkv);
 
     public (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values)
     {
@@ -88,17 +84,9 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
         return sum;
     }
 
-    public Tensor AttentionOutput(int layer, Tensor x, Tensor output)
-    {
-        foreach (var op in _ops) output = op.AttentionOutput(layer, x, output);
-        return output;
-    }
+    public Tensor AttentionOutput(int layer, Tensor x, Tensor output) => AtOutput(layer, LinearSite.O, x, output);
 
-    public Tensor GateUp(int layer, Tensor x, Tensor gateUp)
-    {
-        foreach (var op in _ops) gateUp = op.GateUp(layer, x, gateUp);
-        return gateUp;
-    }
+    public Tensor GateUp(int layer, Tensor x, Tensor gateUp) => AtOutput(layer, LinearSite.GateUp, x, gateUp);
 
     public Tensor DownInput(int layer, Tensor x)
     {
@@ -106,10 +94,26 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
         return x;
     }
 
-    public Tensor MlpOutput(int layer, Tensor x, Tensor output)
+    public Tensor MlpOutput(int layer, Tensor x, Tensor output) => AtOutput(layer, LinearSite.Down, x, output);
+
+    /// <summary>Every op's work at a projection's output. With several methods in the batch, the ops that can offer
+    /// theirs as an <see cref="OutputTerm"/> do, and the terms are applied together (one kernel for a scale, a bias and a
+    /// low-rank delta) after the other ops' hooks. A row has one adapter, so the order between methods changes nothing.</summary>
+    private Tensor AtOutput(int layer, LinearSite site, Tensor x, Tensor output)
     {
-        foreach (var op in _ops) output = op.MlpOutput(layer, x, output);
-        return output;
+        List<OutputTerm>? terms = null;
+        foreach (var op in _ops)
+        {
+            if (_ops.Length > 1 && OutputTerm.Enabled && op.OfferOutputTerm(layer, site, x, output) is { } term) (terms ??= []).Add(term);
+            else output = site switch
+            {
+                LinearSite.Qkv => op.Qkv(layer, x, output),
+                LinearSite.O => op.AttentionOutput(layer, x, output),
+                LinearSite.GateUp => op.GateUp(layer, x, output),
+                _ => op.MlpOutput(layer, x, output),
+            };
+        }
+        return terms is null ? output : OutputTerm.Apply(output, terms);
     }
 
     public Tensor Logits(Tensor hidden, Tensor logits)

@@ -93,6 +93,12 @@ public abstract class AdapterBatchOp(MethodRows rows) : IdentityAdapterHooks, ID
 
     public virtual void Dispose() => Rows.Dispose();
 
+    /// <summary>This op's work at the output of layer <paramref name="layer"/>'s projection <paramref name="site"/> (input
+    /// <paramref name="x"/>, result <paramref name="output"/>) as a term the batch applies together with other methods'
+    /// (<see cref="OutputTerm"/>), or null to be called through its hook instead. An op that offers a term must leave
+    /// everything else at that output undone: its hook is not called there.</summary>
+    internal virtual OutputTerm? OfferOutputTerm(int layer, LinearSite site, Tensor x, Tensor output) => null;
+
     /// <summary>Adds <paramref name="delta"/> (one row per entry of Rows) into <paramref name="target"/>'s rows, in place.</summary>
     protected Tensor AddToRows(Tensor target, Tensor delta)
     {

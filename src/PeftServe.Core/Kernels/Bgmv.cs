@@ -98,6 +98,36 @@ internal static class Bgmv
             KernelModule.Arg.Ptr(bias, 0), KernelModule.Arg.Ptr(activation?.Bias, 0), KernelModule.Arg.Ptr(activation?.Codes, 0)]);
     }
 
+    /// <summary>Several methods' per-row terms at a projection's output in one launch, in place (row_epilogue in bgmv.cu):
+    /// y[n] = y[n] ⊙ scale.Table[scale.Index[row]] + bias.Table[bias.Index[row]] + the low-rank delta of
+    /// <paramref name="lowRank"/>'s slot for the row (as <see cref="Expand"/> adds it), row = n / tokensPerRow. Any part may be
+    /// absent; tables are [slots, width] with a neutral slot for rows without (ones, zeros). y: [N, width], contiguous rows.
+    /// False (nothing done) where the kernel does not apply.</summary>
+    public static bool RowEpilogue(Tensor y, int tokensPerRow, (Tensor Table, Tensor Index)? scale, (Tensor Table, Tensor Index)? bias, LowRankDelta? lowRank)
+    {
+        long width = y.shape[^1], n = y.shape[0];
+        if (y.dim() != 2 || y.stride(1) != 1 || !Supports(y, width) || n > int.MaxValue) return false;
+        foreach (var table in new[] { scale, bias })
+            if (table is { } t && (t.Table.dtype != y.dtype || !t.Table.is_contiguous() || t.Table.shape[^1] != width || t.Index.dtype != ScalarType.Int64))
+                return false;
+        if (lowRank is { } lr && (lr.Up.Count is < 1 or > 3 || lr.Up[0].dtype != y.dtype || lr.Offsets.Zip(lr.Up, (o, b) => o + b.shape[2]).Max() > width))
+            return false;
+        var module = Module(y)!;
+        const int threads = 128;
+        long vec = 16 / y.ElementSize;
+        module.Launch("row_epilogue", ((uint)n, (uint)((width + threads * vec - 1) / (threads * vec)), 1), threads, 0,
+        [
+            KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Int(width), KernelModule.Arg.Int(tokensPerRow),
+            KernelModule.Arg.Ptr(scale?.Table, 0), KernelModule.Arg.Ptr(scale?.Index, 0),
+            KernelModule.Arg.Ptr(bias?.Table, 0), KernelModule.Arg.Ptr(bias?.Index, 0),
+            KernelModule.Arg.Ptr(lowRank?.RowSlots, 0), KernelModule.Arg.Ptr(lowRank?.D, 0),
+            KernelModule.Arg.Int(lowRank?.D.shape[1] ?? 1), KernelModule.Arg.Int(lowRank?.D.shape[2] ?? 1),
+            .. (lowRank is { } l ? TargetArgs(l.Up, l.Offsets) : [0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            KernelModule.Arg.Ptr(lowRank?.Ranks, 0), KernelModule.Arg.Int(lowRank?.Ranks.shape[1] ?? 0), KernelModule.Arg.Int(lowRank?.RankColumn ?? 0),
+        ]);
+        return true;
+    }
+
     /// <summary>x itself when its rows are 16-byte aligned vectors the kernels can load, else a contiguous copy.</summary>
     private static Tensor AlignedRows(Tensor x) =>
         x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
@@ -111,3 +141,8 @@ internal static class Bgmv
         .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Int(j < offsets.Count ? offsets[j] : 0)),
     ];
 }
+
+/// <summary>A low-rank delta whose shrink has run: the shrink's output <see cref="D"/> [N, K, R] float32 for rows whose slots
+/// are <see cref="RowSlots"/>, to be multiplied by the up-projection pools <see cref="Up"/> [S, R, out_j] into output
+/// columns starting at <see cref="Offsets"/>, ranks from <see cref="Ranks"/> column <see cref="RankColumn"/> + j (as <see cref="Bgmv.Expand"/>).</summary>
+internal sealed record LowRankDelta(Tensor D, Tensor RowSlots, IReadOnlyList<Tensor> Up, IReadOnlyList<long> Offsets, Tensor Ranks, int RankColumn);

@@ -18,6 +18,9 @@ public static class FusedOps
         return type is null ? null : KernelModule.TryGet(File, x.device, KernelModule.ElementType(x.dtype)!.Value);
     }
 
+    /// <summary>Whether these kernels run for tensors like <paramref name="x"/> (CUDA, no autograd, a dtype they take).</summary>
+    internal static bool Runs(Tensor x) => Module(x) is not null;
+
     private static uint Threads(long width) => (uint)Math.Clamp((width / 4 + 31) / 32 * 32, 32, 1024);
 
     /// <summary>RMSNorm over the last axis, computed in float32 whatever the dtype (as the reference does):

@@ -187,3 +187,85 @@ __device__ __forceinline__ void bgmv_expand_impl(
 
 extern "C" __global__ void __launch_bounds__(128) bgmv_expand(EXPAND_PARAMS(T)) { bgmv_expand_impl<true, T>(EXPAND_ARGS); }
 extern "C" __global__ void __launch_bounds__(128) bgmv_expand_to_f32(EXPAND_PARAMS(float)) { bgmv_expand_impl<false, float>(EXPAND_ARGS); }
+
+// One epilogue for several methods' per-row terms at a projection's output, in place:
+//   y[n][c] = T(y[n][c] * scale[si][c] + bias[bi][c] + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][c - off_j])
+// with si = scale_index[n / tokens_per_row] (IA3's scales; rows without read a neutral slot of ones), bi likewise
+// (BitFit's biases; neutral slot of zeros), s = lora_slots[...] (LoRA; -1: no low-rank term) and j the target whose
+// columns [off_j, off_j + out_j) hold c. Any of the three may be absent (a null table or slot pointer). A row has one
+// adapter, so it gets at most one non-neutral term, and the single rounding equals that method's own kernel:
+// T(y * s), T(y + b) or T(y + acc) (times 1 and plus 0 are exact).
+// y: [N, y_stride], width W (a multiple of VEC, as are the targets' offsets and widths). Grid (N, ceil(W / (threads *
+// VEC))): each thread owns VEC consecutive columns.
+extern "C" __global__ void __launch_bounds__(128) row_epilogue(
+    T* __restrict__ y, long long y_stride, int W, int tokens_per_row,
+    const T* __restrict__ scale, const long long* __restrict__ scale_index,
+    const T* __restrict__ bias, const long long* __restrict__ bias_index,
+    const long long* __restrict__ lora_slots, const float* __restrict__ d, int K, int R,
+    const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
+    int out0, int out1, int out2, int off0, int off1, int off2,
+    const int* __restrict__ ranks, int rank_stride, int rank_col)
+{
+    wait_for_prior_kernels();
+    const int n = blockIdx.x, row = n / tokens_per_row;
+    const int c0 = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+    if (c0 >= W) return;
+    T* yr = y + (long long)n * y_stride + c0;
+    float v[VEC];
+    load_vec(yr, v);
+    if (scale != nullptr)
+    {
+        float sv[VEC];
+        load_vec(scale + scale_index[row] * (long long)W + c0, sv);
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) v[i] *= sv[i];
+    }
+    if (bias != nullptr)
+    {
+        float bv[VEC];
+        load_vec(bias + bias_index[row] * (long long)W + c0, bv);
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) v[i] += bv[i];
+    }
+    const long long s = lora_slots != nullptr ? lora_slots[row] : -1;
+    if (s >= 0)
+    {
+        const int j = c0 >= off2 && c0 < off2 + out2 && K > 2 ? 2 : c0 >= off1 && c0 < off1 + out1 && K > 1 ? 1 : c0 >= off0 && c0 < off0 + out0 ? 0 : -1;
+        const int rank = j < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
+        if (rank > 0)
+        {
+            const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
+            const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
+            const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
+            const float* dr = d + ((long long)n * K + j) * R;
+            const T* b = B + s * (long long)R * out + (c0 - off);
+            float acc[VEC];
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
+            for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
+            {
+                uint4 bv[EXPAND_RANKS];
+                float c[EXPAND_RANKS];
+                #pragma unroll
+                for (int q = 0; q < EXPAND_RANKS; q++)
+                {
+                    const bool live = r0 + q < rank;
+                    bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
+                    c[q] = live ? dr[r0 + q] : 0.0f;
+                }
+                #pragma unroll
+                for (int q = 0; q < EXPAND_RANKS; q++)
+                {
+                    float bf[VEC];
+                    unpack_vec(bv[q], bf);
+                    #pragma unroll
+                    for (int i = 0; i < VEC; i++) acc[i] = fmaf(c[q], bf[i], acc[i]);
+                }
+            }
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) v[i] += acc[i];
+        }
+    }
+    #pragma unroll
+    for (int i = 0; i < VEC; i++) yr[i] = from_f32<T>(v[i]);
+}

@@ -181,6 +181,7 @@ public static class GpuConformance
         {
             using var scope = torch.NewDisposeScope();
             Bottleneck(device, dtype, report);
+            RowEpilogue(device, dtype, report);
             var index = torch.tensor(new long[] { 2, 0, 3 }, device: device);
             foreach (bool add in new[] { false, true })
             {
@@ -252,6 +253,50 @@ public static class GpuConformance
         }
         double err = RelativeError(y, reference);
         report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"bottleneck bgmv (bias and activation in the expand) {dtype}: delta rel.err {err:E2}");
+    }
+
+    /// <summary>The fused output epilogue (IA3 scale, BitFit bias and LoRA expand in one launch) against the three methods'
+    /// own kernels run one after the other: bit-equal, since a row gets one non-neutral term and both round once. Rows 0-2
+    /// are LoRA rows (one with rank 0 on a target), 3-4 IA3, 5-6 BitFit, 7 none; q|k|v-like targets of unequal widths, and
+    /// every pair of parts as well as all three.</summary>
+    private static void RowEpilogue(Device device, ScalarType dtype, Action<bool, string> report)
+    {
+        using var scope = torch.NewDisposeScope();
+        long[] outs = [256, 64, 64];
+        long width = outs.Sum(), inF = 512;
+        int slots = 3, r = 16, tokens = 2, rows = 8;
+        long[] offsets = [0, 256, 320];
+        var a = (torch.randn([slots, 3, r, inF], ScalarType.Float32, device) * 0.05).to(dtype);
+        var up = outs.Select(o => (torch.randn([slots, r, o], ScalarType.Float32, device) * 0.05).to(dtype)).ToArray();
+        var ranks = torch.tensor(new[] { 0, r, r, r, 0, 7, 4, 16, 0, 12, 0, 0 }, [slots + 1, 3], device: device);   // slot 3 unused
+        var loraSlots = torch.tensor(new long[] { 0, 1, 2, -1, -1, -1, -1, -1 }, device: device);
+        var scaleTable = (torch.randn([3, width], ScalarType.Float32, device) * 0.2 + 1).to(dtype);
+        scaleTable[2].fill_(1);                                                                          // the neutral slot
+        var scaleIndex = torch.tensor(new long[] { 2, 2, 2, 0, 1, 2, 2, 2 }, device: device);
+        var biasTable = (torch.randn([3, width], ScalarType.Float32, device) * 0.1).to(dtype);
+        biasTable[2].zero_();
+        var biasIndex = torch.tensor(new long[] { 2, 2, 2, 2, 2, 1, 0, 2 }, device: device);
+        var x = torch.randn([rows * tokens, inF], dtype, device);
+        var y0 = torch.randn([rows * tokens, width], dtype, device);
+        if (!Bgmv.Supports(x, outs))
+        {
+            report(false, $"row epilogue {dtype}: kernels unavailable ({KernelModule.LastError})");
+            return;
+        }
+        var d = Bgmv.Shrink(x, loraSlots, tokens, a, ranks, 0);
+        var delta = new LowRankDelta(d, loraSlots, up, offsets, ranks, 0);
+        foreach (var (useScale, useBias, useLora) in new[] { (true, true, true), (true, true, false), (true, false, true), (false, true, true) })
+        {
+            var separate = y0.clone().view(rows, tokens, width);
+            if (useScale) FusedOps.RowTableApply(separate, scaleIndex, tokens, scaleTable, add: false);
+            if (useBias) FusedOps.RowTableApply(separate, biasIndex, tokens, biasTable, add: true);
+            if (useLora) Bgmv.Expand(separate.view(rows * tokens, width), loraSlots, tokens, d, up, offsets, ranks, 0);
+            var fused = y0.clone();
+            bool ran = Bgmv.RowEpilogue(fused, tokens, useScale ? (scaleTable, scaleIndex) : null, useBias ? (biasTable, biasIndex) : null, useLora ? delta : null);
+            bool equal = ran && fused.eq(separate.view(rows * tokens, width)).all().item<bool>();
+            report(equal, $"row_epilogue {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+                $"{(!ran ? "kernel unavailable" : equal ? "equal to the methods' own kernels" : $"differs by {(fused - separate.view(rows * tokens, width)).abs().max().item<float>():E2}")}");
+        }
     }
 
     private static void Nf4(Device device, Action<bool, string> report)

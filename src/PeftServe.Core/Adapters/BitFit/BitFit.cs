@@ -206,6 +206,14 @@ internal sealed class BitFitBatchOp : AdapterBatchOp
     public override Tensor GateUp(int layer, Tensor x, Tensor gateUp) => Apply(layer, BitFitSite.GateUp, gateUp);
     public override Tensor MlpOutput(int layer, Tensor x, Tensor output) => Apply(layer, BitFitSite.Down, output);
 
+    internal override OutputTerm? OfferOutputTerm(int layer, LinearSite site, Tensor x, Tensor output)
+    {
+        var at = (BitFitSite)(int)site;   // the four projection sites, in the same order
+        if (!_active[layer, (int)at] || output.dim() != 3 || !output.is_contiguous() || !FusedOps.Runs(output)) return null;
+        _index ??= Rows.PoolIndex(_pool.Capacity).DetachFromDisposeScope();
+        return new OutputTerm.Bias(_pool.Table(layer, at), _index);
+    }
+
     // Every row adds its adapter's bias; rows without a BitFit adapter read the neutral slot (zeros), so the
     // op reads only the per-row slot tensor and serves any batch.
     private Tensor Apply(int layer, BitFitSite site, Tensor output)

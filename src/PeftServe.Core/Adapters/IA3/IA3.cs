@@ -163,6 +163,14 @@ internal sealed class IA3SlotPool : AdapterSlotPool
         public override Tensor MlpOutput(int layer, Tensor x, Tensor output) => Scale(layer, 3, output);
         public override Tensor DownInput(int layer, Tensor x) => Scale(layer, 4, x);
 
+        internal override OutputTerm? OfferOutputTerm(int layer, LinearSite site, Tensor x, Tensor output)
+        {
+            int point = (int)site;   // q|k|v, o, gate|up, down: the first four hook points, in the sites' order
+            if (!_active[point] || output.dim() != 3 || !output.is_contiguous() || !FusedOps.Runs(output)) return null;
+            _index ??= Rows.PoolIndex(_pool.Capacity).DetachFromDisposeScope();
+            return new OutputTerm.Scale(_pool._tables[layer, point], _index);
+        }
+
         // Every row is scaled by its adapter's vector; rows without an IA3 adapter read the neutral slot
         // (ones), so the op reads only the per-row slot tensor and serves any batch.
         private Tensor Scale(int layer, int point, Tensor t)

@@ -326,6 +326,24 @@ internal sealed class LoraBatchOp : AdapterBatchOp
         _pendingGroup = group;
     }
 
+    /// <summary>The group's delta as a low-rank term (its shrink runs now, the expand with the other methods' terms), where
+    /// the BGMV kernels serve it and nothing else of LoRA's acts at this output (no DoRA scale, no lora_B bias, no delta
+    /// already computing beside the projection).</summary>
+    internal override OutputTerm? OfferOutputTerm(int layer, LinearSite site, Tensor x, Tensor output)
+    {
+        int group = (int)site;
+        var targets = LoraSlotPool.Groups[group];
+        if (!targets.Any(t => _active[(int)t]) || _gainActive[layer, group] || _offsetActive[layer, group] || _pendingGroup == group
+            || output.dim() != 3 || !output.is_contiguous()) return null;
+        var layout = Layout(group);
+        long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
+        var x2 = x.reshape(b * t, inF);
+        if (!Bgmv.Supports(x2, [.. layout.Select(l => l.Width)])) return null;
+        var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0]);
+        return new OutputTerm.LowRank(new LowRankDelta(d, Rows.RowSlots, targets.Select(tg => _pool.B(layer, tg)).ToArray(),
+            layout.Select(l => l.Offset).ToArray(), _pool.Ranks, (int)targets[0]));
+    }
+
     public override Tensor Qkv(int layer, Tensor x, Tensor qkv) => Apply(layer, 0, x, qkv);
     public override Tensor AttentionOutput(int layer, Tensor x, Tensor output) => Apply(layer, 1, x, output);
     public override Tensor GateUp(int layer, Tensor x, Tensor gateUp) => Apply(layer, 2, x, gateUp);
