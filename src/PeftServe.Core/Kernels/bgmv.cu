@@ -116,6 +116,35 @@ __device__ __forceinline__ float bottleneck_act(int code, float v)
 // Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs and loads the B rows
 // of EXPAND_RANKS ranks (and its outputs) in one round: one round for ranks up to EXPAND_RANKS.
 #define EXPAND_RANKS 16
+
+// acc[i] += sum_{r < rank} c[r] * b[r * out + i] for one thread's VEC outputs (b: the slot's B at the thread's first
+// output), EXPAND_RANKS rows of B loaded at once per round; c[r] = dr[r], or act(code, dr[r] + act_bias[r]) when
+// code >= 0 (bottleneck adapters). The summation order is fixed: every kernel that adds a low-rank delta rounds alike.
+__device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict__ b, int out, const float* __restrict__ dr, int rank,
+                                             int code, const T* __restrict__ act_bias)
+{
+    for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
+    {
+        uint4 bv[EXPAND_RANKS];
+        float c[EXPAND_RANKS];
+        #pragma unroll
+        for (int q = 0; q < EXPAND_RANKS; q++)
+        {
+            const bool live = r0 + q < rank;
+            bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
+            c[q] = live ? dr[r0 + q] : 0.0f;
+            if (code >= 0 && live) c[q] = bottleneck_act(code, c[q] + to_f32(act_bias[r0 + q]));
+        }
+        #pragma unroll
+        for (int q = 0; q < EXPAND_RANKS; q++)
+        {
+            float bf[VEC];
+            unpack_vec(bv[q], bf);
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c[q], bf[i], acc[i]);
+        }
+    }
+}
 template <bool ACCUMULATE, typename Y>
 __device__ __forceinline__ void bgmv_expand_impl(
     Y* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
@@ -144,27 +173,7 @@ __device__ __forceinline__ void bgmv_expand_impl(
     const float* dr = d + ((long long)n * K + j) * R;
     const T* b = B + s * (long long)R * out + o0;
     const int code = act_codes != nullptr && rank > 0 ? act_codes[s] : -1;
-    for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
-    {
-        uint4 bv[EXPAND_RANKS];
-        float c[EXPAND_RANKS];
-        #pragma unroll
-        for (int q = 0; q < EXPAND_RANKS; q++)
-        {
-            const bool live = r0 + q < rank;
-            bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
-            c[q] = live ? dr[r0 + q] : 0.0f;
-            if (code >= 0 && live) c[q] = bottleneck_act(code, c[q] + to_f32(act_bias[s * R + r0 + q]));
-        }
-        #pragma unroll
-        for (int q = 0; q < EXPAND_RANKS; q++)
-        {
-            float bf[VEC];
-            unpack_vec(bv[q], bf);
-            #pragma unroll
-            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c[q], bf[i], acc[i]);
-        }
-    }
+    add_low_rank(acc, b, out, dr, rank, code, code >= 0 ? act_bias + s * R : nullptr);
     if (rank > 0 && bias != nullptr && j == 0)
     {
         #pragma unroll
@@ -242,26 +251,7 @@ extern "C" __global__ void __launch_bounds__(128) row_epilogue(
             float acc[VEC];
             #pragma unroll
             for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
-            for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
-            {
-                uint4 bv[EXPAND_RANKS];
-                float c[EXPAND_RANKS];
-                #pragma unroll
-                for (int q = 0; q < EXPAND_RANKS; q++)
-                {
-                    const bool live = r0 + q < rank;
-                    bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
-                    c[q] = live ? dr[r0 + q] : 0.0f;
-                }
-                #pragma unroll
-                for (int q = 0; q < EXPAND_RANKS; q++)
-                {
-                    float bf[VEC];
-                    unpack_vec(bv[q], bf);
-                    #pragma unroll
-                    for (int i = 0; i < VEC; i++) acc[i] = fmaf(c[q], bf[i], acc[i]);
-                }
-            }
+            add_low_rank(acc, b, out, dr, rank, -1, nullptr);
             #pragma unroll
             for (int i = 0; i < VEC; i++) v[i] += acc[i];
         }
