@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
-#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [mix-separate] [nf4] [engine] [peft] [pdl]
-# mix-separate: the mix with every method's output work in kernels of its own (PEFTSERVE_ROW_EPILOGUE=0), to compare.
+#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [separate] [nf4] [engine] [peft] [pdl]
+# separate: 32 LoRAs and the mix with every method's output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0:
+# no shared epilogue, nothing left to the residual add + RMSNorm), to compare with the same call's lora and mix.
 # pdl: the selfcheck again and batch 1, batch 32, 32 LoRAs, the mix and NF4 batch 1 with programmatic dependent
 # launch (PEFTSERVE_PDL=1), to set beside the same call's figures without it.
 # Builds the native helper (CUDA graphs) first, against the machine's own libtorch. Figures land in $OUT
@@ -52,10 +53,11 @@ if has mix; then
   b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit \
     --json "$OUT/bench-mix.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-mix.txt"
 fi
-if has mix-separate; then
-  stamp "mix, every method with its own kernels (PEFTSERVE_ROW_EPILOGUE=0)"
+if has separate; then
+  stamp "32 LoRAs and the mix, every method's output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0)"
+  PEFTSERVE_ROW_EPILOGUE=0 b7 --mode waves --concurrency 32 --adapters 32 --requests 32 --json "$OUT/bench-lora-separate.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-separate.txt"
   PEFTSERVE_ROW_EPILOGUE=0 b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 \
-    --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit --json "$OUT/bench-mix-separate.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-mix-separate.txt"
+    --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit --json "$OUT/bench-mix-separate.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-separate.txt"
 fi
 if has nf4; then
   stamp "nf4"

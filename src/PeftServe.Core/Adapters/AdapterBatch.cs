@@ -1,3 +1,4 @@
+using PeftServe.Core.Kernels;
 using PeftServe.Core.Model;
 using static TorchSharp.torch;
 
@@ -86,6 +87,8 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
 
     public Tensor AttentionOutput(int layer, Tensor x, Tensor output) => AtOutput(layer, LinearSite.O, x, output);
 
+    public (Tensor Output, RowEpilogue? Owed) AttentionOutputDeferred(int layer, Tensor x, Tensor output) => AtOutputDeferred(layer, LinearSite.O, x, output);
+
     public Tensor GateUp(int layer, Tensor x, Tensor gateUp) => AtOutput(layer, LinearSite.GateUp, x, gateUp);
 
     public Tensor DownInput(int layer, Tensor x)
@@ -96,15 +99,36 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
 
     public Tensor MlpOutput(int layer, Tensor x, Tensor output) => AtOutput(layer, LinearSite.Down, x, output);
 
+    public (Tensor Output, RowEpilogue? Owed) MlpOutputDeferred(int layer, Tensor x, Tensor output) => AtOutputDeferred(layer, LinearSite.Down, x, output);
+
     /// <summary>Every op's work at a projection's output. With several methods in the batch, the ops that can offer
     /// theirs as an <see cref="OutputTerm"/> do, and the terms are applied together (one kernel for a scale, a bias and a
     /// low-rank delta) after the other ops' hooks. A row has one adapter, so the order between methods changes nothing.</summary>
     private Tensor AtOutput(int layer, LinearSite site, Tensor x, Tensor output)
     {
+        var (result, terms) = CollectTerms(layer, site, x, output, offer: _ops.Length > 1);
+        return terms is null ? result : OutputTerm.Apply(result, terms);
+    }
+
+    /// <summary>As <see cref="AtOutput"/>, but when the terms make one row epilogue it is handed back, owed (even with one
+    /// method in the batch: the caller's next kernel applies it without a launch of its own).</summary>
+    private (Tensor Output, RowEpilogue? Owed) AtOutputDeferred(int layer, LinearSite site, Tensor x, Tensor output)
+    {
+        var (result, terms) = CollectTerms(layer, site, x, output, offer: true);
+        if (terms is null) return (result, null);
+        var epilogues = OutputTerm.Combine(terms, (int)result.shape[1]);
+        if (epilogues.Count == 1) return (result, epilogues[0]);
+        foreach (var epilogue in epilogues) result = epilogue.ApplyTo(result);
+        return (result, null);
+    }
+
+    /// <summary>Runs the hooks of the ops that do not offer a term here and collects the terms of those that do.</summary>
+    private (Tensor Output, List<OutputTerm>? Terms) CollectTerms(int layer, LinearSite site, Tensor x, Tensor output, bool offer)
+    {
         List<OutputTerm>? terms = null;
         foreach (var op in _ops)
         {
-            if (_ops.Length > 1 && OutputTerm.Enabled && op.OfferOutputTerm(layer, site, x, output) is { } term) (terms ??= []).Add(term);
+            if (offer && OutputTerm.Enabled && op.OfferOutputTerm(layer, site, x, output) is { } term) (terms ??= []).Add(term);
             else output = site switch
             {
                 LinearSite.Qkv => op.Qkv(layer, x, output),
@@ -113,7 +137,7 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
                 _ => op.MlpOutput(layer, x, output),
             };
         }
-        return terms is null ? output : OutputTerm.Apply(output, terms);
+        return (output, terms);
     }
 
     public Tensor Logits(Tensor hidden, Tensor logits)

@@ -98,33 +98,16 @@ internal static class Bgmv
             KernelModule.Arg.Ptr(bias, 0), KernelModule.Arg.Ptr(activation?.Bias, 0), KernelModule.Arg.Ptr(activation?.Codes, 0)]);
     }
 
-    /// <summary>Several methods' per-row terms at a projection's output in one launch, in place (row_epilogue in bgmv.cu):
-    /// y[n] = y[n] ⊙ scale.Table[scale.Index[row]] + bias.Table[bias.Index[row]] + the low-rank delta of
-    /// <paramref name="lowRank"/>'s slot for the row (as <see cref="Expand"/> adds it), row = n / tokensPerRow. Any part may be
-    /// absent; tables are [slots, width] with a neutral slot for rows without (ones, zeros). y: [N, width], contiguous rows.
-    /// False (nothing done) where the kernel does not apply.</summary>
-    public static bool RowEpilogue(Tensor y, int tokensPerRow, (Tensor Table, Tensor Index)? scale, (Tensor Table, Tensor Index)? bias, LowRankDelta? lowRank)
+    /// <summary>Several per-row terms at a projection's output <paramref name="y"/> [N, W] in one launch, in place
+    /// (row_epilogue in bgmv.cu). False (nothing done) where the kernel does not apply.</summary>
+    public static bool RowEpilogue(Tensor y, RowEpilogue terms)
     {
+        if (!terms.Fits(y)) return false;
         long width = y.shape[^1], n = y.shape[0];
-        if (y.dim() != 2 || y.stride(1) != 1 || !Supports(y, width) || n > int.MaxValue) return false;
-        foreach (var table in new[] { scale, bias })
-            if (table is { } t && (t.Table.dtype != y.dtype || !t.Table.is_contiguous() || t.Table.shape[^1] != width || t.Index.dtype != ScalarType.Int64))
-                return false;
-        if (lowRank is { } lr && (lr.Up.Count is < 1 or > 3 || lr.Up[0].dtype != y.dtype || lr.Offsets.Zip(lr.Up, (o, b) => o + b.shape[2]).Max() > width))
-            return false;
-        var module = Module(y)!;
         const int threads = 128;
         long vec = 16 / y.ElementSize;
-        module.Launch("row_epilogue", ((uint)n, (uint)((width + threads * vec - 1) / (threads * vec)), 1), threads, 0,
-        [
-            KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Int(width), KernelModule.Arg.Int(tokensPerRow),
-            KernelModule.Arg.Ptr(scale?.Table, 0), KernelModule.Arg.Ptr(scale?.Index, 0),
-            KernelModule.Arg.Ptr(bias?.Table, 0), KernelModule.Arg.Ptr(bias?.Index, 0),
-            KernelModule.Arg.Ptr(lowRank?.RowSlots, 0), KernelModule.Arg.Ptr(lowRank?.D, 0),
-            KernelModule.Arg.Int(lowRank?.D.shape[1] ?? 1), KernelModule.Arg.Int(lowRank?.D.shape[2] ?? 1),
-            .. (lowRank is { } l ? TargetArgs(l.Up, l.Offsets) : [0, 0, 0, 0, 0, 0, 0, 0, 0]),
-            KernelModule.Arg.Ptr(lowRank?.Ranks, 0), KernelModule.Arg.Int(lowRank?.Ranks.shape[1] ?? 0), KernelModule.Arg.Int(lowRank?.RankColumn ?? 0),
-        ]);
+        Module(y)!.Launch("row_epilogue", ((uint)n, (uint)((width + threads * vec - 1) / (threads * vec)), 1), threads, 0,
+            [KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Int(width), KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args()]);
         return true;
     }
 
@@ -134,7 +117,7 @@ internal static class Bgmv
 
     /// <summary>The kernels' three up-projection targets as arguments: pools B0..B2 (unused ones repeat the last),
     /// widths out0..out2 and output offsets off0..off2 (0 where unused).</summary>
-    private static ulong[] TargetArgs(IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets) =>
+    internal static ulong[] TargetArgs(IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets) =>
     [
         .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Ptr(up[Math.Min(j, up.Count - 1)])),
         .. Enumerable.Range(0, 3).Select(j => KernelModule.Arg.Int(j < up.Count ? up[j].shape[2] : 0)),

@@ -41,9 +41,30 @@ public static class FusedOps
         return (weight * normed.to(x.dtype)).MoveToOuterDisposeScope();
     }
 
-    /// <summary>The residual stream after adding <paramref name="delta"/> (rounded to the dtype), and its RMSNorm.</summary>
-    public static (Tensor Residual, Tensor Normed) AddRmsNorm(Tensor h, Tensor delta, Tensor weight, double eps)
+    /// <summary>The residual stream after adding <paramref name="delta"/> (rounded to the dtype), and its RMSNorm. With
+    /// <paramref name="terms"/>, the adapters' per-row terms still owed to delta (a projection's output) are applied to it
+    /// first: in the same kernel where it can (one launch fewer), else on their own; delta may be changed in place.</summary>
+    public static (Tensor Residual, Tensor Normed) AddRmsNorm(Tensor h, Tensor delta, Tensor weight, double eps, RowEpilogue? terms = null)
     {
+        if (terms is not null)
+        {
+            if (Module(h) is { } fused && weight.dtype == h.dtype && delta.dtype == h.dtype && h.is_contiguous() && delta.is_contiguous()
+                && h.shape.SequenceEqual(delta.shape) && Aligned(h) && Aligned(delta) && terms.Fits(delta.view(-1, delta.shape[^1])))
+            {
+                long width = h.shape[^1], rows = h.NumberOfElements / width;
+                var residual = torch.empty_like(h);
+                var normed = torch.empty_like(h);
+                long vec = 16 / h.ElementSize;
+                fused.Launch("add_rms_norm_terms", ((uint)rows, 1, 1), (uint)Math.Clamp((width / vec + 31) / 32 * 32, 32, 1024), 0,
+                [
+                    KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
+                    KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps), KernelModule.Arg.Int(terms.TokensPerRow),
+                    .. terms.Args(),
+                ]);
+                return (residual, normed);
+            }
+            delta = terms.ApplyTo(delta);
+        }
         if (Module(h) is { } module && weight.dtype == h.dtype && delta.dtype == h.dtype && h.is_contiguous() && delta.is_contiguous()
             && h.shape.SequenceEqual(delta.shape))
         {
@@ -58,6 +79,9 @@ public static class FusedOps
         var sum = h + delta;
         return (sum, RmsNorm(sum, weight, eps));
     }
+
+    /// <summary>Whether the tensor's data starts on a 16-byte boundary (the vector loads of the kernels that take rows of VEC).</summary>
+    private static bool Aligned(Tensor x) => KernelModule.Arg.Ptr(x) % 16 == 0;
 
     /// <summary>silu(gate) * up for the fused gate|up projection output [..., 2I]: [..., I].</summary>
     public static Tensor SiluMul(Tensor gateUp)

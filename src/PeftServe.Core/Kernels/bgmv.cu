@@ -8,6 +8,7 @@
 // Used by LoRA (K = 3 for q|k|v, 2 for gate|up, 1 for o and down) and by bottleneck adapters (K = 1, with
 // a bias and an activation between the two products, applied by the expand as it reads the shrink's output).
 #include "common.cuh"
+#include "row_terms.cuh"
 
 // Both products are short and latency-bound at decode sizes (a 4096-wide rank-16 shrink for 32 tokens is 6M
 // multiply-adds), so each kernel is written to need as few dependent trips to memory as possible: after the
@@ -94,18 +95,6 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
     }
 }
 
-// A bottleneck adapter's activation, by code: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
-__device__ __forceinline__ float bottleneck_act(int code, float v)
-{
-    switch (code)
-    {
-        case 0: return fmaxf(v, 0.0f);
-        case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-        case 2: return v / (1.0f + expf(-v));
-        default: return tanhf(v);
-    }
-}
-
 // The up-projection: acc[o] = sum_{r < rank(s, j)} c[r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given),
 // for o < out_j, and then either (ACCUMULATE) y[n][off_j + o] = T(y + acc) in place in the layer's output, or
 // y[n][off_j + o] = acc into a float32 buffer, zeros included (tokens without an adapter write 0), so the
@@ -114,37 +103,8 @@ __device__ __forceinline__ float bottleneck_act(int code, float v)
 // down-projection's bias and activation are applied as the coefficients are loaded, in no launch of their own.
 // y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
 // Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs and loads the B rows
-// of EXPAND_RANKS ranks (and its outputs) in one round: one round for ranks up to EXPAND_RANKS.
-#define EXPAND_RANKS 16
+// of EXPAND_RANKS ranks (and its outputs) in one round: one round for ranks up to EXPAND_RANKS (row_terms.cuh).
 
-// acc[i] += sum_{r < rank} c[r] * b[r * out + i] for one thread's VEC outputs (b: the slot's B at the thread's first
-// output), EXPAND_RANKS rows of B loaded at once per round; c[r] = dr[r], or act(code, dr[r] + act_bias[r]) when
-// code >= 0 (bottleneck adapters). The summation order is fixed: every kernel that adds a low-rank delta rounds alike.
-__device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict__ b, int out, const float* __restrict__ dr, int rank,
-                                             int code, const T* __restrict__ act_bias)
-{
-    for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
-    {
-        uint4 bv[EXPAND_RANKS];
-        float c[EXPAND_RANKS];
-        #pragma unroll
-        for (int q = 0; q < EXPAND_RANKS; q++)
-        {
-            const bool live = r0 + q < rank;
-            bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
-            c[q] = live ? dr[r0 + q] : 0.0f;
-            if (code >= 0 && live) c[q] = bottleneck_act(code, c[q] + to_f32(act_bias[r0 + q]));
-        }
-        #pragma unroll
-        for (int q = 0; q < EXPAND_RANKS; q++)
-        {
-            float bf[VEC];
-            unpack_vec(bv[q], bf);
-            #pragma unroll
-            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c[q], bf[i], acc[i]);
-        }
-    }
-}
 template <bool ACCUMULATE, typename Y>
 __device__ __forceinline__ void bgmv_expand_impl(
     Y* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
@@ -197,65 +157,18 @@ __device__ __forceinline__ void bgmv_expand_impl(
 extern "C" __global__ void __launch_bounds__(128) bgmv_expand(EXPAND_PARAMS(T)) { bgmv_expand_impl<true, T>(EXPAND_ARGS); }
 extern "C" __global__ void __launch_bounds__(128) bgmv_expand_to_f32(EXPAND_PARAMS(float)) { bgmv_expand_impl<false, float>(EXPAND_ARGS); }
 
-// One epilogue for several methods' per-row terms at a projection's output, in place:
-//   y[n][c] = T(y[n][c] * scale[si][c] + bias[bi][c] + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][c - off_j])
-// with si = scale_index[n / tokens_per_row] (IA3's scales; rows without read a neutral slot of ones), bi likewise
-// (BitFit's biases; neutral slot of zeros), s = lora_slots[...] (LoRA; -1: no low-rank term) and j the target whose
-// columns [off_j, off_j + out_j) hold c. Any of the three may be absent (a null table or slot pointer). A row has one
-// adapter, so it gets at most one non-neutral term, and the single rounding equals that method's own kernel:
-// T(y * s), T(y + b) or T(y + acc) (times 1 and plus 0 are exact).
-// y: [N, y_stride], width W (a multiple of VEC, as are the targets' offsets and widths). Grid (N, ceil(W / (threads *
-// VEC))): each thread owns VEC consecutive columns.
-extern "C" __global__ void __launch_bounds__(128) row_epilogue(
-    T* __restrict__ y, long long y_stride, int W, int tokens_per_row,
-    const T* __restrict__ scale, const long long* __restrict__ scale_index,
-    const T* __restrict__ bias, const long long* __restrict__ bias_index,
-    const long long* __restrict__ lora_slots, const float* __restrict__ d, int K, int R,
-    const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
-    int out0, int out1, int out2, int off0, int off1, int off2,
-    const int* __restrict__ ranks, int rank_stride, int rank_col)
+// One epilogue for several methods' per-row terms at a projection's output, in place (row_terms.cuh says what it
+// computes). y: [N, y_stride], width W. Grid (N, ceil(W / (threads * VEC))): each thread owns VEC consecutive columns.
+extern "C" __global__ void __launch_bounds__(128) row_epilogue(T* __restrict__ y, long long y_stride, int W, int tokens_per_row, ROW_TERMS_PARAMS)
 {
     wait_for_prior_kernels();
-    const int n = blockIdx.x, row = n / tokens_per_row;
+    const int n = blockIdx.x;
     const int c0 = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if (c0 >= W) return;
     T* yr = y + (long long)n * y_stride + c0;
     float v[VEC];
     load_vec(yr, v);
-    if (scale != nullptr)
-    {
-        float sv[VEC];
-        load_vec(scale + scale_index[row] * (long long)W + c0, sv);
-        #pragma unroll
-        for (int i = 0; i < VEC; i++) v[i] *= sv[i];
-    }
-    if (bias != nullptr)
-    {
-        float bv[VEC];
-        load_vec(bias + bias_index[row] * (long long)W + c0, bv);
-        #pragma unroll
-        for (int i = 0; i < VEC; i++) v[i] += bv[i];
-    }
-    const long long s = lora_slots != nullptr ? lora_slots[row] : -1;
-    if (s >= 0)
-    {
-        const int j = c0 >= off2 && c0 < off2 + out2 && K > 2 ? 2 : c0 >= off1 && c0 < off1 + out1 && K > 1 ? 1 : c0 >= off0 && c0 < off0 + out0 ? 0 : -1;
-        const int rank = j < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
-        if (rank > 0)
-        {
-            const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
-            const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
-            const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
-            const float* dr = d + ((long long)n * K + j) * R;
-            const T* b = B + s * (long long)R * out + (c0 - off);
-            float acc[VEC];
-            #pragma unroll
-            for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
-            add_low_rank(acc, b, out, dr, rank, -1, nullptr);
-            #pragma unroll
-            for (int i = 0; i < VEC; i++) v[i] += acc[i];
-        }
-    }
+    apply_row_terms(ROW_TERMS, v, n, n / tokens_per_row, c0, W);
     #pragma unroll
     for (int i = 0; i < VEC; i++) yr[i] = from_f32<T>(v[i]);
 }

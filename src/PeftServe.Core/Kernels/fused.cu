@@ -2,6 +2,7 @@
 // replaces (LlamaModel.RmsNorm, residual add, SiLU times up), so the kernel path and the tensor-op path
 // differ only by float32 summation order.
 #include "common.cuh"
+#include "row_terms.cuh"
 
 // out = w * T(x * rsqrt(mean(x^2) + eps)), x in float32 (one block per row of H).
 __device__ __forceinline__ void rms_norm_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int H, float eps)
@@ -39,6 +40,28 @@ extern "C" __global__ void add_rms_norm(const T* h, const T* delta, const T* w, 
     const T* dr = delta + row * H;
     T* rr = residual + row * H;
     for (int i = threadIdx.x; i < H; i += blockDim.x) rr[i] = from_f32<T>(to_f32(hr[i]) + to_f32(dr[i]));
+    __syncthreads();
+    rms_norm_row(rr, w, out + row * H, H, eps);
+}
+
+// add_rms_norm with a projection's per-row adapter terms (row_terms.cuh) applied to delta on the way: delta' =
+// T(terms(delta)), residual = T(h + delta'), out = rms_norm(residual): the same roundings as row_epilogue followed
+// by add_rms_norm, in one launch. Rows of H elements, H % VEC == 0, 16-byte aligned; one block per row.
+extern "C" __global__ void add_rms_norm_terms(const T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
+                                              T* __restrict__ residual, T* __restrict__ out, int H, float eps, int tokens_per_row, ROW_TERMS_PARAMS)
+{
+    wait_for_prior_kernels();
+    const long long row = blockIdx.x;
+    T* rr = residual + row * H;
+    for (int c0 = threadIdx.x * VEC; c0 < H; c0 += blockDim.x * VEC)
+    {
+        float dv[VEC], hv[VEC];
+        load_vec(delta + row * H + c0, dv);
+        load_vec(h + row * H + c0, hv);
+        apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) rr[c0 + i] = from_f32<T>(hv[i] + round_to<T>(dv[i]));
+    }
     __syncthreads();
     rms_norm_row(rr, w, out + row * H, H, eps);
 }

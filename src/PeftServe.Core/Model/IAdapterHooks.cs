@@ -38,6 +38,11 @@ public interface IAdapterHooks
     /// <summary>The output projection's result [B,T,hidden] for its input <paramref name="x"/>, before the residual add.</summary>
     Tensor AttentionOutput(int layer, Tensor x, Tensor output);
 
+    /// <summary><see cref="AttentionOutput"/>, except that per-row terms a kernel can apply on the way may be handed back
+    /// (<paramref name="output"/> then still lacks them) instead of applied: the caller must apply them, as
+    /// <see cref="Kernels.FusedOps.AddRmsNorm"/> does when the output joins the residual stream.</summary>
+    (Tensor Output, Kernels.RowEpilogue? Owed) AttentionOutputDeferred(int layer, Tensor x, Tensor output) => (AttentionOutput(layer, x, output), null);
+
     /// <summary>The fused gate|up projection output [B,T,2*inter] of input <paramref name="x"/>.</summary>
     Tensor GateUp(int layer, Tensor x, Tensor gateUp);
 
@@ -46,6 +51,9 @@ public interface IAdapterHooks
 
     /// <summary>The down projection's result [B,T,hidden] for input <paramref name="x"/>, before the residual add.</summary>
     Tensor MlpOutput(int layer, Tensor x, Tensor output);
+
+    /// <summary><see cref="MlpOutput"/> with terms owed as in <see cref="AttentionOutputDeferred"/>.</summary>
+    (Tensor Output, Kernels.RowEpilogue? Owed) MlpOutputDeferred(int layer, Tensor x, Tensor output) => (MlpOutput(layer, x, output), null);
 
     /// <summary>The LM head's logits [B,T,V] of the final-normed hidden states <paramref name="hidden"/> [B,T,hidden]:
     /// LoRA on the LM head adds its delta here, a saved LM head replaces the row's logits.</summary>

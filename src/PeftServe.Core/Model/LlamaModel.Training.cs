@@ -23,11 +23,11 @@ public sealed partial class LlamaModel
         Checkpointed,
     }
 
-    private (Tensor Residual, Tensor? Delta) RunLayer(int index, Tensor h, Tensor? delta, IKvCache cache, Tensor positions, Tensor cos, Tensor sin,
-        IAdapterHooks? adapters, LayerRun run)
+    private (Tensor Residual, Tensor? Delta, Kernels.RowEpilogue? Owed) RunLayer(int index, Tensor h, Tensor? delta, Kernels.RowEpilogue? owed,
+        IKvCache cache, Tensor positions, Tensor cos, Tensor sin, IAdapterHooks? adapters, LayerRun run)
     {
         var layer = _layers[index];
-        if (run == LayerRun.Plain) return layer.Forward(h, delta, index, cache, positions, _rope, cos, sin, Config, adapters);
+        if (run == LayerRun.Plain) return layer.Forward(h, delta, owed, index, cache, positions, _rope, cos, sin, Config, adapters);
         // Training: each layer adds its own residual (one tensor in, one out), which is what a checkpoint keeps.
         using var scope = torch.NewDisposeScope();
         Tensor Layer(Tensor x, Tensor p, Tensor c, Tensor s)
@@ -40,11 +40,12 @@ public sealed partial class LlamaModel
                 layerCache = new ChunkKvCache();
                 layerCache.Begin(p, DType);
             }
-            var (residual, last) = layer.Forward(x, null, index, layerCache, p, _rope, c, s, Config, adapters);
-            return residual + last;
+            // Terms are owed only where our kernels run, never while autograd records; settled here all the same.
+            var (residual, last, owedByLayer) = layer.Forward(x, null, null, index, layerCache, p, _rope, c, s, Config, adapters);
+            return residual + (owedByLayer?.ApplyTo(last) ?? last);
         }
         var output = run == LayerRun.Checkpointed ? LayerCheckpoint.Run(Layer, h, positions, cos, sin) : Layer(h, positions, cos, sin);
-        return (output.MoveToOuterDisposeScope(), null);
+        return (output.MoveToOuterDisposeScope(), null, null);
     }
 
     /// <summary>The final-normed hidden states [B,T,hidden] (compute dtype) of a training forward pass
@@ -56,7 +57,7 @@ public sealed partial class LlamaModel
     public Tensor FinalHiddenStates(Tensor inputIds, Tensor positions, IAdapterHooks? adapters, bool checkpointLayers = false)
     {
         using var scope = torch.NewDisposeScope();
-        var (h, _) = DecoderStack(inputIds, positions, new ChunkKvCache(), adapters, checkpointLayers ? LayerRun.Checkpointed : LayerRun.Scoped);
+        var (h, _, _) = DecoderStack(inputIds, positions, new ChunkKvCache(), adapters, checkpointLayers ? LayerRun.Checkpointed : LayerRun.Scoped);
         return Kernels.FusedOps.RmsNorm(h, _finalNorm, Config.RmsNormEps).MoveToOuterDisposeScope();
     }
 

@@ -166,13 +166,15 @@ public sealed partial class LlamaModel : IDisposable
     {
         using var scope = torch.NewDisposeScope();
         using var _ = trainable ? null : torch.no_grad();
-        var (h, delta) = DecoderStack(inputIds, positions, cache, adapters, trainable ? LayerRun.Scoped : LayerRun.Plain);
+        var (h, delta, owed) = DecoderStack(inputIds, positions, cache, adapters, trainable ? LayerRun.Scoped : LayerRun.Plain);
         if (lastTokenOnly && inputIds.shape[1] > 1)
         {
+            if (owed is not null) delta = owed.ApplyTo(delta!);   // its row terms are laid out for every column
+            owed = null;
             h = h[.., ^1.., ..].contiguous();
             delta = delta?[.., ^1.., ..].contiguous();
         }
-        var normed = delta is null ? FusedOps.RmsNorm(h, _finalNorm, Config.RmsNormEps) : FusedOps.AddRmsNorm(h, delta, _finalNorm, Config.RmsNormEps).Normed;
+        var normed = delta is null ? FusedOps.RmsNorm(h, _finalNorm, Config.RmsNormEps) : FusedOps.AddRmsNorm(h, delta, _finalNorm, Config.RmsNormEps, owed).Normed;
         var logits = nn.functional.linear(normed, _lmHead);
         if (adapters is not null) logits = adapters.Logits(normed, logits);
         return logits.MoveToOuterDisposeScope();
@@ -180,8 +182,8 @@ public sealed partial class LlamaModel : IDisposable
 
     /// <summary>The embeddings through every decoder layer (before the final norm), each layer run as
     /// <paramref name="run"/> says (see LlamaModel.Training.cs): the residual stream, and the last layer's delta
-    /// still to be added (null when the layers added their own).</summary>
-    private (Tensor Residual, Tensor? Delta) DecoderStack(Tensor inputIds, Tensor positions, IKvCache cache, IAdapterHooks? adapters, LayerRun run)
+    /// still to be added (null when the layers added their own) with the adapter terms still owed to it.</summary>
+    private (Tensor Residual, Tensor? Delta, RowEpilogue? Owed) DecoderStack(Tensor inputIds, Tensor positions, IKvCache cache, IAdapterHooks? adapters, LayerRun run)
     {
         long b = inputIds.shape[0], t = inputIds.shape[1];
         var h = _embedTokens.index_select(0, inputIds.reshape(-1)).view(b, t, -1);
@@ -189,12 +191,14 @@ public sealed partial class LlamaModel : IDisposable
         cache.Begin(positions, DType);
         var (cos, sin) = _rope.Tables(positions.clamp_min(0), DType);
 
-        // Each layer returns the residual stream and the delta it adds last (the MLP output); the next
-        // norm adds it in, so the residual add and the RMSNorm after it are one step (one kernel on CUDA).
+        // Each layer returns the residual stream and the delta it adds last (the MLP output, with any adapter terms
+        // still owed to it); the next norm adds it in, so the residual add, the owed terms and the RMSNorm after it
+        // are one step (one kernel on CUDA).
         Tensor? delta = null;
+        RowEpilogue? owed = null;
         for (int i = 0; i < _layers.Length; i++)
-            (h, delta) = RunLayer(i, h, delta, cache, positions, cos, sin, adapters, run);
-        return (h, delta);
+            (h, delta, owed) = RunLayer(i, h, delta, owed, cache, positions, cos, sin, adapters, run);
+        return (h, delta, owed);
     }
 
     /// <summary>Keys and values [n,kvHeads,headDim] that layer <paramref name="layer"/>'s own k and v
@@ -294,16 +298,17 @@ public sealed partial class LlamaModel : IDisposable
         public required IFrozenLinear Qkv, O, GateUp, Down;
 
         /// <summary>One block over the residual stream <paramref name="h"/> [B,T,hidden], with the previous
-        /// block's last delta still to be added (null before the first block). Returns the residual stream
-        /// and this block's last delta (its MLP output).</summary>
-        public (Tensor Residual, Tensor Delta) Forward(Tensor h, Tensor? delta, int index, IKvCache cache, Tensor positions, RotaryEmbedding rope,
-            Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
+        /// block's last delta still to be added (null before the first block) and the adapter terms it still owes.
+        /// Returns the residual stream and this block's last delta (its MLP output) with the terms it owes: each
+        /// projection whose output joins the residual stream leaves its row terms to the add + RMSNorm kernel.</summary>
+        public (Tensor Residual, Tensor Delta, RowEpilogue? Owed) Forward(Tensor h, Tensor? delta, RowEpilogue? owed, int index, IKvCache cache,
+            Tensor positions, RotaryEmbedding rope, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
         {
             long b = h.shape[0], t = h.shape[1];
             int hd = c.HeadDim, nq = c.NumHeads, nkv = c.NumKvHeads;
 
             Tensor x;
-            (h, x) = delta is null ? (h, FusedOps.RmsNorm(h, InputNorm, c.RmsNormEps)) : FusedOps.AddRmsNorm(h, delta, InputNorm, c.RmsNormEps);
+            (h, x) = delta is null ? (h, FusedOps.RmsNorm(h, InputNorm, c.RmsNormEps)) : FusedOps.AddRmsNorm(h, delta, InputNorm, c.RmsNormEps, owed);
             adapters?.BeforeLinear(index, LinearSite.Qkv, x);
             var qkv = Qkv.Forward(x);
             if (adapters is not null) qkv = adapters.Qkv(index, x, qkv);
@@ -325,9 +330,10 @@ public sealed partial class LlamaModel : IDisposable
             if (adapters?.ExtraAttention(index, q) is { } extra) attn = attn + extra;
             adapters?.BeforeLinear(index, LinearSite.O, attn);
             var o = O.Forward(attn);
-            if (adapters is not null) o = adapters.AttentionOutput(index, attn, o);
+            RowEpilogue? owedO = null;
+            if (adapters is not null) (o, owedO) = adapters.AttentionOutputDeferred(index, attn, o);
 
-            (h, x) = FusedOps.AddRmsNorm(h, o, PostAttentionNorm, c.RmsNormEps);
+            (h, x) = FusedOps.AddRmsNorm(h, o, PostAttentionNorm, c.RmsNormEps, owedO);
             adapters?.BeforeLinear(index, LinearSite.GateUp, x);
             var gateUp = GateUp.Forward(x);
             if (adapters is not null) gateUp = adapters.GateUp(index, x, gateUp);
@@ -335,8 +341,9 @@ public sealed partial class LlamaModel : IDisposable
             if (adapters is not null) act = adapters.DownInput(index, act);
             adapters?.BeforeLinear(index, LinearSite.Down, act);
             var down = Down.Forward(act);
-            if (adapters is not null) down = adapters.MlpOutput(index, act, down);
-            return (h, down);
+            RowEpilogue? owedDown = null;
+            if (adapters is not null) (down, owedDown) = adapters.MlpOutputDeferred(index, act, down);
+            return (h, down, owedDown);
         }
 
         public void Dispose()

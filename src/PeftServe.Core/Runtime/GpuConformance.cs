@@ -292,10 +292,19 @@ public static class GpuConformance
             if (useBias) FusedOps.RowTableApply(separate, biasIndex, tokens, biasTable, add: true);
             if (useLora) Bgmv.Expand(separate.view(rows * tokens, width), loraSlots, tokens, d, up, offsets, ranks, 0);
             var fused = y0.clone();
-            bool ran = Bgmv.RowEpilogue(fused, tokens, useScale ? (scaleTable, scaleIndex) : null, useBias ? (biasTable, biasIndex) : null, useLora ? delta : null);
+            var terms = new RowEpilogue(tokens, useScale ? (scaleTable, scaleIndex) : null, useBias ? (biasTable, biasIndex) : null, useLora ? delta : null);
+            bool ran = Bgmv.RowEpilogue(fused, terms);
             bool equal = ran && fused.eq(separate.view(rows * tokens, width)).all().item<bool>();
             report(equal, $"row_epilogue {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
                 $"{(!ran ? "kernel unavailable" : equal ? "equal to the methods' own kernels" : $"differs by {(fused - separate.view(rows * tokens, width)).abs().max().item<float>():E2}")}");
+            // The same terms applied by the residual add + RMSNorm kernel as the output joins the residual stream.
+            var h = torch.randn([rows * tokens, width], dtype, device);
+            var weight = (torch.randn([width], dtype, device) * 0.1 + 1).to(dtype);
+            var (residual, normed) = FusedOps.AddRmsNorm(h, separate.view(rows * tokens, width), weight, 1e-5);
+            var (residualFused, normedFused) = FusedOps.AddRmsNorm(h, y0.clone(), weight, 1e-5, terms);
+            bool same = residual.eq(residualFused).all().item<bool>() && normed.eq(normedFused).all().item<bool>();
+            report(same, $"add_rms_norm_terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+                $"{(same ? "equal to the terms, then add_rms_norm" : "DIFFERENT")}");
         }
     }
 

@@ -1,4 +1,5 @@
 using PeftServe.Core.Adapters;
+using PeftServe.Core.Kernels;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -31,5 +32,43 @@ public sealed class OutputTermTests
         // Applying none changes nothing; applying one is that one alone.
         Assert.True(OutputTerm.Apply(y.clone(), []).eq(y).all().item<bool>());
         Assert.True(OutputTerm.Apply(y.clone(), [bias]).eq(y + bias.Table.index_select(0, bias.Index).unsqueeze(1)).all().item<bool>());
+    }
+
+    [Fact]
+    public void OwedTermsBecomeOneEpilogueOfEachKind()
+    {
+        using var scope = torch.NewDisposeScope();
+        var table = torch.ones([2, 8]);
+        var index = torch.tensor(new long[] { 0, 1 });
+        var one = OutputTerm.Combine([new OutputTerm.Scale(table, index), new OutputTerm.Bias(table, index)], 3);
+        Assert.Single(one);
+        Assert.Equal(3, one[0].TokensPerRow);
+        Assert.NotNull(one[0].Scale);
+        Assert.NotNull(one[0].Bias);
+        Assert.Null(one[0].LowRank);
+        Assert.Equal(2, OutputTerm.Combine([new OutputTerm.Bias(table, index), new OutputTerm.Bias(table, index)], 3).Count);
+    }
+
+    /// <summary>The residual add + RMSNorm takes the terms a projection's output still owes and applies them to it first
+    /// (here through the tensor-op path; on CUDA in the same kernel, which the selfcheck holds bit-equal to this order).</summary>
+    [Fact]
+    public void AddRmsNormAppliesTheOwedTermsFirst()
+    {
+        using var scope = torch.NewDisposeScope();
+        torch.manual_seed(9);
+        const int b = 3, t = 2, w = 16;
+        var h = torch.randn([b, t, w]);
+        var delta = torch.randn([b, t, w]);
+        var weight = torch.randn([w]);
+        var scale = (torch.randn([2, w]), torch.tensor(new long[] { 1, 0, 1 }));
+        var bias = (torch.randn([3, w]), torch.tensor(new long[] { 2, 2, 0 }));
+        var owed = new RowEpilogue(t, scale, bias, null);
+
+        var settled = delta * scale.Item1.index_select(0, scale.Item2).unsqueeze(1) + bias.Item1.index_select(0, bias.Item2).unsqueeze(1);
+        var (residual, normed) = FusedOps.AddRmsNorm(h, settled, weight, 1e-6);
+        var (residualOwed, normedOwed) = FusedOps.AddRmsNorm(h, delta.clone(), weight, 1e-6, owed);
+        Assert.True(residualOwed.allclose(residual, rtol: 1e-6, atol: 1e-6));
+        Assert.True(normedOwed.allclose(normed, rtol: 1e-5, atol: 1e-5));
+        Assert.False(normedOwed.allclose(FusedOps.AddRmsNorm(h, delta, weight, 1e-6).Normed, rtol: 1e-3, atol: 1e-3));
     }
 }

@@ -1,0 +1,99 @@
+// Per-row adapter terms at a projection's output, shared by the kernels that apply them: row_epilogue (bgmv.cu) on
+// its own, add_rms_norm_terms (fused.cu) as the output joins the residual stream. Needs common.cuh (T, VEC).
+//
+// For a row n of a projection's output y [N, W] and a column chunk [c0, c0 + VEC):
+//   y[n][c] = y[n][c] * scale[si][c] + bias[bi][c] + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][c - off_j]
+// with si = scale_index[n / tokens_per_row] (IA3's scales; rows without read a neutral slot of ones), bi likewise
+// (BitFit's biases; neutral slot of zeros), s = lora_slots[...] (LoRA; -1: no low-rank term) and j the target whose
+// columns [off_j, off_j + out_j) hold c. Any of the three may be absent (null table or slot pointer). A row has one
+// adapter, so it gets at most one non-neutral term, and rounding the sum once equals that method's own kernel:
+// T(y * s), T(y + b) or T(y + acc) (times 1 and plus 0 are exact). W, the offsets and the widths are multiples of VEC.
+
+#define EXPAND_RANKS 16
+
+// A bottleneck adapter's activation, by code: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
+__device__ __forceinline__ float bottleneck_act(int code, float v)
+{
+    switch (code)
+    {
+        case 0: return fmaxf(v, 0.0f);
+        case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        case 2: return v / (1.0f + expf(-v));
+        default: return tanhf(v);
+    }
+}
+
+// acc[i] += sum_{r < rank} c[r] * b[r * out + i] for one thread's VEC outputs (b: the slot's B at the thread's first
+// output), EXPAND_RANKS rows of B loaded at once per round; c[r] = dr[r], or act(code, dr[r] + act_bias[r]) when
+// code >= 0 (bottleneck adapters). The summation order is fixed: every kernel that adds a low-rank delta rounds alike.
+__device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict__ b, int out, const float* __restrict__ dr, int rank,
+                                             int code, const T* __restrict__ act_bias)
+{
+    for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
+    {
+        uint4 bv[EXPAND_RANKS];
+        float c[EXPAND_RANKS];
+        #pragma unroll
+        for (int q = 0; q < EXPAND_RANKS; q++)
+        {
+            const bool live = r0 + q < rank;
+            bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
+            c[q] = live ? dr[r0 + q] : 0.0f;
+            if (code >= 0 && live) c[q] = bottleneck_act(code, c[q] + to_f32(act_bias[r0 + q]));
+        }
+        #pragma unroll
+        for (int q = 0; q < EXPAND_RANKS; q++)
+        {
+            float bf[VEC];
+            unpack_vec(bv[q], bf);
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c[q], bf[i], acc[i]);
+        }
+    }
+}
+
+// The row terms as kernel parameters (each an 8-byte argument slot on the host: Bgmv.RowTermArgs) and as the
+// arguments of apply_row_terms.
+#define ROW_TERMS_PARAMS \
+    const T* __restrict__ scale, const long long* __restrict__ scale_index, \
+    const T* __restrict__ bias, const long long* __restrict__ bias_index, \
+    const long long* __restrict__ lora_slots, const float* __restrict__ d, int K, int R, \
+    const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2, \
+    int out0, int out1, int out2, int off0, int off1, int off2, \
+    const int* __restrict__ ranks, int rank_stride, int rank_col
+#define ROW_TERMS scale, scale_index, bias, bias_index, lora_slots, d, K, R, B0, B1, B2, out0, out1, out2, off0, off1, off2, \
+    ranks, rank_stride, rank_col
+
+// v: the VEC values of row n (whose adapter row is row = n / tokens_per_row), columns c0.., as floats; the terms are
+// added in place (v is then rounded once by the caller).
+__device__ __forceinline__ void apply_row_terms(ROW_TERMS_PARAMS, float v[VEC], int n, int row, int c0, int W)
+{
+    if (scale != nullptr)
+    {
+        float sv[VEC];
+        load_vec(scale + scale_index[row] * (long long)W + c0, sv);
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) v[i] *= sv[i];
+    }
+    if (bias != nullptr)
+    {
+        float bv[VEC];
+        load_vec(bias + bias_index[row] * (long long)W + c0, bv);
+        #pragma unroll
+        for (int i = 0; i < VEC; i++) v[i] += bv[i];
+    }
+    const long long s = lora_slots != nullptr ? lora_slots[row] : -1;
+    if (s < 0) return;
+    const int j = K > 2 && c0 >= off2 && c0 < off2 + out2 ? 2 : K > 1 && c0 >= off1 && c0 < off1 + out1 ? 1 : c0 >= off0 && c0 < off0 + out0 ? 0 : -1;
+    const int rank = j < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
+    if (rank == 0) return;
+    const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
+    const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
+    const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
+    float acc[VEC];
+    #pragma unroll
+    for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
+    add_low_rank(acc, B + s * (long long)R * out + (c0 - off), out, d + ((long long)n * K + j) * R, rank, -1, nullptr);
+    #pragma unroll
+    for (int i = 0; i < VEC; i++) v[i] += acc[i];
+}
