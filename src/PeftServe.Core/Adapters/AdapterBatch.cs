@@ -91,6 +91,8 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
 
     public Tensor GateUp(int layer, Tensor x, Tensor gateUp) => AtOutput(layer, LinearSite.GateUp, x, gateUp);
 
+    public (Tensor Output, RowEpilogue? Owed) GateUpDeferred(int layer, Tensor x, Tensor gateUp) => AtOutputDeferred(layer, LinearSite.GateUp, x, gateUp);
+
     public Tensor DownInput(int layer, Tensor x)
     {
         foreach (var op in _ops) x = op.DownInput(layer, x);

@@ -83,10 +83,31 @@ public static class FusedOps
     /// <summary>Whether the tensor's data starts on a 16-byte boundary (the vector loads of the kernels that take rows of VEC).</summary>
     private static bool Aligned(Tensor x) => KernelModule.Arg.Ptr(x) % 16 == 0;
 
-    /// <summary>silu(gate) * up for the fused gate|up projection output [..., 2I]: [..., I].</summary>
-    public static Tensor SiluMul(Tensor gateUp)
+    /// <summary>silu(gate) * up for the fused gate|up projection output [..., 2I]: [..., I]. With <paramref name="terms"/>,
+    /// the adapters' per-row terms still owed to gate|up are applied to it first: in the same kernel where it can,
+    /// else on their own (gateUp may then be changed in place).</summary>
+    public static Tensor SiluMul(Tensor gateUp, RowEpilogue? terms = null)
     {
         long width = gateUp.shape[^1] / 2;
+        if (terms is not null)
+        {
+            long vec = 16 / gateUp.ElementSize;
+            if (Module(gateUp) is { } fused && gateUp.is_contiguous() && Aligned(gateUp) && width % vec == 0
+                && terms.Fits(gateUp.view(-1, 2 * width)))
+            {
+                var shape = gateUp.shape.ToArray();
+                shape[^1] = width;
+                var output = torch.empty(shape, gateUp.dtype, gateUp.device);
+                long rows = gateUp.NumberOfElements / (2 * width), chunks = rows * width / vec;
+                fused.Launch("silu_mul_terms", ((uint)((chunks + 255) / 256), 1, 1), 256, 0,
+                [
+                    KernelModule.Arg.Ptr(gateUp), KernelModule.Arg.Ptr(output), KernelModule.Arg.Long(rows), KernelModule.Arg.Int(width),
+                    KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args(),
+                ]);
+                return output;
+            }
+            gateUp = terms.ApplyTo(gateUp);
+        }
         if (Module(gateUp) is { } module && gateUp.is_contiguous())
         {
             var shape = gateUp.shape.ToArray();

@@ -79,6 +79,31 @@ extern "C" __global__ void silu_mul(const T* gate_up, T* out, long long rows, in
     out[i] = from_f32<T>(s * u);
 }
 
+// silu_mul with the gate|up projection's per-row adapter terms (row_terms.cuh) applied on the way: gate and up are
+// first rounded as row_epilogue would store them, so this equals row_epilogue followed by silu_mul, in one launch.
+// I % VEC == 0; each thread owns VEC consecutive outputs of one row.
+extern "C" __global__ void silu_mul_terms(const T* __restrict__ gate_up, T* __restrict__ out, long long rows, int I, int tokens_per_row,
+                                          ROW_TERMS_PARAMS)
+{
+    wait_for_prior_kernels();
+    const long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    if (i >= rows * I) return;
+    const long long r = i / I;
+    const int c = (int)(i - r * I);
+    float g[VEC], u[VEC];
+    load_vec(gate_up + r * 2 * I + c, g);
+    load_vec(gate_up + r * 2 * I + I + c, u);
+    apply_row_terms(ROW_TERMS, g, (int)r, (int)r / tokens_per_row, c, 2 * I);
+    apply_row_terms(ROW_TERMS, u, (int)r, (int)r / tokens_per_row, I + c, 2 * I);
+    #pragma unroll
+    for (int k = 0; k < VEC; k++)
+    {
+        const float gk = round_to<T>(g[k]);
+        const float sk = round_to<T>(gk / (1.0f + expf(-gk)));
+        out[i + k] = from_f32<T>(sk * round_to<T>(u[k]));
+    }
+}
+
 // Per-row adapter vectors read from a slot table, in place: y[n][o] = T(y[n][o] * table[s][o]) (add = 0: IA3's
 // scales) or T(y[n][o] + table[s][o]) (add = 1: BitFit's biases), s = index[n / tokens_per_row]. The same single
 // rounding as the tensor ops (gather, then multiply or add), without the gathered copy. Grid (ceil(width / 256)

@@ -46,6 +46,9 @@ public interface IAdapterHooks
     /// <summary>The fused gate|up projection output [B,T,2*inter] of input <paramref name="x"/>.</summary>
     Tensor GateUp(int layer, Tensor x, Tensor gateUp);
 
+    /// <summary><see cref="GateUp"/> with terms owed as in <see cref="AttentionOutputDeferred"/> (<see cref="Kernels.FusedOps.SiluMul"/> applies them).</summary>
+    (Tensor Output, Kernels.RowEpilogue? Owed) GateUpDeferred(int layer, Tensor x, Tensor gateUp) => (GateUp(layer, x, gateUp), null);
+
     /// <summary>The down projection's input [B,T,inter] (IA3 scales it).</summary>
     Tensor DownInput(int layer, Tensor x);
 

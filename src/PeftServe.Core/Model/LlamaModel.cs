@@ -299,8 +299,9 @@ public sealed partial class LlamaModel : IDisposable
 
         /// <summary>One block over the residual stream <paramref name="h"/> [B,T,hidden], with the previous
         /// block's last delta still to be added (null before the first block) and the adapter terms it still owes.
-        /// Returns the residual stream and this block's last delta (its MLP output) with the terms it owes: each
-        /// projection whose output joins the residual stream leaves its row terms to the add + RMSNorm kernel.</summary>
+        /// Returns the residual stream and this block's last delta (its MLP output) with the terms it owes. Adapter row
+        /// terms of a projection are left to the kernel that next reads its output where that kernel can apply them:
+        /// the add + RMSNorm for o and down, SiLU·up for gate|up.</summary>
         public (Tensor Residual, Tensor Delta, RowEpilogue? Owed) Forward(Tensor h, Tensor? delta, RowEpilogue? owed, int index, IKvCache cache,
             Tensor positions, RotaryEmbedding rope, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
         {
@@ -336,8 +337,9 @@ public sealed partial class LlamaModel : IDisposable
             (h, x) = FusedOps.AddRmsNorm(h, o, PostAttentionNorm, c.RmsNormEps, owedO);
             adapters?.BeforeLinear(index, LinearSite.GateUp, x);
             var gateUp = GateUp.Forward(x);
-            if (adapters is not null) gateUp = adapters.GateUp(index, x, gateUp);
-            var act = FusedOps.SiluMul(gateUp);
+            RowEpilogue? owedGateUp = null;
+            if (adapters is not null) (gateUp, owedGateUp) = adapters.GateUpDeferred(index, x, gateUp);
+            var act = FusedOps.SiluMul(gateUp, owedGateUp);
             if (adapters is not null) act = adapters.DownInput(index, act);
             adapters?.BeforeLinear(index, LinearSite.Down, act);
             var down = Down.Forward(act);

@@ -305,6 +305,12 @@ public static class GpuConformance
             bool same = residual.eq(residualFused).all().item<bool>() && normed.eq(normedFused).all().item<bool>();
             report(same, $"add_rms_norm_terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
                 $"{(same ? "equal to the terms, then add_rms_norm" : "DIFFERENT")}");
+            // And by SiLU·up, reading the output as gate|up halves.
+            var act = FusedOps.SiluMul(separate);
+            var actFused = FusedOps.SiluMul(y0.clone().view(rows, tokens, width), terms);
+            bool sameAct = act.eq(actFused).all().item<bool>();
+            report(sameAct, $"silu_mul_terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+                $"{(sameAct ? "equal to the terms, then silu_mul" : "DIFFERENT")}");
         }
     }
 

@@ -71,4 +71,18 @@ public sealed class OutputTermTests
         Assert.True(normedOwed.allclose(normed, rtol: 1e-5, atol: 1e-5));
         Assert.False(normedOwed.allclose(FusedOps.AddRmsNorm(h, delta, weight, 1e-6).Normed, rtol: 1e-3, atol: 1e-3));
     }
+
+    [Fact]
+    public void SiluMulAppliesTheOwedTermsFirst()
+    {
+        using var scope = torch.NewDisposeScope();
+        torch.manual_seed(10);
+        const int b = 2, t = 3, inter = 8;
+        var gateUp = torch.randn([b, t, 2 * inter]);
+        var scale = (torch.randn([2, 2 * inter]), torch.tensor(new long[] { 1, 0 }));
+        var owed = new RowEpilogue(t, scale, null, null);
+        var expected = FusedOps.SiluMul(gateUp * scale.Item1.index_select(0, scale.Item2).unsqueeze(1));
+        Assert.True(FusedOps.SiluMul(gateUp.clone(), owed).allclose(expected, rtol: 1e-6, atol: 1e-6));
+        Assert.False(FusedOps.SiluMul(gateUp).allclose(expected, rtol: 1e-3, atol: 1e-3));
+    }
 }
