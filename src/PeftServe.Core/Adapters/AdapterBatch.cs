@@ -71,6 +71,8 @@ public sealed class AdapterBatch : IAdapterHooks, IDisposable
 
     public Tensor Qkv(int layer, Tensor x, Tensor qkv) => AtOutput(layer, LinearSite.Qkv, x, qkv);
 
+    public (Tensor Output, RowEpilogue? Owed) QkvDeferred(int layer, Tensor x, Tensor qkv) => AtOutputDeferred(layer, LinearSite.Qkv, x, qkv);
+
     public (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values)
     {
         foreach (var op in _ops) (keys, values) = op.KeysValues(layer, keys, values);

@@ -167,12 +167,12 @@ public sealed class PagedKvCache : IDisposable
 
     private sealed class DecodeView(PagedKvCache cache, Tensor write, Tensor tables, Tensor lengths, int gatherBlocks) : IRotatingKvCache
     {
-        public (Tensor Attention, Tensor Queries)? AttendRotating(int layer, Tensor qkv, Tensor positions, RotaryEmbedding rope, int heads)
+        public (Tensor Attention, Tensor Queries)? AttendRotating(int layer, Tensor qkv, Tensor positions, RotaryEmbedding rope, int heads, RowEpilogue? owed = null)
         {
             long b = qkv.shape[0];
             if (qkv.shape[1] != 1) return null;
             var flat = qkv.view(b, qkv.shape[2]);
-            var queries = PagedAttention.TryRotateAndWrite(flat, positions.view(b), rope.InverseFrequencies(), write, cache._keys[layer], cache._values[layer], heads);
+            var queries = PagedAttention.TryRotateAndWrite(flat, positions.view(b), rope.InverseFrequencies(), write, cache._keys[layer], cache._values[layer], heads, owed);
             if (queries is null) return null;
             var direct = PagedAttention.TryDecode(queries, cache._keys[layer], cache._values[layer], tables, lengths, cache.BlockSize);
             if (direct is null) return null;   // (not reached: both kernels serve the same shapes)

@@ -33,19 +33,23 @@ internal static class PagedAttention
     /// <summary>A decode step's rotary embedding and KV write in one kernel: from the fused projection
     /// <paramref name="qkv"/> [N, (nq+2nkv)*hd] at <paramref name="positions"/> [N], writes the rotated keys and
     /// the values to the pools at <paramref name="writeSlots"/> [N] and returns the rotated queries [N, nq, hd];
-    /// null where the kernel does not apply.</summary>
-    public static Tensor? TryRotateAndWrite(Tensor qkv, Tensor positions, Tensor inverseFrequencies, Tensor writeSlots, Tensor keys, Tensor values, int heads)
+    /// null where the kernel does not apply. <paramref name="terms"/>: adapter row terms the projection still owes,
+    /// applied as the kernel reads it (qkv itself is never changed; null is returned, with nothing done, where they do
+    /// not fit the kernel).</summary>
+    public static Tensor? TryRotateAndWrite(Tensor qkv, Tensor positions, Tensor inverseFrequencies, Tensor writeSlots, Tensor keys, Tensor values, int heads,
+        RowEpilogue? terms = null)
     {
         if (qkv.device.type != DeviceType.CUDA || torch.is_grad_enabled() || !qkv.is_contiguous() || keys.dtype != qkv.dtype) return null;
         long n = qkv.shape[0], nkv = keys.shape[1], hd = keys.shape[2];
-        if (qkv.shape[1] != (heads + 2 * nkv) * hd || heads % nkv != 0) return null;
+        if (qkv.shape[1] != (heads + 2 * nkv) * hd || heads % nkv != 0 || (terms is not null && !terms.Fits(qkv))) return null;
         var module = Module(qkv, hd, heads / nkv);
         if (module is null) return null;
         var queries = torch.empty([n, heads, hd], qkv.dtype, qkv.device);
         uint threads = (uint)Math.Max(32, (hd / 2 + 31) / 32 * 32);
         module.Launch("rope_write_kv", ((uint)n, (uint)(heads + 2 * nkv), 1), threads, 0,
-            KernelModule.Arg.Ptr(qkv), KernelModule.Arg.Ptr(positions), KernelModule.Arg.Ptr(inverseFrequencies), KernelModule.Arg.Ptr(writeSlots),
-            KernelModule.Arg.Ptr(queries), KernelModule.Arg.Ptr(keys), KernelModule.Arg.Ptr(values), KernelModule.Arg.Int(heads), KernelModule.Arg.Int(nkv));
+            [KernelModule.Arg.Ptr(qkv), KernelModule.Arg.Ptr(positions), KernelModule.Arg.Ptr(inverseFrequencies), KernelModule.Arg.Ptr(writeSlots),
+            KernelModule.Arg.Ptr(queries), KernelModule.Arg.Ptr(keys), KernelModule.Arg.Ptr(values), KernelModule.Arg.Int(heads), KernelModule.Arg.Int(nkv),
+            KernelModule.Arg.Int(terms?.TokensPerRow ?? 1), .. terms?.Args() ?? RowEpilogue.NoArgs]);
         return queries;
     }
 

@@ -38,6 +38,9 @@ public sealed class RowEpilogue
                    && lr.Offsets.Zip(lr.Up, (o, b) => o + b.shape[2]).Max() <= width);
     }
 
+    /// <summary>ROW_TERMS_PARAMS for a kernel that takes terms optionally, when there are none.</summary>
+    internal static readonly ulong[] NoArgs = new RowEpilogue(1, null, null, null).Args();
+
     /// <summary>The kernels' ROW_TERMS_PARAMS arguments (null pointers for absent parts).</summary>
     internal ulong[] Args() =>
     [

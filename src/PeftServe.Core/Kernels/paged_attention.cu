@@ -9,6 +9,7 @@
 // the few blocks (one per KV head) are bound by the latency of each warp's chain of key runs, which more
 // warps shorten (measured on an H200 at batch 1: 40 us a layer with 4 warps, a third of a decode step).
 #include "common.cuh"
+#include "row_terms.cuh"
 
 #ifndef WARPS
 #define WARPS 4
@@ -135,37 +136,45 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_decode_attention(
 // qkv [N, (nq + 2 nkv) * HEAD_DIM]: queries and keys rotated at their token's position (q_out [N, nq, HEAD_DIM]),
 // keys and values written to the cache pools at write_slots[n]. The roundings are the tensor-op path's
 // (RotaryEmbedding): cos and sin of position * inv_freq rounded to T, then x*cos and rotate_half(x)*sin each
-// rounded, then their sum. Grid (N, nq + 2 nkv): one block per (token, head), each thread one (d, d + half)
+// rounded, then their sum. Grid (N, nq + 2 nkv): one block per (token, head), each thread one (p, p + half)
 // pair of a query or key head, or a share of a value head's copy. (One block per token, looping over its
 // heads, took 35 us a layer at batch 1 on an H200: a sixth of the decode step on one SM.)
+// The projection's per-row adapter terms (row_terms.cuh; null pointers: none) are applied to each element as it is
+// read, rounded as row_epilogue would have stored it: the same values as the epilogue followed by this kernel.
 extern "C" __global__ void rope_write_kv(
     const T* __restrict__ qkv, const long long* __restrict__ positions, const float* __restrict__ inv_freq,
     const long long* __restrict__ write_slots, T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache,
-    int nq, int nkv)
+    int nq, int nkv, int tokens_per_row, ROW_TERMS_PARAMS)
 {
     wait_for_prior_kernels();
     const int n = blockIdx.x, head = blockIdx.y;
     const int half = HEAD_DIM / 2;
-    const long long width = (long long)(nq + 2 * nkv) * HEAD_DIM;
-    const T* row = qkv + n * width;
+    const int width = (nq + 2 * nkv) * HEAD_DIM;
+    const T* row = qkv + (long long)n * width;
+    const bool terms = scale != nullptr || bias != nullptr || lora_slots != nullptr;
+    auto element = [&](int col) -> float
+    {
+        const float v = to_f32(row[col]);
+        return terms ? round_to<T>(row_terms_at(ROW_TERMS, v, n, n / tokens_per_row, col, width)) : v;
+    };
     const long long slot = write_slots[n];
     if (head >= nq + nkv)
     {
         const int vh = head - nq - nkv;
         for (int i = threadIdx.x; i < HEAD_DIM; i += blockDim.x)
-            v_cache[(slot * nkv + vh) * HEAD_DIM + i] = row[(nq + nkv + vh) * HEAD_DIM + i];
+            v_cache[(slot * nkv + vh) * HEAD_DIM + i] = from_f32<T>(element((nq + nkv + vh) * HEAD_DIM + i));
         return;
     }
     const float position = (float)positions[n];
-    for (int d = threadIdx.x; d < half; d += blockDim.x)
+    for (int p = threadIdx.x; p < half; p += blockDim.x)   // p: the pair (p, p + half); d names the shrink output
     {
-        const float angle = position * inv_freq[d];
+        const float angle = position * inv_freq[p];
         const float c = round_to<T>(cosf(angle)), s = round_to<T>(sinf(angle));
-        const float x1 = to_f32(row[head * HEAD_DIM + d]), x2 = to_f32(row[head * HEAD_DIM + d + half]);
+        const float x1 = element(head * HEAD_DIM + p), x2 = element(head * HEAD_DIM + p + half);
         const T lo = from_f32<T>(round_to<T>(x1 * c) + round_to<T>(-x2 * s));
         const T hi = from_f32<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
         T* dst = head < nq ? q_out + ((long long)n * nq + head) * HEAD_DIM : k_cache + (slot * nkv + (head - nq)) * HEAD_DIM;
-        dst[d] = lo;
-        dst[d + half] = hi;
+        dst[p] = lo;
+        dst[p + half] = hi;
     }
 }

@@ -97,3 +97,24 @@ __device__ __forceinline__ void apply_row_terms(ROW_TERMS_PARAMS, float v[VEC], 
     #pragma unroll
     for (int i = 0; i < VEC; i++) v[i] += acc[i];
 }
+
+// The same terms for one column c, for kernels that hold one element per thread (the rotary + KV write): the same
+// products and the same order of the low-rank sum as apply_row_terms, so both round alike.
+__device__ __forceinline__ float row_terms_at(ROW_TERMS_PARAMS, float v, int n, int row, int c, int W)
+{
+    if (scale != nullptr) v *= to_f32(scale[scale_index[row] * (long long)W + c]);
+    if (bias != nullptr) v += to_f32(bias[bias_index[row] * (long long)W + c]);
+    const long long s = lora_slots != nullptr ? lora_slots[row] : -1;
+    if (s < 0) return v;
+    const int j = K > 2 && c >= off2 && c < off2 + out2 ? 2 : K > 1 && c >= off1 && c < off1 + out1 ? 1 : c >= off0 && c < off0 + out0 ? 0 : -1;
+    const int rank = j < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
+    if (rank == 0) return v;
+    const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
+    const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
+    const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
+    const T* b = B + s * (long long)R * out + (c - off);
+    const float* dr = d + ((long long)n * K + j) * R;
+    float acc = 0.0f;
+    for (int r = 0; r < rank; r++) acc = fmaf(dr[r], to_f32(b[(long long)r * out]), acc);
+    return v + acc;
+}

@@ -27,6 +27,10 @@ public interface IAdapterHooks
     /// <summary>The fused q|k|v projection output [B,T,(nq+2nkv)*hd] of input <paramref name="x"/>.</summary>
     Tensor Qkv(int layer, Tensor x, Tensor qkv);
 
+    /// <summary><see cref="Qkv"/> with terms owed as in <see cref="AttentionOutputDeferred"/> (the rotary + KV write kernel
+    /// applies them, through <see cref="IRotatingKvCache.AttendRotating"/>).</summary>
+    (Tensor Output, Kernels.RowEpilogue? Owed) QkvDeferred(int layer, Tensor x, Tensor qkv) => (Qkv(layer, x, qkv), null);
+
     /// <summary>Rotated keys and values [B,T,nkv,hd] before they enter the KV cache (prefix tuning
     /// writes its per-layer keys and values into its virtual columns here).</summary>
     (Tensor Keys, Tensor Values) KeysValues(int layer, Tensor keys, Tensor values);

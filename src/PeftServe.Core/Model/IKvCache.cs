@@ -26,8 +26,10 @@ public interface IRotatingKvCache : IKvCache
 {
     /// <summary>For the projection <paramref name="qkv"/> [B,T,(nq+2nkv)*hd] of tokens at <paramref name="positions"/>
     /// [B,T]: rotates queries and keys, stores keys and values, and returns the attention output [B,T,nq*hd]
-    /// and the rotated queries [B,nq,T,hd]; null where it cannot (the model then rotates and calls Attend).</summary>
-    (Tensor Attention, Tensor Queries)? AttendRotating(int layer, Tensor qkv, Tensor positions, RotaryEmbedding rope, int heads);
+    /// and the rotated queries [B,nq,T,hd]; null where it cannot (the model then rotates and calls Attend). <paramref name="owed"/>:
+    /// adapter row terms the projection still owes, applied as qkv is read (qkv itself is left as it is); null is
+    /// returned, with nothing stored, where they cannot be.</summary>
+    (Tensor Attention, Tensor Queries)? AttendRotating(int layer, Tensor qkv, Tensor positions, RotaryEmbedding rope, int heads, Kernels.RowEpilogue? owed = null);
 }
 
 /// <summary>Masked scaled-dot-product attention with grouped-query heads, shared by the caches that

@@ -301,7 +301,7 @@ public sealed partial class LlamaModel : IDisposable
         /// block's last delta still to be added (null before the first block) and the adapter terms it still owes.
         /// Returns the residual stream and this block's last delta (its MLP output) with the terms it owes. Adapter row
         /// terms of a projection are left to the kernel that next reads its output where that kernel can apply them:
-        /// the add + RMSNorm for o and down, SiLU·up for gate|up.</summary>
+        /// the rotary + KV write for q|k|v, the add + RMSNorm for o and down, SiLU·up for gate|up.</summary>
         public (Tensor Residual, Tensor Delta, RowEpilogue? Owed) Forward(Tensor h, Tensor? delta, RowEpilogue? owed, int index, IKvCache cache,
             Tensor positions, RotaryEmbedding rope, Tensor cos, Tensor sin, ModelConfig c, IAdapterHooks? adapters)
         {
@@ -312,13 +312,15 @@ public sealed partial class LlamaModel : IDisposable
             (h, x) = delta is null ? (h, FusedOps.RmsNorm(h, InputNorm, c.RmsNormEps)) : FusedOps.AddRmsNorm(h, delta, InputNorm, c.RmsNormEps, owed);
             adapters?.BeforeLinear(index, LinearSite.Qkv, x);
             var qkv = Qkv.Forward(x);
-            if (adapters is not null) qkv = adapters.Qkv(index, x, qkv);
+            RowEpilogue? owedQkv = null;
+            if (adapters is not null) (qkv, owedQkv) = adapters.QkvDeferred(index, x, qkv);
             Tensor attn, q;
             if (cache is IRotatingKvCache rotating && adapters?.ChangesKeysValues != true
-                && rotating.AttendRotating(index, qkv, positions, rope, nq) is { } fused)
+                && rotating.AttendRotating(index, qkv, positions, rope, nq, owedQkv) is { } fused)
                 (attn, q) = fused;
             else
             {
+                if (owedQkv is not null) qkv = owedQkv.ApplyTo(qkv);
                 var heads = qkv.view(b, t, nq + 2 * nkv, hd);                                   // [B,T,heads,hd]
                 // Queries and keys are rotated together in one pass; values are a view of the projection.
                 var qk = RotaryEmbedding.Apply(heads[.., .., ..(nq + nkv)], cos, sin);

@@ -311,6 +311,17 @@ public static class GpuConformance
             bool sameAct = act.eq(actFused).all().item<bool>();
             report(sameAct, $"silu_mul_terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
                 $"{(sameAct ? "equal to the terms, then silu_mul" : "DIFFERENT")}");
+            // And by the rotary + KV write, reading the output as q|k|v of 4 query heads and 1 KV head of 64.
+            var positions = torch.arange(rows * tokens, ScalarType.Int64, device) * 3;
+            var inverseFrequencies = torch.pow(10000.0, torch.arange(0, 64, 2, ScalarType.Float32, device) / -64.0);
+            var slotsWritten = torch.arange(rows * tokens, ScalarType.Int64, device);
+            Tensor Pool() => torch.zeros([rows * tokens, 1, 64], dtype, device);
+            var (k1, v1, k2, v2) = (Pool(), Pool(), Pool(), Pool());
+            var q1 = PagedAttention.TryRotateAndWrite(separate.view(rows * tokens, width), positions, inverseFrequencies, slotsWritten, k1, v1, 4);
+            var q2 = PagedAttention.TryRotateAndWrite(y0.clone(), positions, inverseFrequencies, slotsWritten, k2, v2, 4, terms);
+            bool sameRope = q1 is not null && q2 is not null && q1.eq(q2).all().item<bool>() && k1.eq(k2).all().item<bool>() && v1.eq(v2).all().item<bool>();
+            report(sameRope, $"rope_write_kv with terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+                $"{(q1 is null || q2 is null ? "kernel unavailable" : sameRope ? "equal to the terms, then rope_write_kv" : "DIFFERENT")}");
         }
     }
 
