@@ -4,10 +4,11 @@ using static TorchSharp.torch;
 namespace PeftServe.Core.Adapters;
 
 /// <summary>One method's per-row work at a projection's output in a form the batch can apply together with the other
-/// methods' in one kernel (row_epilogue in Kernels/bgmv.cu): IA3's scales, BitFit's biases, LoRA's low-rank delta.
-/// In a batch that mixes methods, each would otherwise be a launch of its own at every projection of every layer.
-/// Ops offer a term only where that kernel runs (CUDA); elsewhere, and in batches of one method, they act in their
-/// hooks as before.</summary>
+/// methods' in one kernel (Kernels/row_terms.cuh): IA3's scales, BitFit's biases, LoRA's low-rank delta. In a batch
+/// that mixes methods, each would otherwise be a launch of its own at every projection of every layer; and where the
+/// model lets the terms be owed (<see cref="Model.IAdapterHooks.AttentionOutputDeferred"/> and the like), the kernel that
+/// next reads the output applies them, with no launch of their own even for one method. Ops offer a term only where
+/// those kernels run (CUDA); elsewhere they act in their hooks.</summary>
 internal abstract record OutputTerm
 {
     /// <summary>output[n] ⊙= Table[Index[n / T]] (rows without this method read a neutral slot of ones).</summary>
