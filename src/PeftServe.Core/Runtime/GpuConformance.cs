@@ -287,6 +287,7 @@ public static class GpuConformance
         var delta = new LowRankDelta(d, loraSlots, up, offsets, ranks, 0);
         foreach (var (useScale, useBias, useLora) in new[] { (true, true, true), (true, true, false), (true, false, true), (false, true, true) })
         {
+            string parts = string.Join(" ", new[] { useScale ? "IA3" : "", useBias ? "BitFit" : "", useLora ? "LoRA" : "" }.Where(p => p != ""));
             var separate = y0.clone().view(rows, tokens, width);
             if (useScale) FusedOps.RowTableApply(separate, scaleIndex, tokens, scaleTable, add: false);
             if (useBias) FusedOps.RowTableApply(separate, biasIndex, tokens, biasTable, add: true);
@@ -295,7 +296,7 @@ public static class GpuConformance
             var terms = new RowEpilogue(tokens, useScale ? (scaleTable, scaleIndex) : null, useBias ? (biasTable, biasIndex) : null, useLora ? delta : null);
             bool ran = Bgmv.RowEpilogue(fused, terms);
             bool equal = ran && fused.eq(separate.view(rows * tokens, width)).all().item<bool>();
-            report(equal, $"row_epilogue {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+            report(equal, $"row_epilogue {dtype} ({parts}): " +
                 $"{(!ran ? "kernel unavailable" : equal ? "equal to the methods' own kernels" : $"differs by {(fused - separate.view(rows * tokens, width)).abs().max().item<float>():E2}")}");
             // The same terms applied by the residual add + RMSNorm kernel as the output joins the residual stream.
             var h = torch.randn([rows * tokens, width], dtype, device);
@@ -303,13 +304,13 @@ public static class GpuConformance
             var (residual, normed) = FusedOps.AddRmsNorm(h, separate.view(rows * tokens, width), weight, 1e-5);
             var (residualFused, normedFused) = FusedOps.AddRmsNorm(h, y0.clone(), weight, 1e-5, terms);
             bool same = residual.eq(residualFused).all().item<bool>() && normed.eq(normedFused).all().item<bool>();
-            report(same, $"add_rms_norm_terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+            report(same, $"add_rms_norm_terms {dtype} ({parts}): " +
                 $"{(same ? "equal to the terms, then add_rms_norm" : "DIFFERENT")}");
             // And by SiLU·up, reading the output as gate|up halves.
             var act = FusedOps.SiluMul(separate);
             var actFused = FusedOps.SiluMul(y0.clone().view(rows, tokens, width), terms);
             bool sameAct = act.eq(actFused).all().item<bool>();
-            report(sameAct, $"silu_mul_terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+            report(sameAct, $"silu_mul_terms {dtype} ({parts}): " +
                 $"{(sameAct ? "equal to the terms, then silu_mul" : "DIFFERENT")}");
             // And by the rotary + KV write, reading the output as q|k|v of 4 query heads and 1 KV head of 64.
             var positions = torch.arange(rows * tokens, ScalarType.Int64, device) * 3;
@@ -320,7 +321,7 @@ public static class GpuConformance
             var q1 = PagedAttention.TryRotateAndWrite(separate.view(rows * tokens, width), positions, inverseFrequencies, slotsWritten, k1, v1, 4);
             var q2 = PagedAttention.TryRotateAndWrite(y0.clone(), positions, inverseFrequencies, slotsWritten, k2, v2, 4, terms);
             bool sameRope = q1 is not null && q2 is not null && q1.eq(q2).all().item<bool>() && k1.eq(k2).all().item<bool>() && v1.eq(v2).all().item<bool>();
-            report(sameRope, $"rope_write_kv with terms {dtype} ({(useScale ? "IA3 " : "")}{(useBias ? "BitFit " : "")}{(useLora ? "LoRA" : "")}): " +
+            report(sameRope, $"rope_write_kv with terms {dtype} ({parts}): " +
                 $"{(q1 is null || q2 is null ? "kernel unavailable" : sameRope ? "equal to the terms, then rope_write_kv" : "DIFFERENT")}");
         }
     }

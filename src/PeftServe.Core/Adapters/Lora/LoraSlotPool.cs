@@ -332,16 +332,22 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     internal override OutputTerm? OfferOutputTerm(int layer, LinearSite site, Tensor x, Tensor output)
     {
         int group = (int)site;
-        var targets = LoraSlotPool.Groups[group];
-        if (!targets.Any(t => _active[(int)t]) || _gainActive[layer, group] || _offsetActive[layer, group] || _pendingGroup == group
+        if (!LoraSlotPool.Groups[group].Any(t => _active[(int)t]) || _gainActive[layer, group] || _offsetActive[layer, group] || _pendingGroup == group
             || output.dim() != 3 || !output.is_contiguous()) return null;
+        return Shrink(layer, group, x) is { } delta ? new OutputTerm.LowRank(delta) : null;
+    }
+
+    /// <summary>The group's shrink on the BGMV kernel, as a delta still to expand; null where the kernels do not serve x.</summary>
+    private LowRankDelta? Shrink(int layer, int group, Tensor x)
+    {
+        var targets = LoraSlotPool.Groups[group];
         var layout = Layout(group);
         long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
         var x2 = x.reshape(b * t, inF);
         if (!Bgmv.Supports(x2, [.. layout.Select(l => l.Width)])) return null;
         var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0]);
-        return new OutputTerm.LowRank(new LowRankDelta(d, Rows.RowSlots, targets.Select(tg => _pool.B(layer, tg)).ToArray(),
-            layout.Select(l => l.Offset).ToArray(), _pool.Ranks, (int)targets[0]));
+        return new LowRankDelta(d, Rows.RowSlots, targets.Select(tg => _pool.B(layer, tg)).ToArray(), layout.Select(l => l.Offset).ToArray(),
+            _pool.Ranks, (int)targets[0]);
     }
 
     public override Tensor Qkv(int layer, Tensor x, Tensor qkv) => Apply(layer, 0, x, qkv);
@@ -386,18 +392,12 @@ internal sealed class LoraBatchOp : AdapterBatchOp
             _pendingGroup = -1;
             return output.add_(delta.view(output.shape));
         }
-        var layout = Layout(group);
-        long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
-        var x2 = x.reshape(b * t, inF);
-        if (output.is_contiguous() && Bgmv.Supports(x2, [.. layout.Select(l => l.Width)]))
+        if (output.is_contiguous() && Shrink(layer, group, x) is { } d)
         {
-            var up = targets.Select(tg => _pool.B(layer, tg)).ToArray();
-            var offsets = layout.Select(l => l.Offset).ToArray();
-            var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0]);
-            Bgmv.Expand(output.view(b * t, output.shape[^1]), Rows.RowSlots, (int)t, d, up, offsets, _pool.Ranks, (int)targets[0]);
+            Bgmv.Expand(output.view(-1, output.shape[^1]), d.RowSlots, (int)x.shape[1], d.D, d.Up, d.Offsets, d.Ranks, d.RankColumn);
             return output;
         }
-        return ApplyWithTensorOps(layer, group, x, output, layout);
+        return ApplyWithTensorOps(layer, group, x, output, Layout(group));
     }
 
     private Tensor ApplyWithTensorOps(int layer, int group, Tensor x, Tensor output, (long Offset, long Width)[] layout)
