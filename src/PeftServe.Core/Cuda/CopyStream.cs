@@ -65,48 +65,97 @@ internal sealed unsafe class CopyStream
         IntPtr e;
         cu.Check(cu.EventCreate(&e, 2), "cuEventCreate");
         cu.Check(cu.EventRecord(e, _stream), "cuEventRecord");
-        return new DeviceCopy(_context, e);
+        return DeviceCopy.ForEvent(_context, e);
     }
 }
 
-/// <summary>Copies queued on a <see cref="CopyStream"/>, up to a point.</summary>
-public sealed unsafe class DeviceCopy : IDisposable
+/// <summary>Copies queued on a <see cref="CopyStream"/>, up to a point (a CUDA event after them).
+/// Thread-safe: the engine polls <see cref="IsDone"/> and disposes the marker on its thread while a pool thread may be
+/// blocked in <see cref="Wait"/>; destroying the event under a waiter is a use after free inside the driver (a
+/// segfault, seen with 128 adapters cycling through 64 slots), so the event outlives the last waiter.</summary>
+public sealed class DeviceCopy : IDisposable
 {
-    private readonly IntPtr _context;
-    private IntPtr _event;
-    private bool _done;
+    private readonly Func<bool> _query;
+    private readonly Action _synchronize, _destroy;
+    private readonly object _gate = new();
+    private int _waiters;
+    private bool _done, _disposed, _destroyed;
 
-    internal DeviceCopy(IntPtr context, IntPtr e) => (_context, _event) = (context, e);
+    /// <param name="query">whether the copies are done, without blocking</param>
+    /// <param name="synchronize">blocks until they are</param>
+    /// <param name="destroy">frees the marker; called once, when disposed and no thread waits</param>
+    internal DeviceCopy(Func<bool> query, Action synchronize, Action destroy) => (_query, _synchronize, _destroy) = (query, synchronize, destroy);
 
-    /// <summary>Whether the copies have finished (never blocks).</summary>
+    /// <summary>A marker for CUDA event <paramref name="e"/> of <paramref name="context"/>.</summary>
+    internal static unsafe DeviceCopy ForEvent(IntPtr context, IntPtr e)
+    {
+        var cu = CudaDriver.Instance;
+        return new DeviceCopy(
+            () =>
+            {
+                cu.MakeCurrent(context);
+                int status = cu.EventQuery(e);
+                if (status == CudaDriver.NotReady) return false;
+                cu.Check(status, "cuEventQuery");
+                return true;
+            },
+            () =>
+            {
+                cu.MakeCurrent(context);
+                cu.Check(cu.EventSynchronize(e), "cuEventSynchronize");
+            },
+            () => cu.EventDestroy(e));
+    }
+
+    /// <summary>Whether the copies have finished (never blocks). True once disposed: nothing is left to wait for.</summary>
     public bool IsDone
     {
         get
         {
-            if (_done) return true;
-            var cu = CudaDriver.Instance;
-            cu.MakeCurrent(_context);
-            int status = cu.EventQuery(_event);
-            if (status == CudaDriver.NotReady) return false;
-            cu.Check(status, "cuEventQuery");
-            return _done = true;
+            lock (_gate)
+                return _done || _disposed || (_done = _query());
         }
     }
 
-    /// <summary>Blocks the calling thread (not the engine's) until the copies are done.</summary>
+    /// <summary>Blocks the calling thread (not the engine's) until the copies are done; returns at once once disposed.</summary>
     public void Wait()
     {
-        if (_done) return;
-        var cu = CudaDriver.Instance;
-        cu.MakeCurrent(_context);
-        cu.Check(cu.EventSynchronize(_event), "cuEventSynchronize");
-        _done = true;
+        lock (_gate)
+        {
+            if (_done || _disposed) return;
+            _waiters++;
+        }
+        bool finished = false;
+        try
+        {
+            _synchronize();
+            finished = true;
+        }
+        finally
+        {
+            lock (_gate)
+            {
+                _waiters--;
+                _done |= finished;
+                if (_disposed && _waiters == 0) DestroyOnce();
+            }
+        }
     }
 
+    /// <summary>Frees the marker now, or when the last thread in <see cref="Wait"/> returns.</summary>
     public void Dispose()
     {
-        if (_event == IntPtr.Zero) return;
-        CudaDriver.Instance.EventDestroy(_event);
-        _event = IntPtr.Zero;
+        lock (_gate)
+        {
+            _disposed = true;
+            if (_waiters == 0) DestroyOnce();
+        }
+    }
+
+    private void DestroyOnce()
+    {
+        if (_destroyed) return;
+        _destroyed = true;
+        _destroy();
     }
 }
