@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
-#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [separate] [nf4] [engine] [peft] [pdl]
+#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [separate] [nf4] [engine] [peft] [nopdl]
 # separate: 32 LoRAs and the mix with every method's output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0:
 # no shared epilogue, nothing left to the residual add + RMSNorm), to compare with the same call's lora and mix.
-# pdl: the selfcheck again and batch 1, batch 32, 32 LoRAs, the mix and NF4 batch 1 with programmatic dependent
-# launch (PEFTSERVE_PDL=1), to set beside the same call's figures without it.
+# nopdl: the selfcheck again and batch 1, batch 32, 32 LoRAs, the mix and NF4 batch 1 without programmatic dependent
+# launch (PEFTSERVE_PDL=0; on by default), to set beside the same call's figures with it.
 # Builds the native helper (CUDA graphs) first, against the machine's own libtorch. Figures land in $OUT
 # (the device tool brings them back); the tail of the output is the summary table (loadtests/gpu/summarize.py).
 set -uo pipefail
@@ -74,20 +74,20 @@ if has peft; then
   sed "s/B, P, N = 32, 128, 128/B, P, N = 32, 128, ${PEFT_TOKENS:-128}/" .gpu/hf_peft_baseline.py > /tmp/hf_peft_baseline.py
   PYTHONUNBUFFERED=1 timeout 420 python3 /tmp/hf_peft_baseline.py "$OUT/peer-peft.json" 2>&1 | grep -v -i warn | tail -8
 fi
-if has pdl; then
-  stamp "programmatic dependent launch (PEFTSERVE_PDL=1)"
-  export PEFTSERVE_PDL=1
-  cli selfcheck --fixtures tests/fixtures > "$OUT/selfcheck-pdl.txt" 2>&1
-  grep -c ^PASS "$OUT/selfcheck-pdl.txt" | sed 's/^/selfcheck (PDL) PASS lines: /'; grep -E "^FAIL|^kernels:|selfcheck:" "$OUT/selfcheck-pdl.txt" | head -20
-  b7 --mode waves --concurrency 1 --requests 4 --json "$OUT/bench-pdl-base1.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-pdl.txt"
-  b7 --mode waves --concurrency 32 --requests 32 --json "$OUT/bench-pdl-base.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-pdl.txt"
-  b7 --mode waves --concurrency 32 --adapters 32 --requests 32 --json "$OUT/bench-pdl-lora.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-pdl.txt"
+if has nopdl; then
+  stamp "without programmatic dependent launch (PEFTSERVE_PDL=0)"
+  export PEFTSERVE_PDL=0
+  cli selfcheck --fixtures tests/fixtures > "$OUT/selfcheck-nopdl.txt" 2>&1
+  grep -c ^PASS "$OUT/selfcheck-nopdl.txt" | sed 's/^/selfcheck (no PDL) PASS lines: /'; grep -E "^FAIL|^kernels:|selfcheck:" "$OUT/selfcheck-nopdl.txt" | head -20
+  b7 --mode waves --concurrency 1 --requests 4 --json "$OUT/bench-nopdl-base1.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-nopdl.txt"
+  b7 --mode waves --concurrency 32 --requests 32 --json "$OUT/bench-nopdl-base.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-nopdl.txt"
+  b7 --mode waves --concurrency 32 --adapters 32 --requests 32 --json "$OUT/bench-nopdl-lora.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-nopdl.txt"
   b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit \
-    --json "$OUT/bench-pdl-mix.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-pdl.txt"
-  b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-pdl-nf4-1.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-pdl.txt"
+    --json "$OUT/bench-nopdl-mix.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-nopdl.txt"
+  b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nopdl-nf4-1.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-nopdl.txt"
   unset PEFTSERVE_PDL
 fi
 stamp "done"
 python3 loadtests/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"
-cp "$OUT/summary.md" "$FINAL/"; for f in selfcheck.txt selfcheck-pdl.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"; done
+cp "$OUT/summary.md" "$FINAL/"; for f in selfcheck.txt selfcheck-nopdl.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"; done
 tar czf "$FINAL/results.tgz" -C "$OUT" .

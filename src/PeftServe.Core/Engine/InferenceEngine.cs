@@ -67,7 +67,7 @@ public sealed class InferenceEngine : IInferenceEngine, IAsyncDisposable, IDispo
     internal ModelRunner Runner => _runner;
     /// <summary>How decode steps run: "cuda graphs (captures, replays)" or "eager (why)".</summary>
     public string DecodeMode => (_runner.UsesGraphs ? $"cuda graphs ({_runner.GraphCaptures} captured, {_runner.GraphReplays} replays)" : $"eager ({_runner.GraphsUnavailable})")
-        + (Cuda.KernelModule.ProgrammaticLaunch && _model.Device.type == DeviceType.CUDA ? ", programmatic dependent launch requested" : "");
+        + (Cuda.KernelModule.ProgrammaticLaunch && _model.Device.type == DeviceType.CUDA ? ", programmatic dependent launch" : "");
     /// <summary>Longest sequence (virtual tokens + prompt + generated) the engine can hold.</summary>
     public int MaxColumns { get; }
     public int KvBlocksFree => Volatile.Read(ref _freeBlocksSnapshot);

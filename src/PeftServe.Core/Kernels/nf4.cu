@@ -163,13 +163,13 @@ NF4_INSTANTIATE(13) NF4_INSTANTIATE(14) NF4_INSTANTIATE(15) NF4_INSTANTIATE(16)
 // over the 8 steps a lane covers columns 32t .. 32t+31 of its rows: exactly one 16-byte chunk of packed weights
 // (one absmax) per row, and 64 contiguous bytes of each x row. Products are summed over k in any order, so the
 // permutation changes nothing but the order of the fp32 additions.
-// A block is 8 warps of MMA_MT m-tiles (256 weight rows at MMA_MT = 2), all walking the same columns so x is read
+// A block is 8 warps of MMA_MT m-tiles (128 weight rows at MMA_MT = 1, the default), all walking the same columns so x is read
 // from L1 after its first warp; blockIdx.y splits K into `splits` ranges. With more than one split, each block
 // writes fp32 partials to work[split][m][n] and the last block of a row tile to finish (a per-tile counter, reset
 // by that block) adds them in split order and writes y: deterministic, and one launch.
 #define MMA_WARPS 8
 #ifndef MMA_MT
-#define MMA_MT 2                   // m-tiles per warp (the host passes it)
+#define MMA_MT 1                   // m-tiles per warp (the host passes it)
 #endif
 #define MMA_ROWS (MMA_WARPS * MMA_MT * 16)
 

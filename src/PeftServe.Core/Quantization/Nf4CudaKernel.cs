@@ -34,14 +34,13 @@ public static class Nf4CudaKernel
     public const int MaxSplitRows = 32;
 
     /// <summary>m-tiles of 16 weight rows per warp of the tensor-core kernel (its MMA_MT; PEFTSERVE_NF4_MMA_MT: 1, 2 or 4).
-    /// Measured on the H200, 7B shapes, batch 32 (2026-12-03): 1 gave 2,872 tok/s, 2 gave 2,691, 4 gave 2,008. The
-    /// default stays 2, the value that day's selfcheck verified; the selfcheck now checks all three, and 1 becomes the
-    /// default once a GPU run has passed it.</summary>
+    /// Measured on the H200, 7B shapes, batch 32 (2026-12-03): 1 gave 2,872 tok/s, 2 gave 2,691, 4 gave 2,008 (more
+    /// blocks over the SMs beat more reuse of x per block); the selfcheck passes all three.</summary>
     private static readonly int MmaTiles = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_MT") switch
     {
-        "1" => 1,
+        "2" => 2,
         "4" => 4,
-        _ => 2,
+        _ => 1,
     };
 
     /// <summary>Blocks the tensor-core kernel aims for (two per SM of an H100/H200), reached by splitting K.</summary>

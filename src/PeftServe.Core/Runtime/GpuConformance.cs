@@ -30,7 +30,7 @@ public static class GpuConformance
         log.WriteLine($"selfcheck on {device}: native helper {(NativeHelper.IsAvailable ? "loaded" : "MISSING: " + NativeHelper.Unavailable)}");
         var probe = KernelModule.TryGet("fused.cu", device, KernelModule.ElementType(ScalarType.Float32)!.Value);
         log.WriteLine($"kernels: {(probe is null ? "unavailable: " + KernelModule.LastError : probe.Target)}; programmatic dependent launch " +
-            $"{(probe?.Programmatic == true ? "on" : KernelModule.ProgrammaticLaunch ? "requested, unavailable here (needs sm_90 and cuLaunchKernelEx)" : "off (PEFTSERVE_PDL=1 turns it on)")}");
+            $"{(probe?.Programmatic == true ? "on" : KernelModule.ProgrammaticLaunch ? "requested, unavailable here (needs sm_90 and cuLaunchKernelEx)" : "off (PEFTSERVE_PDL=0)")}");
         int failures = 0;
         void Report(bool pass, string what)
         {

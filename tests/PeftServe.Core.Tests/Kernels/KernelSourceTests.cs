@@ -6,7 +6,7 @@ namespace PeftServe.Core.Tests.Kernels;
 
 /// <summary>What NVRTC is handed for each kernel file (the GPU compiles it; the CI machine can still read it):
 /// every <c>#include "*.cuh"</c> pasted in once, and every kernel starting with <c>wait_for_prior_kernels()</c>, as
-/// programmatic dependent launch (PEFTSERVE_PDL=1) needs: a kernel launched that way that touched memory before
+/// programmatic dependent launch (on by default on sm_90+) needs: a kernel launched that way that touched memory before
 /// the wait could read what the kernel before it has not finished writing.</summary>
 public sealed partial class KernelSourceTests
 {
