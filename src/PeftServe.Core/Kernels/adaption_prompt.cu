@@ -1,9 +1,13 @@
 // LLaMA-Adapter's gated attention over each row's adaption prompt, at one layer, in one kernel (the tensor-op
 // path gathers the slots' keys, values, mask and gate and runs about fifteen ops):
 //   out[b][t][h * hd + i] = gate[s] * sum_l softmax_l(q[b][h][t] . K[s][l][kv] / sqrt(hd) + mask[s][l]) * V[s][l][kv][i]
-// with s = index[b], kv = h / (nq / nkv). Scores and the softmax are float32 (the online form: one pass over
-// the prompt); the result is rounded once to T. Rows without an adapter read the neutral slot (gate 0).
-// keys, values: [S, L, nkv, hd]; mask: [S, L]; gate: [S]; q: [B, nq, Tq, hd] with strides (q_b, q_h, q_t) and
+// with s = index[b], kv = h / (nq / nkv), over l < lengths[s]. Scores and the softmax are float32 (the online form:
+// one pass over the prompt); the result is rounded once to T. Rows without an adapter read the neutral slot (gate 0).
+// The pool is as long as the longest prompt allowed (128 by default) while adapters are usually about 10 long; the
+// positions past a slot's length are masked, so skipping them changes no value (each would multiply the running sums
+// by exp(0) and add a weight of exactly 0). Reading all of them was 128/10 times the work: 3.2 ms a prefill launch in
+// the H200 profile of the nine-kind mix (docs/gpu-runs/2026-12-03/decode-5/kernels-mix.txt).
+// keys, values: [S, L, nkv, hd]; mask: [S, L]; gate: [S]; lengths: int [S]; q: [B, nq, Tq, hd] with strides (q_b, q_h, q_t) and
 // unit stride over hd; out: [B, Tq, nq * hd] contiguous.
 // One warp per (row, head), AP_WARPS heads per block: grid (B * Tq, ceil(nq / AP_WARPS)); hd <= 32 * AP_DIMS.
 #include "common.cuh"
@@ -14,7 +18,7 @@
 extern "C" __global__ void __launch_bounds__(AP_WARPS * 32) adaption_prompt_attention(
     const T* __restrict__ q, long long q_b, long long q_h, long long q_t,
     const T* __restrict__ keys, const T* __restrict__ values, const T* __restrict__ mask, const T* __restrict__ gate,
-    const long long* __restrict__ index, T* __restrict__ out, int Tq, int nq, int nkv, int hd, int L, float scale)
+    const int* __restrict__ lengths, const long long* __restrict__ index, T* __restrict__ out, int Tq, int nq, int nkv, int hd, int L, float scale)
 {
     wait_for_prior_kernels();
     const int row = blockIdx.x, b = row / Tq, t = row - b * Tq;
@@ -32,7 +36,8 @@ extern "C" __global__ void __launch_bounds__(AP_WARPS * 32) adaption_prompt_atte
         acc[j] = 0.0f;
     }
     float best = NEG_INF, total = 0.0f;
-    for (int l = 0; l < L; l++)
+    const int live = max(1, min(L, lengths[s]));
+    for (int l = 0; l < live; l++)
     {
         const long long base = ((s * L + l) * nkv + kv) * (long long)hd;
         float dot = 0.0f;

@@ -192,7 +192,8 @@ public static class GpuConformance
                 bool ran = FusedOps.RowTableApply(y, index, 5, table, add);
                 report(ran && y.eq(expected).all().item<bool>(), $"row_table_apply ({(add ? "BitFit biases" : "IA3 scales")}) {dtype}: {(ran ? "equal to the tensor ops" : "kernel unavailable")}");
             }
-            // LLaMA-Adapter: 8 query heads over 2 KV heads, 2 query tokens per row, prompts of 6 with the last ones masked.
+            // LLaMA-Adapter: 8 query heads over 2 KV heads, 2 query tokens per row, prompts of 6 with the last ones masked;
+            // slot 1's length of 3 ends its prompt before its mask does (the kernel reads no further than the length).
             long nq = 8, nkv = 2, hd = 64, len = 6, tq = 2;
             var q = torch.randn([3, tq, nq, hd], dtype, device).transpose(1, 2);                     // [B,nq,Tq,hd], strided
             var keys = torch.randn([4, len, nkv, hd], dtype, device);
@@ -201,12 +202,16 @@ public static class GpuConformance
             mask[2, 4..].fill_(Attention.MinValue(dtype));
             mask[3, 1..].fill_(Attention.MinValue(dtype));
             var gate = torch.randn([4], dtype, device);
-            var actual = AdaptionPromptAttention.TryCompute(q, keys, values, mask, gate, index);
+            var lengths = torch.tensor(new[] { 6, 3, 6, 1 }, device: device);
+            var promptIndex = torch.tensor(new long[] { 2, 1, 3 }, device: device);
+            var actual = AdaptionPromptAttention.TryCompute(q, keys, values, mask, gate, lengths, promptIndex);
             var qd = q.to(ScalarType.Float64).reshape(3, nkv, (nq / nkv) * tq, hd);
-            var kd = keys.to(ScalarType.Float64).index_select(0, index).permute(0, 2, 1, 3);
-            var vd = values.to(ScalarType.Float64).index_select(0, index).permute(0, 2, 1, 3);
-            var scores = torch.matmul(qd, kd.transpose(2, 3)) / Math.Sqrt(hd) + mask.to(ScalarType.Float64).index_select(0, index).view(3, 1, 1, -1);
-            var weights = torch.softmax(scores, -1) * gate.to(ScalarType.Float64).index_select(0, index).view(3, 1, 1, 1);
+            var kd = keys.to(ScalarType.Float64).index_select(0, promptIndex).permute(0, 2, 1, 3);
+            var vd = values.to(ScalarType.Float64).index_select(0, promptIndex).permute(0, 2, 1, 3);
+            var lengthMask = torch.where(torch.arange(len, device: device).unsqueeze(0) >= lengths.unsqueeze(1), double.NegativeInfinity, 0.0);
+            var fullMask = (mask.to(ScalarType.Float64) + lengthMask).index_select(0, promptIndex).view(3, 1, 1, -1);
+            var scores = torch.matmul(qd, kd.transpose(2, 3)) / Math.Sqrt(hd) + fullMask;
+            var weights = torch.softmax(scores, -1) * gate.to(ScalarType.Float64).index_select(0, promptIndex).view(3, 1, 1, 1);
             var reference = torch.matmul(weights, vd).view(3, nq, tq, hd).transpose(1, 2).reshape(3, tq, nq * hd);
             double err = actual is null ? double.PositiveInfinity : RelativeError(actual, reference);
             report(err <= (dtype == ScalarType.Float32 ? 1e-5 : 2e-2), $"adaption_prompt_attention {dtype} heads {nq}/{nkv} dim {hd}: rel.err {err:E2}");

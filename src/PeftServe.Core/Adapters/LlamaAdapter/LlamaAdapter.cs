@@ -80,6 +80,7 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
     private readonly int _maxLen;
     private readonly Tensor[] _keys, _values, _gates;
     private readonly Tensor _mask;            // [slots, maxLen]
+    private readonly Tensor _lengths;         // int [slots]: each slot's prompt length (the kernel reads no further)
     private readonly bool[,] _uses;           // [slot, layer]
 
     public override AdapterMethod Method { get; }
@@ -99,6 +100,7 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
         _values = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([slots, _maxLen, c.NumKvHeads, c.HeadDim], model.DType, model.Device)).ToArray();
         _gates = Enumerable.Range(0, c.NumLayers).Select(_ => torch.zeros([slots], model.DType, model.Device)).ToArray();
         _mask = torch.zeros([slots, _maxLen], model.DType, model.Device);
+        _lengths = torch.ones([slots], ScalarType.Int32, model.Device);
         _uses = new bool[slots, c.NumLayers];
     }
 
@@ -108,6 +110,7 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
         using var _ = torch.no_grad();
         _mask[slot].fill_(Attention.MinValue(_model.DType));
         _mask[slot, ..a.Length].fill_(0);
+        _lengths[slot].fill_(a.Length);
         for (int l = 0; l < _keys.Length; l++)
         {
             _keys[l][slot].zero_();
@@ -133,6 +136,7 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
     {
         foreach (var t in _keys.Concat(_values).Concat(_gates)) t.Dispose();
         _mask.Dispose();
+        _lengths.Dispose();
     }
 
     /// <summary>Gated attention of every row's queries over its adapter's adaption prompt at this layer;
@@ -149,7 +153,7 @@ internal sealed class LlamaAdapterSlotPool : AdapterSlotPool
             int nq = c.NumHeads, nkv = c.NumKvHeads, hd = c.HeadDim;
             _index ??= Rows.PoolIndex(pool.Capacity).DetachFromDisposeScope();
             // CUDA: one kernel reads the pools in place.
-            if (AdaptionPromptAttention.TryCompute(queries, pool._keys[layer], pool._values[layer], pool._mask, pool._gates[layer], _index) is { } fused)
+            if (AdaptionPromptAttention.TryCompute(queries, pool._keys[layer], pool._values[layer], pool._mask, pool._gates[layer], pool._lengths, _index) is { } fused)
                 return fused;
             var q = queries.reshape(b, nkv, (nq / nkv) * t, hd);                                 // query heads grouped by their KV head
             var keys = pool._keys[layer].index_select(0, _index).permute(0, 2, 1, 3);            // [B,nkv,len,hd]
