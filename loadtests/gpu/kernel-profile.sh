@@ -3,10 +3,11 @@
 # gpu__time_duration). From the repo root with the CLI bundled in .gpu/ and the native helper built:
 #   bash loadtests/gpu/kernel-profile.sh [b1] [lora32] [nf4-b1] [nf4-b32] [mix]
 # Each case runs `bench` eagerly (--no-cuda-graphs: every kernel is its own launch, the same kernels the graphs
-# replay) with collection off until its timed round starts (PEFTSERVE_PROFILER_RANGE=1: the bench marks that round
-# with cuProfilerStart/Stop, so loading, NF4 quantization and warm-up are left out), then times COUNT launches from
+# replay) with collection off until the decode steps of its first timed wave (PEFTSERVE_PROFILER_RANGE=decode: the
+# bench marks them with cuProfilerStart/Stop once every row has its first token, so loading, NF4 quantization,
+# warm-up and prefill are left out; RANGE=1 marks whole timed rounds, prefill included), then times COUNT launches from
 # there; the summary (loadtests/gpu/kernel_profile.py) gives per kernel the launches per decode step, the median
-# time and the share of the step, so the round's prefill barely moves it. Output: $OUT/kernels-CASE.txt.
+# time and the share of the step. Output: $OUT/kernels-CASE.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cases=${*:-b1 lora32 nf4-b1}
@@ -24,7 +25,7 @@ for c in $cases; do
     *) echo "unknown case $c"; continue ;;
   esac
   echo "== kernels: $c"
-  PEFTSERVE_PROFILER_RANGE=1 timeout 240 "$ncu" --metrics gpu__time_duration.sum --profile-from-start off \
+  PEFTSERVE_PROFILER_RANGE=${RANGE:-decode} timeout 240 "$ncu" --metrics gpu__time_duration.sum --profile-from-start off \
     --launch-skip ${SKIP:-0} --launch-count ${COUNT:-$count} -f -o /tmp/prof-$c "${cli[@]}" bench --model $shape --random-weights --prompt-tokens 128 --max-tokens ${TOKENS:-128} --device cuda --dtype bfloat16 \
     --mode waves --warmup 1 --repeats 1 --no-cuda-graphs "${args[@]}" > /tmp/prof-$c.log 2>&1 || { echo "ncu failed:"; tail -5 /tmp/prof-$c.log; }
   "$ncu" -i /tmp/prof-$c.ncu-rep --csv --page raw --metrics gpu__time_duration.sum > /tmp/prof-$c.csv 2>/dev/null

@@ -160,11 +160,16 @@ internal static class BenchCommand
             if (rounds >= warmup && (steady || rounds >= warmup + 8)) break;
             previous = r.DecodeTokensPerSecond;
         }
-        // With PEFTSERVE_PROFILER_RANGE=1 on CUDA, a profiler started with collection off sees only the timed rounds.
+        // With PEFTSERVE_PROFILER_RANGE=1 on CUDA, a profiler started with collection off sees only the timed rounds;
+        // with =decode, only the decode steps of the first timed wave (MeasureWaves marks them).
         bool mark = ProfilerRange.Requested && llm.Device.type == TorchSharp.DeviceType.CUDA;
-        if (mark) ProfilerRange.Start(Math.Max(0, (int)llm.Device.index));
+        int ordinal = Math.Max(0, (int)llm.Device.index);
+        bool marksRounds = mark && !ProfilerRange.DecodeOnly;
+        if (marksRounds) ProfilerRange.Start(ordinal);
+        if (mark && ProfilerRange.DecodeOnly) Volatile.Write(ref _decodeWindowDevice, ordinal);
         var timed = Enumerable.Range(0, Math.Max(1, repeats)).Select(_ => round(engine)).OrderBy(r => r.DecodeTokensPerSecond).ToList();
-        if (mark) ProfilerRange.Stop(Math.Max(0, (int)llm.Device.index));
+        Volatile.Write(ref _decodeWindowDevice, -1);
+        if (marksRounds) ProfilerRange.Stop(ordinal);
         var median = timed[timed.Count / 2];
         return median with
         {
@@ -174,6 +179,9 @@ internal static class BenchCommand
             DecodeMode = engine.DecodeMode,
         };
     }
+
+    /// <summary>The CUDA device whose next wave's decode steps are to be marked for a profiler, or -1.</summary>
+    private static int _decodeWindowDevice = -1;
 
     /// <summary>Waves of <paramref name="batch"/> requests submitted together, each decoded to the end before the
     /// next wave. Decode tokens/s counts, per wave, the tokens after the last row's first token over the time
@@ -197,14 +205,22 @@ internal static class BenchCommand
                 Sampling = sampling,
                 Adapter = adapters.Length == 0 ? null : adapters[(wave * batch + r) % adapters.Length],
             })).ToArray();
+            // A profiler's window (PEFTSERVE_PROFILER_RANGE=decode) opens once every row has its first token.
+            int markDevice = Interlocked.Exchange(ref _decodeWindowDevice, -1), waitingForFirst = batch;
             // Every stream is read as its tokens arrive (all readers start before any is awaited).
             var readers = streams.Select(stream => Task.Run(async () =>
             {
                 var stamps = new List<long>();
-                await foreach (var e in stream) if (e.TokenId >= 0) stamps.Add(Stopwatch.GetTimestamp());
+                await foreach (var e in stream)
+                {
+                    if (e.TokenId < 0) continue;
+                    stamps.Add(Stopwatch.GetTimestamp());
+                    if (stamps.Count == 1 && markDevice >= 0 && Interlocked.Decrement(ref waitingForFirst) == 0) ProfilerRange.Start(markDevice);
+                }
                 return stamps;
             })).ToArray();
             var times = readers.Select(t => t.Result).ToArray();
+            if (markDevice >= 0) ProfilerRange.Stop(markDevice);
             long decodeStart = times.Max(t => t[0]), end = times.Max(t => t[^1]);
             foreach (var t in times)
             {
