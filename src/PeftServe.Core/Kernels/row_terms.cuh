@@ -112,7 +112,8 @@ __device__ __forceinline__ void apply_row_terms(ROW_TERMS_PARAMS, float v[VEC], 
 }
 
 // The same terms for one column c, for kernels that hold one element per thread (the rotary + KV write): the same
-// products and the same order of the low-rank sum as apply_row_terms, so both round alike.
+// products, the same order of the low-rank sum and the same padding of a round as add_low_rank, so both round alike.
+// A round's EXPAND_RANKS loads of B are issued together (a loop of one load per rank is a chain of load latencies).
 __device__ __forceinline__ float row_terms_at(ROW_TERMS_PARAMS, float v, int n, int row, int c, int W)
 {
     if (scale != nullptr) v *= to_f32(scale[scale_index[row] * (long long)W + c]);
@@ -123,6 +124,18 @@ __device__ __forceinline__ float row_terms_at(ROW_TERMS_PARAMS, float v, int n, 
     const int rank = low_rank_column(ROW_TERMS, n, row, c, b, dr, out);
     if (rank == 0) return v;
     float acc = 0.0f;
-    for (int r = 0; r < rank; r++) acc = fmaf(dr[r], to_f32(b[(long long)r * out]), acc);
+    for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
+    {
+        float bv[EXPAND_RANKS], cv[EXPAND_RANKS];
+        #pragma unroll
+        for (int q = 0; q < EXPAND_RANKS; q++)
+        {
+            const bool live = r0 + q < rank;
+            bv[q] = live ? to_f32(b[(long long)(r0 + q) * out]) : 0.0f;
+            cv[q] = live ? dr[r0 + q] : 0.0f;
+        }
+        #pragma unroll
+        for (int q = 0; q < EXPAND_RANKS; q++) acc = fmaf(cv[q], bv[q], acc);
+    }
     return v + acc;
 }
