@@ -155,6 +155,112 @@ NF4_INSTANTIATE(5) NF4_INSTANTIATE(6) NF4_INSTANTIATE(7) NF4_INSTANTIATE(8)
 NF4_INSTANTIATE(9) NF4_INSTANTIATE(10) NF4_INSTANTIATE(11) NF4_INSTANTIATE(12)
 NF4_INSTANTIATE(13) NF4_INSTANTIATE(14) NF4_INSTANTIATE(15) NF4_INSTANTIATE(16)
 
+// The same product for 1 to 4 rows of x whose K columns fit in shared memory at once (M * K * 5/2 bytes, dynamic
+// shared memory): the block stages all of x first, so its warps never wait on each other after that, and each lane
+// issues the loads of up to GEMV_ROUND of its row's chunks together (c = lane, lane + 32, ...: a 4,096-wide row in one
+// round, 11,008 in two) instead of one chunk per tile with two block barriers per tile. The chunk order per lane and
+// every product are nf4_gemv's, so the results are bit-identical to it (the selfcheck compares them).
+#define GEMV_ROUND 8
+template <int M, bool BF16>
+__device__ __forceinline__ void nf4_gemv_whole(const unsigned short* __restrict__ x, const unsigned char* __restrict__ wq,
+                                               const float* __restrict__ absmax, unsigned short* __restrict__ y, int N, int K)
+{
+    wait_for_prior_kernels();
+    __shared__ float code[16];
+    extern __shared__ __align__(16) unsigned short xs[];       // [M][K / 32][CHUNK_STRIDE]
+    if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int n = blockIdx.x * WARPS_PER_BLOCK + warp;
+    const bool active = n < N;
+    const int chunks = K >> 5;
+    const uint4* wrow = reinterpret_cast<const uint4*>(wq + (size_t)(active ? n : 0) * (size_t)(K >> 1));
+    const float* arow = absmax + (size_t)(active ? n : 0) * (size_t)(K >> 6);
+
+    // The first round's weights are on their way while x is staged.
+    uint4 p[GEMV_ROUND];
+    float scale[GEMV_ROUND];
+    #pragma unroll
+    for (int u = 0; u < GEMV_ROUND; u++)
+    {
+        const int c = lane + 32 * u;
+        const bool live = active && c < chunks;
+        p[u] = live ? __ldg(wrow + c) : make_uint4(0u, 0u, 0u, 0u);
+        scale[u] = live ? __ldg(arow + (c >> 1)) : 0.0f;
+    }
+    const int vecsPerRow = K >> 3;                                // 8 values per 16-byte vector
+    for (int i = threadIdx.x; i < M * vecsPerRow; i += 32 * WARPS_PER_BLOCK)
+    {
+        const int m = i / vecsPerRow, v = i - m * vecsPerRow;
+        const uint4 val = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * (size_t)K) + v);
+        *reinterpret_cast<uint4*>(xs + (m * chunks + (v >> 2)) * CHUNK_STRIDE + ((v & 3) << 3)) = val;
+    }
+    __syncthreads();
+    if (!active) return;
+
+    float acc[M];
+    #pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    for (int first = 0; first < chunks; first += 32 * GEMV_ROUND)
+    {
+        if (first > 0)
+        {
+            #pragma unroll
+            for (int u = 0; u < GEMV_ROUND; u++)
+            {
+                const int c = first + lane + 32 * u;
+                p[u] = c < chunks ? __ldg(wrow + c) : make_uint4(0u, 0u, 0u, 0u);
+                scale[u] = c < chunks ? __ldg(arow + (c >> 1)) : 0.0f;
+            }
+        }
+        #pragma unroll
+        for (int u = 0; u < GEMV_ROUND; u++)
+        {
+            const int c = first + lane + 32 * u;
+            if (c >= chunks) break;                               // the chunks of a lane ascend: none left
+            float w[32];
+            decode_chunk(p[u], code, w);
+            #pragma unroll
+            for (int m = 0; m < M; m++)
+            {
+                const uint4* xr = reinterpret_cast<const uint4*>(xs + (m * chunks + c) * CHUNK_STRIDE);
+                float dot = 0.0f;
+                #pragma unroll
+                for (int v = 0; v < 4; v++)
+                {
+                    const uint4 q = xr[v];
+                    const unsigned int qw[4] = { q.x, q.y, q.z, q.w };
+                    #pragma unroll
+                    for (int j = 0; j < 4; j++)
+                    {
+                        dot = fmaf(low_half<BF16>(qw[j]), w[8 * v + 2 * j], dot);
+                        dot = fmaf(high_half<BF16>(qw[j]), w[8 * v + 2 * j + 1], dot);
+                    }
+                }
+                acc[m] = fmaf(dot, scale[u], acc[m]);
+            }
+        }
+    }
+    #pragma unroll
+    for (int m = 0; m < M; m++)
+    {
+        float v = acc[m];
+        #pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+        if (lane == 0) y[(size_t)m * (size_t)N + n] = from_f32<BF16>(v);
+    }
+}
+
+#define NF4_WHOLE_INSTANTIATE(M) \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_PER_BLOCK) nf4_gemv_whole_bf16_m##M( \
+        const unsigned short* x, const unsigned char* w, const float* absmax, unsigned short* y, int N, int K) \
+    { nf4_gemv_whole<M, true>(x, w, absmax, y, N, K); } \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS_PER_BLOCK) nf4_gemv_whole_f16_m##M( \
+        const unsigned short* x, const unsigned char* w, const float* absmax, unsigned short* y, int N, int K) \
+    { nf4_gemv_whole<M, false>(x, w, absmax, y, N, K); }
+
+NF4_WHOLE_INSTANTIATE(1) NF4_WHOLE_INSTANTIATE(2) NF4_WHOLE_INSTANTIATE(3) NF4_WHOLE_INSTANTIATE(4)
+
 // Tensor-core NF4 product for 17 to 32 rows of x (batched decode), where the CUDA-core kernels above become
 // compute-bound: y[m, n] = sum_k x[m, k] * bf16(code[q(n, k)] * absmax), with mma.sync m16n8k16 (fp32
 // accumulation). The weight is the A operand (16 weight rows per m-tile), x^T the B operand (8 tokens per n-tile).

@@ -51,6 +51,18 @@ public static class Nf4CudaKernel
     /// <summary>Output rows per thread block (one warp each).</summary>
     private const int WarpsPerBlock = 8;
 
+    /// <summary>Rows of x the whole-row GEMV (<c>nf4_gemv_whole</c>) takes, and the dynamic shared memory it may use
+    /// for them (x staged whole, K * 5/2 bytes a row: within the 48 KiB every launch may have without opting in, so
+    /// one row of K up to 19,600 and four of K = 4,096). Larger shapes take the tiled kernel.</summary>
+    private const int WholeMaxRows = 4, WholeMaxSharedBytes = 48 * 1024 - 256;
+
+    /// <summary>Whether rows of up to <see cref="WholeMaxRows"/> take the whole-row GEMV (PEFTSERVE_NF4_GEMV=tiled: always
+    /// the tiled one, to compare).</summary>
+    private static readonly bool WholeRowGemv = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_GEMV") != "tiled";
+
+    /// <summary>Whether <paramref name="rows"/> rows of width <paramref name="k"/> fit the whole-row GEMV.</summary>
+    internal static bool WholeRowFits(long rows, long k) => rows <= WholeMaxRows && rows * (k / 32) * 80 <= WholeMaxSharedBytes;
+
     /// <summary>The kernel file.</summary>
     internal const string File = "nf4.cu";
 
@@ -66,11 +78,12 @@ public static class Nf4CudaKernel
 
     /// <summary>x W^T through the fused kernel, or null when it does not apply (then the caller takes
     /// the plain path). x: [..., K] on CUDA, bf16 or fp16; the result has x's dtype and leading shape.</summary>
-    internal static Tensor? TryForward(Tensor x, Nf4Weight weight) => TryForward(x, weight, MmaTiles);
+    internal static Tensor? TryForward(Tensor x, Nf4Weight weight) => TryForward(x, weight, MmaTiles, WholeRowGemv);
 
     /// <summary><see cref="TryForward(Tensor, Nf4Weight)"/> with the tensor-core kernel built for <paramref name="mmaTiles"/>
-    /// m-tiles per warp (the selfcheck checks each).</summary>
-    internal static Tensor? TryForward(Tensor x, Nf4Weight weight, int mmaTiles)
+    /// m-tiles per warp, and for up to 4 rows the whole-row GEMV where it fits (<paramref name="wholeRow"/>) or the tiled
+    /// one (the selfcheck checks each).</summary>
+    internal static Tensor? TryForward(Tensor x, Nf4Weight weight, int mmaTiles, bool wholeRow)
     {
         if (!Enabled || x.device.type != DeviceType.CUDA) return null;
         if (x.dtype != ScalarType.BFloat16 && x.dtype != ScalarType.Float16) return null;
@@ -105,8 +118,10 @@ public static class Nf4CudaKernel
             for (long first = 0; first < rows; first += MaxRows)
             {
                 long count = Math.Min(MaxRows, rows - first);
-                string name = $"nf4_gemv_{type}_m{count}";
-                module.Launch(name, ((uint)((n + WarpsPerBlock - 1) / WarpsPerBlock), 1, 1), 32 * WarpsPerBlock, 0,
+                bool whole = wholeRow && WholeRowFits(count, k);
+                long wholeBytes = count * (k / 32) * 80;                // [count][K/32 chunks][40 halves], as the kernel lays x out
+                string name = whole ? $"nf4_gemv_whole_{type}_m{count}" : $"nf4_gemv_{type}_m{count}";
+                module.Launch(name, ((uint)((n + WarpsPerBlock - 1) / WarpsPerBlock), 1, 1), 32 * WarpsPerBlock, whole ? (uint)wholeBytes : 0,
                     KernelModule.Arg.Ptr(x2) + (ulong)(first * k * x2.ElementSize), KernelModule.Arg.Ptr(weight.Packed), KernelModule.Arg.Ptr(absmax),
                     KernelModule.Arg.Ptr(y) + (ulong)(first * n * y.ElementSize), KernelModule.Arg.Int(n), KernelModule.Arg.Int(k));
                 Interlocked.Increment(ref _launches);

@@ -336,8 +336,9 @@ public static class GpuConformance
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
         // Shapes: several row tiles and K splits of the tensor-core kernel, and one tile with one split (K = 128,
-        // rows not a multiple of 16). Rows: the CUDA-core kernel (1, 3, 7, 16), the tensor cores (17, 32).
-        foreach (var (outF, inF) in new[] { (768, 1024), (300, 128) })
+        // rows not a multiple of 16), and K = 11,008 (the down projection's: the whole-row GEMV's two rounds, K not a
+        // multiple of the tiled kernel's 1,024). Rows: the CUDA-core kernels (1, 3, 7, 16), the tensor cores (17, 32).
+        foreach (var (outF, inF) in new[] { (768, 1024), (300, 128), (100, 11008) })
         {
             using var layer = new Quantization.Nf4Linear(Quantization.Nf4Weight.Quantize(torch.randn([outF, inF], ScalarType.Float32, device) * 0.02), null);
             foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16 })
@@ -348,13 +349,21 @@ public static class GpuConformance
                     // The tensor-core kernel for each m-tile count its PEFTSERVE_NF4_MMA_MT switch takes.
                     foreach (int tiles in rows > Quantization.Nf4CudaKernel.MaxRows ? new[] { 1, 2, 4 } : [2])
                     {
-                        var fused = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles);
+                        var fused = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles, wholeRow: true);
                         double err = fused is null ? double.PositiveInfinity : RelativeError(fused, plain);
                         // A second call: the tensor-core kernel's counters must have been reset by the first.
-                        var again = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles);
+                        var again = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles, wholeRow: true);
                         bool same = again is not null && fused is not null && again.eq(fused).all().item<bool>();
                         string which = rows > Quantization.Nf4CudaKernel.MaxRows ? $"tensor cores, {tiles} m-tiles per warp" : "CUDA cores";
                         report(err <= 1e-2 && same, $"nf4 fused kernel {dtype} [{outF},{inF}], {rows} rows ({which}): rel.err {err:E2}{(same ? "" : ", a second call differs")}");
+                    }
+                    if (Quantization.Nf4CudaKernel.WholeRowFits(rows, inF))
+                    {
+                        // The whole-row GEMV against the tiled one: the same chunk order and products, so the same bits.
+                        var whole = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, 1, wholeRow: true);
+                        var tiled = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, 1, wholeRow: false);
+                        bool equal = whole is not null && tiled is not null && whole.eq(tiled).all().item<bool>();
+                        report(equal, $"nf4 whole-row GEMV {dtype} [{outF},{inF}], {rows} rows: {(whole is null || tiled is null ? "kernel unavailable" : equal ? "equal to the tiled kernel" : "DIFFERENT")}");
                     }
                 }
         }
