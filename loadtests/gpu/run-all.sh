@@ -63,6 +63,8 @@ if has nf4; then
   stamp "nf4"
   PEFTSERVE_PROFILE=1 b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nf4-1.json" 2>&1 | grep -E "^bench:|error|^profile" | tail -4 | tee "$OUT/bench-nf4.txt"
   b7 --mode waves --quantize nf4 --concurrency 32 --requests 32 --json "$OUT/bench-nf4.json" 2>&1 | grep -E "^bench:|error|weights" | tee -a "$OUT/bench-nf4.txt"
+  # The NF4 GEMV that walks K in tiles, to set beside the whole-row one (the default for 1-4 rows).
+  PEFTSERVE_NF4_GEMV=tiled b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nf4-1-tiled.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-nf4.txt"
 fi
 if has engine; then
   stamp "engine"
