@@ -45,7 +45,7 @@ if has lora; then
   b7 --mode waves --concurrency 32 --adapters 128 --requests 96 --json "$OUT/bench-lora128.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-lora.txt"
 fi
 if has lora-overlap; then
-  stamp "lora, shrink and expand beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
+  stamp "lora, the shrink beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
   PEFTSERVE_LORA_OVERLAP=1 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-overlap.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-overlap.txt"
 fi
 if has mix; then

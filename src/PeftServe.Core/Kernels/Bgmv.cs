@@ -18,9 +18,9 @@ internal static class Bgmv
         _ => 2,
     };
 
-    /// <summary>Whether LoRA's shrink and expand run on a side stream beside the base projection (PEFTSERVE_LORA_OVERLAP=1)
-    /// instead of after it.</summary>
-    internal static readonly bool Overlap = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_OVERLAP") == "1";
+    /// <summary>Whether LoRA's shrink runs on a side stream beside the base projection (PEFTSERVE_LORA_OVERLAP=1) instead of
+    /// after it; its expand stays where it was (owed to the next kernel, or after the projection).</summary>
+    internal static bool Overlap { get; set; } = Environment.GetEnvironmentVariable("PEFTSERVE_LORA_OVERLAP") == "1";
 
     /// <summary>Whether the kernels can serve activations <paramref name="x"/> [N, in] and pools of x's dtype whose
     /// inner sizes are <paramref name="widths"/> (all must be whole 16-byte vectors; any pool rank).</summary>
@@ -65,32 +65,13 @@ internal static class Bgmv
         if (y.stride(1) != 1) throw new ArgumentException("y must have contiguous columns");
         if (activation is { } act && (act.Bias.shape[^1] != d.shape[2] || act.Codes.dtype != ScalarType.Int32))
             throw new ArgumentException("the activation's bias must be [S, R] and its codes int32");
-        LaunchExpand("bgmv_expand", NativeHelper.CurrentStream(Module(y)!.Ordinal), Module(y)!, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn,
-            bias, activation);
-    }
-
-    /// <summary>The same sum written (not added) into a new float32 [N, <paramref name="width"/>] buffer, zeros
-    /// for rows without an adapter, on <paramref name="stream"/>: to be added to the projection's output
-    /// once both are done.</summary>
-    public static Tensor ExpandToFloat32(long width, Tensor rowSlots, int tokensPerRow, Tensor d, IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets,
-        Tensor ranks, int rankColumn, SideStream stream)
-    {
-        var module = Module(up[0])!;
-        var y = torch.empty([d.shape[0], width], ScalarType.Float32, d.device);
-        LaunchExpand("bgmv_expand_to_f32", stream.Stream, module, y, rowSlots, tokensPerRow, d, up, offsets, ranks, rankColumn, null, null);
-        return y;
-    }
-
-    private static void LaunchExpand(string kernel, IntPtr stream, KernelModule module, Tensor y, Tensor rowSlots, int tokensPerRow, Tensor d,
-        IReadOnlyList<Tensor> up, IReadOnlyList<long> offsets, Tensor ranks, int rankColumn, Tensor? bias, (Tensor Bias, Tensor Codes)? activation)
-    {
         if (up.Count is < 1 or > 3) throw new ArgumentException("one to three up-projection pools");
         long n = y.shape[0];
         int k = (int)d.shape[1], r = (int)d.shape[2];
         long vec = 16 / up[0].ElementSize;
         long widest = up.Max(b => b.shape[2]);
         const int threads = 128;
-        module.LaunchOn(stream, kernel, ((uint)n, (uint)((widest + threads * vec - 1) / (threads * vec)), (uint)k), threads, 0,
+        Module(y)!.Launch("bgmv_expand", ((uint)n, (uint)((widest + threads * vec - 1) / (threads * vec)), (uint)k), threads, 0,
             [KernelModule.Arg.Ptr(y), KernelModule.Arg.Long(y.stride(0)), KernelModule.Arg.Ptr(rowSlots), KernelModule.Arg.Int(tokensPerRow),
             KernelModule.Arg.Ptr(d), KernelModule.Arg.Int(k), KernelModule.Arg.Int(r),
             .. TargetArgs(up, offsets),
@@ -112,8 +93,11 @@ internal static class Bgmv
     }
 
     /// <summary>x itself when its rows are 16-byte aligned vectors the kernels can load, else a contiguous copy.</summary>
-    private static Tensor AlignedRows(Tensor x) =>
-        x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0 ? x : x.contiguous();
+    private static Tensor AlignedRows(Tensor x) => RowsAligned(x) ? x : x.contiguous();
+
+    /// <summary>Whether the kernels read x [N, in] as it is (no copy made first: a shrink on a side stream needs that,
+    /// since a copy on the current stream after the fork would race with it).</summary>
+    internal static bool RowsAligned(Tensor x) => x.stride(1) == 1 && KernelModule.Arg.Ptr(x) % 16 == 0 && x.stride(0) * x.ElementSize % 16 == 0;
 
     /// <summary>The kernels' three up-projection targets as arguments: pools B0..B2 (unused ones repeat the last),
     /// widths out0..out2 and output offsets off0..off2 (0 where unused).</summary>

@@ -96,18 +96,16 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
 }
 
 // The up-projection: acc[o] = sum_{r < rank(s, j)} c[r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given),
-// for o < out_j, and then either (ACCUMULATE) y[n][off_j + o] = T(y + acc) in place in the layer's output, or
-// y[n][off_j + o] = acc into a float32 buffer, zeros included (tokens without an adapter write 0), so the
-// buffer can be computed beside the base projection on another stream and added after it.
+// for o < out_j, and then y[n][off_j + o] = T(y + acc) in place in the layer's output (tokens without an adapter
+// leave it untouched).
 // c[r] = d[n][j][r]; for bottleneck adapters (act_codes given) c[r] = act_s(d[n][j][r] + act_bias[s][r]): the
 // down-projection's bias and activation are applied as the coefficients are loaded, in no launch of their own.
 // y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
 // Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs and loads the B rows
 // of EXPAND_RANKS ranks (and its outputs) in one round: one round for ranks up to EXPAND_RANKS (row_terms.cuh).
 
-template <bool ACCUMULATE, typename Y>
-__device__ __forceinline__ void bgmv_expand_impl(
-    Y* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
+extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
+    T* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
     const float* __restrict__ d, int K, int R,
     const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
     int out0, int out1, int out2, int off0, int off1, int off2,
@@ -118,44 +116,30 @@ __device__ __forceinline__ void bgmv_expand_impl(
     const int n = blockIdx.x, j = blockIdx.z;
     const long long s = slots[n / tokens_per_row];
     const int rank = s < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
-    if (ACCUMULATE && rank == 0) return;
+    if (rank == 0) return;
     const T* B = j == 0 ? B0 : j == 1 ? B1 : B2;
     const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
     const int off = j == 0 ? off0 : j == 1 ? off1 : off2;
     const int o0 = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
     if (o0 >= out) return;
 
-    Y* yr = y + (long long)n * y_stride + off + o0;
+    T* yr = y + (long long)n * y_stride + off + o0;
     float acc[VEC], prior[VEC];
     #pragma unroll
     for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
-    if constexpr (ACCUMULATE) load_vec(yr, prior);                      // issued with the B loads below
+    load_vec(yr, prior);                                               // issued with the B loads below
     const float* dr = d + ((long long)n * K + j) * R;
     const T* b = B + s * (long long)R * out + o0;
     const int code = act_codes != nullptr && rank > 0 ? act_codes[s] : -1;
     add_low_rank(acc, b, out, dr, rank, code, code >= 0 ? act_bias + s * R : nullptr);
-    if (rank > 0 && bias != nullptr && j == 0)
+    if (bias != nullptr && j == 0)
     {
         #pragma unroll
         for (int i = 0; i < VEC; i++) acc[i] += to_f32(bias[s * (long long)out + o0 + i]);
     }
     #pragma unroll
-    for (int i = 0; i < VEC; i++)
-    {
-        if constexpr (ACCUMULATE) yr[i] = from_f32<Y>(prior[i] + acc[i]);
-        else yr[i] = acc[i];
-    }
+    for (int i = 0; i < VEC; i++) yr[i] = from_f32<T>(prior[i] + acc[i]);
 }
-
-#define EXPAND_PARAMS(Y) \
-    Y* y, long long y_stride, const long long* slots, int tokens_per_row, const float* d, int K, int R, \
-    const T* B0, const T* B1, const T* B2, int out0, int out1, int out2, int off0, int off1, int off2, \
-    const int* ranks, int rank_stride, int rank_col, const T* bias, const T* act_bias, const int* act_codes
-#define EXPAND_ARGS y, y_stride, slots, tokens_per_row, d, K, R, B0, B1, B2, out0, out1, out2, off0, off1, off2, ranks, rank_stride, rank_col, bias, \
-    act_bias, act_codes
-
-extern "C" __global__ void __launch_bounds__(128) bgmv_expand(EXPAND_PARAMS(T)) { bgmv_expand_impl<true, T>(EXPAND_ARGS); }
-extern "C" __global__ void __launch_bounds__(128) bgmv_expand_to_f32(EXPAND_PARAMS(float)) { bgmv_expand_impl<false, float>(EXPAND_ARGS); }
 
 // One epilogue for several methods' per-row terms at a projection's output, in place (row_terms.cuh says what it
 // computes). y: [N, y_stride], width W. Grid (N, ceil(W / (threads * VEC))): each thread owns VEC consecutive columns.

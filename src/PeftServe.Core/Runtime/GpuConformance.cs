@@ -432,14 +432,25 @@ public static class GpuConformance
             var prompts = names.Select((_, i) => Enumerable.Range(0, 9 + i).Select(t => 3 + (t * 37 + i * 11) % (c.VocabSize - 3)).ToArray()).ToArray();
             var sampling = names.Select(_ => SamplingParams.Greedy(12)).ToArray();
             var expected = FixedBatch.Generate(cpu, prompts, sampling, names, dir.FullName);
-            foreach (bool graphs in new[] { false, true })
+            bool overlap = PeftServe.Core.Kernels.Bgmv.Overlap;
+            try
             {
-                var got = FixedBatch.Generate(gpu, prompts, sampling, names, dir.FullName, new EngineOptions { CudaGraphs = graphs });
-                for (int r = 0; r < names.Length; r++)
+                // Also with LoRA's shrink on the side stream beside each base projection (PEFTSERVE_LORA_OVERLAP=1).
+                foreach (var (graphs, beside) in new[] { (false, false), (true, false), (false, true), (true, true) })
                 {
-                    bool same = got.Where(t => t.Row == r).Select(t => t.TokenId).SequenceEqual(expected.Where(t => t.Row == r).Select(t => t.TokenId));
-                    report(same, $"float32 {(graphs ? "graphed" : "eager")} {names[r]} in a mixed batch: GPU tokens {(same ? "equal" : "DIFFER from")} the CPU's");
+                    PeftServe.Core.Kernels.Bgmv.Overlap = beside;
+                    var got = FixedBatch.Generate(gpu, prompts, sampling, names, dir.FullName, new EngineOptions { CudaGraphs = graphs });
+                    for (int r = 0; r < names.Length; r++)
+                    {
+                        bool same = got.Where(t => t.Row == r).Select(t => t.TokenId).SequenceEqual(expected.Where(t => t.Row == r).Select(t => t.TokenId));
+                        report(same, $"float32 {(graphs ? "graphed" : "eager")}{(beside ? ", LoRA shrink beside the projection" : "")} {names[r]} in a mixed batch: " +
+                                     $"GPU tokens {(same ? "equal" : "DIFFER from")} the CPU's");
+                    }
                 }
+            }
+            finally
+            {
+                PeftServe.Core.Kernels.Bgmv.Overlap = overlap;
             }
         }
         finally

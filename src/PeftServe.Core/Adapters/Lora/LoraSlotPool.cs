@@ -277,7 +277,7 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     private readonly bool[,] _gainActive, _offsetActive;   // [layer, group]: may any row's adapter scale / offset it?
     private readonly LoraVocabularyOp? _vocabulary;
     private Tensor? _index;            // [B] each row's slot, the neutral slot for rows without
-    private Tensor? _pending;          // the group's delta being computed on the side stream (float32 [N, width])
+    private LowRankDelta? _pending;    // the group's shrink running on the side stream, to join before its expand
     private int _pendingGroup = -1;
     private Tensor? _distinct;         // masked form: the distinct slots [u]
     private Tensor? _mask;             // masked form: [n,1,u,1]
@@ -305,47 +305,54 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     public override Tensor TokenEmbeddings(Tensor inputIds, Tensor embeddings) => _vocabulary?.TokenEmbeddings(inputIds, embeddings) ?? embeddings;
     public override Tensor Logits(Tensor hidden, Tensor logits) => _vocabulary?.Logits(hidden, logits) ?? logits;
 
-    /// <summary>With PEFTSERVE_LORA_OVERLAP=1 on CUDA, starts the group's delta on the side stream as soon as the
-    /// projection's input is there: shrink and expand then run beside the base projection, and <see cref="Apply"/>
-    /// only joins and adds.</summary>
+    /// <summary>With PEFTSERVE_LORA_OVERLAP=1 on CUDA, starts the group's shrink on the side stream as soon as the
+    /// projection's input is there, so that it runs beside the base projection; the expand joins it after the
+    /// projection (<see cref="TakePending"/>).</summary>
     public override void BeforeLinear(int layer, LinearSite site, Tensor x)
     {
         int group = (int)site;
-        var targets = LoraSlotPool.Groups[group];
-        if (!Bgmv.Overlap || !targets.Any(t => _active[(int)t])) return;
-        var layout = Layout(group);
-        long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
-        var x2 = x.reshape(b * t, inF);
-        if (!Bgmv.Supports(x2, [.. layout.Select(l => l.Width)])) return;
+        if (!Bgmv.Overlap || x.device.type != DeviceType.CUDA || !LoraSlotPool.Groups[group].Any(t => _active[(int)t])) return;
+        // The side stream reads x as it is once forked: nothing may be copied for it on the current stream afterwards.
+        if (!x.is_contiguous() || !Bgmv.RowsAligned(x.view(-1, x.shape[^1]))) return;
         var side = SideStream.For(x.device.index < 0 ? 0 : x.device.index);
         side.Fork();
-        var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0], side);
-        _pending = Bgmv.ExpandToFloat32(layout[^1].Offset + layout[^1].Width, Rows.RowSlots, (int)t, d,
-            targets.Select(tg => _pool.B(layer, tg)).ToArray(), layout.Select(l => l.Offset).ToArray(), _pool.Ranks, (int)targets[0], side);
+        _pending = Shrink(layer, group, x, side);
         side.MarkDone();
-        _pendingGroup = group;
+        _pendingGroup = _pending is null ? -1 : group;
     }
 
-    /// <summary>The group's delta as a low-rank term (its shrink runs now, the expand with the other methods' terms), where
-    /// the BGMV kernels serve it and nothing else of LoRA's acts at this output (no DoRA scale, no lora_B bias, no delta
-    /// already computing beside the projection).</summary>
+    /// <summary>The group's shrink started beside the projection, once the current stream has joined it; null when none
+    /// was started for this group.</summary>
+    private LowRankDelta? TakePending(int group, Tensor x)
+    {
+        if (_pendingGroup != group || _pending is not { } delta) return null;
+        SideStream.For(x.device.index < 0 ? 0 : x.device.index).Join();
+        _pending = null;
+        _pendingGroup = -1;
+        return delta;
+    }
+
+    /// <summary>The group's delta as a low-rank term (its shrink runs now or ran beside the projection, the expand with the
+    /// other methods' terms), where the BGMV kernels serve it and nothing else of LoRA's acts at this output (no DoRA
+    /// scale, no lora_B bias).</summary>
     internal override OutputTerm? OfferOutputTerm(int layer, LinearSite site, Tensor x, Tensor output)
     {
         int group = (int)site;
-        if (!LoraSlotPool.Groups[group].Any(t => _active[(int)t]) || _gainActive[layer, group] || _offsetActive[layer, group] || _pendingGroup == group
+        if (!LoraSlotPool.Groups[group].Any(t => _active[(int)t]) || _gainActive[layer, group] || _offsetActive[layer, group]
             || output.dim() != 3 || !output.is_contiguous()) return null;
-        return Shrink(layer, group, x) is { } delta ? new OutputTerm.LowRank(delta) : null;
+        return (TakePending(group, x) ?? Shrink(layer, group, x)) is { } delta ? new OutputTerm.LowRank(delta) : null;
     }
 
-    /// <summary>The group's shrink on the BGMV kernel, as a delta still to expand; null where the kernels do not serve x.</summary>
-    private LowRankDelta? Shrink(int layer, int group, Tensor x)
+    /// <summary>The group's shrink on the BGMV kernel (on <paramref name="side"/> when given), as a delta still to expand;
+    /// null where the kernels do not serve x.</summary>
+    private LowRankDelta? Shrink(int layer, int group, Tensor x, SideStream? side = null)
     {
         var targets = LoraSlotPool.Groups[group];
         var layout = Layout(group);
         long b = x.shape[0], t = x.shape[1], inF = x.shape[2];
         var x2 = x.reshape(b * t, inF);
         if (!Bgmv.Supports(x2, [.. layout.Select(l => l.Width)])) return null;
-        var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0]);
+        var d = Bgmv.Shrink(x2, Rows.RowSlots, (int)t, _pool.A(layer, group), _pool.Ranks, (int)targets[0], side);
         return new LowRankDelta(d, Rows.RowSlots, targets.Select(tg => _pool.B(layer, tg)).ToArray(), layout.Select(l => l.Offset).ToArray(),
             _pool.Ranks, (int)targets[0]);
     }
@@ -385,14 +392,9 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     {
         var targets = LoraSlotPool.Groups[group];
         if (!targets.Any(t => _active[(int)t])) return output;
-        if (_pendingGroup == group && _pending is { } delta)
-        {
-            SideStream.For(x.device.index < 0 ? 0 : x.device.index).Join();
-            _pending = null;
-            _pendingGroup = -1;
-            return output.add_(delta.view(output.shape));
-        }
-        if (output.is_contiguous() && Shrink(layer, group, x) is { } d)
+        // A shrink started beside the projection is joined in any case: its output must not outlive the side stream's write.
+        var pending = TakePending(group, x);
+        if (output.is_contiguous() && (pending ?? Shrink(layer, group, x)) is { } d)
         {
             Bgmv.Expand(output.view(-1, output.shape[^1]), d.RowSlots, (int)x.shape[1], d.D, d.Up, d.Offsets, d.Ranks, d.RankColumn);
             return output;
