@@ -56,6 +56,40 @@ __device__ __forceinline__ void decode_chunk(const uint4 p, const float* code, f
     }
 }
 
+// The dot product of one chunk's 32 decoded weights with the 32 x values staged at xs (4 vectors of 8, in order).
+template <bool BF16> __device__ __forceinline__ float chunk_dot(const unsigned short* xs, const float w[32])
+{
+    const uint4* xr = reinterpret_cast<const uint4*>(xs);
+    float dot = 0.0f;
+    #pragma unroll
+    for (int v = 0; v < 4; v++)
+    {
+        const uint4 q = xr[v];                                   // values 8v .. 8v+7 of the chunk
+        const unsigned int qw[4] = { q.x, q.y, q.z, q.w };
+        #pragma unroll
+        for (int j = 0; j < 4; j++)
+        {
+            dot = fmaf(low_half<BF16>(qw[j]), w[8 * v + 2 * j], dot);
+            dot = fmaf(high_half<BF16>(qw[j]), w[8 * v + 2 * j + 1], dot);
+        }
+    }
+    return dot;
+}
+
+// y[m][n] = the sum of acc[m] over the warp's lanes (a butterfly), written by lane 0.
+template <int M, bool BF16>
+__device__ __forceinline__ void store_row_sums(const float acc[M], unsigned short* __restrict__ y, int N, int n, int lane)
+{
+    #pragma unroll
+    for (int m = 0; m < M; m++)
+    {
+        float v = acc[m];
+        #pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+        if (lane == 0) y[(size_t)m * (size_t)N + n] = from_f32<BF16>(v);
+    }
+}
+
 // y[m, n] = sum_k x[m, k] * code[q(n, k)] * absmax[(n*K + k) / 64] for M (<= 16) rows of x.
 // One warp per output row n. K is walked in tiles of TILE_K: the block stages x[:, tile] in shared
 // memory, then lane l takes chunk c = tile/32 + l (weights 32c .. 32c+31 of row n, in 64-block
@@ -108,23 +142,7 @@ __device__ __forceinline__ void nf4_gemv(const unsigned short* __restrict__ x, c
             decode_chunk(p, code, w);
             #pragma unroll
             for (int m = 0; m < M; m++)
-            {
-                const uint4* xr = reinterpret_cast<const uint4*>(xs + (m * (TILE_K / 32) + lane) * CHUNK_STRIDE);
-                float dot = 0.0f;
-                #pragma unroll
-                for (int v = 0; v < 4; v++)
-                {
-                    const uint4 q = xr[v];                       // values 8v .. 8v+7 of the chunk
-                    const unsigned int qw[4] = { q.x, q.y, q.z, q.w };
-                    #pragma unroll
-                    for (int j = 0; j < 4; j++)
-                    {
-                        dot = fmaf(low_half<BF16>(qw[j]), w[8 * v + 2 * j], dot);
-                        dot = fmaf(high_half<BF16>(qw[j]), w[8 * v + 2 * j + 1], dot);
-                    }
-                }
-                acc[m] = fmaf(dot, scale, acc[m]);
-            }
+                acc[m] = fmaf(chunk_dot<BF16>(xs + (m * (TILE_K / 32) + lane) * CHUNK_STRIDE, w), scale, acc[m]);
         }
         c = cNext;
         p = pNext;
@@ -132,14 +150,7 @@ __device__ __forceinline__ void nf4_gemv(const unsigned short* __restrict__ x, c
     }
 
     if (!active) return;
-    #pragma unroll
-    for (int m = 0; m < M; m++)
-    {
-        float v = acc[m];
-        #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-        if (lane == 0) y[(size_t)m * (size_t)N + n] = from_f32<BF16>(v);
-    }
+    store_row_sums<M, BF16>(acc, y, N, n, lane);
 }
 
 #define NF4_INSTANTIATE(M) \
@@ -222,33 +233,10 @@ __device__ __forceinline__ void nf4_gemv_whole(const unsigned short* __restrict_
             decode_chunk(p[u], code, w);
             #pragma unroll
             for (int m = 0; m < M; m++)
-            {
-                const uint4* xr = reinterpret_cast<const uint4*>(xs + (m * chunks + c) * CHUNK_STRIDE);
-                float dot = 0.0f;
-                #pragma unroll
-                for (int v = 0; v < 4; v++)
-                {
-                    const uint4 q = xr[v];
-                    const unsigned int qw[4] = { q.x, q.y, q.z, q.w };
-                    #pragma unroll
-                    for (int j = 0; j < 4; j++)
-                    {
-                        dot = fmaf(low_half<BF16>(qw[j]), w[8 * v + 2 * j], dot);
-                        dot = fmaf(high_half<BF16>(qw[j]), w[8 * v + 2 * j + 1], dot);
-                    }
-                }
-                acc[m] = fmaf(dot, scale[u], acc[m]);
-            }
+                acc[m] = fmaf(chunk_dot<BF16>(xs + (m * chunks + c) * CHUNK_STRIDE, w), scale[u], acc[m]);
         }
     }
-    #pragma unroll
-    for (int m = 0; m < M; m++)
-    {
-        float v = acc[m];
-        #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-        if (lane == 0) y[(size_t)m * (size_t)N + n] = from_f32<BF16>(v);
-    }
+    store_row_sums<M, BF16>(acc, y, N, n, lane);
 }
 
 #define NF4_WHOLE_INSTANTIATE(M) \
