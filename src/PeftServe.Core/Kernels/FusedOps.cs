@@ -46,34 +46,26 @@ public static class FusedOps
     /// first: in the same kernel where it can (one launch fewer), else on their own; delta may be changed in place.</summary>
     public static (Tensor Residual, Tensor Normed) AddRmsNorm(Tensor h, Tensor delta, Tensor weight, double eps, RowEpilogue? terms = null)
     {
-        if (terms is not null)
+        var module = Module(h);
+        bool KernelTakes(Tensor d) => module is not null && weight.dtype == h.dtype && d.dtype == h.dtype && h.is_contiguous() && d.is_contiguous()
+                                      && h.shape.SequenceEqual(d.shape);
+        // Owed terms ride along in add_rms_norm_terms where they fit; elsewhere they are applied to delta first.
+        if (terms is not null && !(KernelTakes(delta) && Aligned(h) && Aligned(delta) && terms.Fits(delta.view(-1, delta.shape[^1]))))
         {
-            if (Module(h) is { } fused && weight.dtype == h.dtype && delta.dtype == h.dtype && h.is_contiguous() && delta.is_contiguous()
-                && h.shape.SequenceEqual(delta.shape) && Aligned(h) && Aligned(delta) && terms.Fits(delta.view(-1, delta.shape[^1])))
-            {
-                long width = h.shape[^1], rows = h.NumberOfElements / width;
-                var residual = torch.empty_like(h);
-                var normed = torch.empty_like(h);
-                long vec = 16 / h.ElementSize;
-                fused.Launch("add_rms_norm_terms", ((uint)rows, 1, 1), (uint)Math.Clamp((width / vec + 31) / 32 * 32, 32, 1024), 0,
-                [
-                    KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
-                    KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps), KernelModule.Arg.Int(terms.TokensPerRow),
-                    .. terms.Args(),
-                ]);
-                return (residual, normed);
-            }
             delta = terms.ApplyTo(delta);
+            terms = null;
         }
-        if (Module(h) is { } module && weight.dtype == h.dtype && delta.dtype == h.dtype && h.is_contiguous() && delta.is_contiguous()
-            && h.shape.SequenceEqual(delta.shape))
+        if (KernelTakes(delta))
         {
             long width = h.shape[^1], rows = h.NumberOfElements / width;
             var residual = torch.empty_like(h);
             var normed = torch.empty_like(h);
-            module.Launch("add_rms_norm", ((uint)rows, 1, 1), Threads(width), 0,
-                KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
-                KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps));
+            ulong[] args = [KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
+                KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps)];
+            if (terms is null) module!.Launch("add_rms_norm", ((uint)rows, 1, 1), Threads(width), 0, args);
+            else
+                module!.Launch("add_rms_norm_terms", ((uint)rows, 1, 1), (uint)Math.Clamp((width * h.ElementSize / 16 + 31) / 32 * 32, 32, 1024), 0,
+                    [.. args, KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args()]);
             return (residual, normed);
         }
         var sum = h + delta;
@@ -88,34 +80,23 @@ public static class FusedOps
     /// else on their own (gateUp may then be changed in place).</summary>
     public static Tensor SiluMul(Tensor gateUp, RowEpilogue? terms = null)
     {
-        long width = gateUp.shape[^1] / 2;
-        if (terms is not null)
+        long width = gateUp.shape[^1] / 2, vec = 16 / gateUp.ElementSize;
+        var module = Module(gateUp);
+        // Owed terms ride along in silu_mul_terms where they fit; elsewhere they are applied to gate|up first.
+        if (terms is not null && !(module is not null && gateUp.is_contiguous() && Aligned(gateUp) && width % vec == 0 && terms.Fits(gateUp.view(-1, 2 * width))))
         {
-            long vec = 16 / gateUp.ElementSize;
-            if (Module(gateUp) is { } fused && gateUp.is_contiguous() && Aligned(gateUp) && width % vec == 0
-                && terms.Fits(gateUp.view(-1, 2 * width)))
-            {
-                var shape = gateUp.shape.ToArray();
-                shape[^1] = width;
-                var output = torch.empty(shape, gateUp.dtype, gateUp.device);
-                long rows = gateUp.NumberOfElements / (2 * width), chunks = rows * width / vec;
-                fused.Launch("silu_mul_terms", ((uint)((chunks + 255) / 256), 1, 1), 256, 0,
-                [
-                    KernelModule.Arg.Ptr(gateUp), KernelModule.Arg.Ptr(output), KernelModule.Arg.Long(rows), KernelModule.Arg.Int(width),
-                    KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args(),
-                ]);
-                return output;
-            }
             gateUp = terms.ApplyTo(gateUp);
+            terms = null;
         }
-        if (Module(gateUp) is { } module && gateUp.is_contiguous())
+        if (module is not null && gateUp.is_contiguous())
         {
             var shape = gateUp.shape.ToArray();
             shape[^1] = width;
             var output = torch.empty(shape, gateUp.dtype, gateUp.device);
-            long rows = gateUp.NumberOfElements / (2 * width), total = rows * width;
-            module.Launch("silu_mul", ((uint)((total + 255) / 256), 1, 1), 256, 0,
-                KernelModule.Arg.Ptr(gateUp), KernelModule.Arg.Ptr(output), KernelModule.Arg.Long(rows), KernelModule.Arg.Int(width));
+            long rows = gateUp.NumberOfElements / (2 * width);
+            ulong[] args = [KernelModule.Arg.Ptr(gateUp), KernelModule.Arg.Ptr(output), KernelModule.Arg.Long(rows), KernelModule.Arg.Int(width)];
+            if (terms is null) module.Launch("silu_mul", ((uint)((rows * width + 255) / 256), 1, 1), 256, 0, args);
+            else module.Launch("silu_mul_terms", ((uint)((rows * width / vec + 255) / 256), 1, 1), 256, 0, [.. args, KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args()]);
             return output;
         }
         using var scope = torch.NewDisposeScope();
