@@ -30,7 +30,7 @@ internal sealed unsafe partial class KernelModule
     /// <summary>Whether our kernels are launched with programmatic dependent launch where the GPU has it (sm_90+) and
     /// the driver has cuLaunchKernelEx (on unless PEFTSERVE_PDL=0). Each launch may then begin while the kernel before it
     /// is finishing, hiding part of the gap between the many short kernels of a decode step. Measured on the H200 (7B
-    /// shapes, 2026-12-03): 1-3% faster in every case (NF4 batch 1 275 -> 284 tok/s, batch 32 4,946 -> 5,031), the
+    /// shapes, 2026-12-03): 0.5-3% faster in every case (NF4 batch 1 275 -> 284 tok/s, batch 32 4,946 -> 5,031), the
     /// selfcheck passing with it. Read when a module loads.</summary>
     public static bool ProgrammaticLaunch { get; set; } = Environment.GetEnvironmentVariable("PEFTSERVE_PDL") != "0";
 
