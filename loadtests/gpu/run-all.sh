@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
-#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-overlap] [mix] [separate] [nf4] [engine] [peft] [nopdl]
+#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-serial] [mix] [separate] [nf4-tune] [nf4] [engine] [peft] [nopdl]
+# nf4-tune: times the tensor-core NF4 kernel's settings (nf4-check, 32 rows) and exports the fastest for the nf4 section.
 # separate: 32 LoRAs and the mix with every method's output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0:
 # no shared epilogue, nothing left to the residual add + RMSNorm), to compare with the same call's lora and mix.
 # nopdl: the selfcheck again and batch 1, batch 32, 32 LoRAs, the mix and NF4 batch 1 without programmatic dependent
@@ -42,11 +43,12 @@ fi
 if has lora; then
   stamp "lora"
   b7 --mode waves --concurrency 32 --adapters 0,1,32 --requests 32 --json "$OUT/bench-lora.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora.txt"
-  b7 --mode waves --concurrency 32 --adapters 128 --requests 96 --json "$OUT/bench-lora128.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-lora.txt"
+  # LORA128=0 leaves out 128 LoRAs through 64 slots (the longest case here, about 90 s).
+  [ "${LORA128:-1}" != 0 ] && b7 --mode waves --concurrency 32 --adapters 128 --requests 96 --json "$OUT/bench-lora128.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-lora.txt"
 fi
-if has lora-overlap; then
-  stamp "lora, the shrink beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
-  PEFTSERVE_LORA_OVERLAP=1 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-overlap.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-overlap.txt"
+if has lora-serial; then
+  stamp "lora, the shrink after the base projection (PEFTSERVE_LORA_OVERLAP=0)"
+  PEFTSERVE_LORA_OVERLAP=0 b7 --mode waves --concurrency 32 --adapters 1,32 --requests 32 --json "$OUT/bench-lora-serial.json" 2>&1 | grep -E "^bench:|error" | tee "$OUT/bench-lora-serial.txt"
 fi
 if has mix; then
   stamp "mix"
@@ -59,12 +61,39 @@ if has separate; then
   PEFTSERVE_ROW_EPILOGUE=0 b7 --mode waves --concurrency 32 --adapters ${MIX_ADAPTERS:-0,9} --requests 32 \
     --adapter-methods lora,prefix,prompt,ptuning,ia3,llama-adapter,bottleneck,adamix,bitfit --json "$OUT/bench-mix-separate.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-separate.txt"
 fi
+if has nf4-tune; then
+  stamp "nf4 tensor-core kernel settings (nf4-check, 32 rows)"
+  # Each setting times the kernel on the four 7B shapes; the one with the least time per decoder layer (q|k|v, o, gate and
+  # up as two 11008x4096, down) is exported for the nf4 section below, and the table kept in nf4-tune.txt.
+  : > "$OUT/nf4-tune.txt"
+  for depth in ${TUNE_PREFETCH:-1 2 3}; do for blocks in ${TUNE_BLOCKS:-264 528}; do
+    echo "== PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks" >> "$OUT/nf4-tune.txt"
+    PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks timeout 60 bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll nf4-check --rows 32 --bf16-only --iterations 100 \
+      >> "$OUT/nf4-tune.txt" 2>&1
+  done; done
+  best=$(python3 - "$OUT/nf4-tune.txt" 2>>"$OUT/nf4-tune.txt" <<'PY'
+import sys, re
+weight = {"12288x4096": 1, "4096x4096": 1, "11008x4096": 2, "4096x11008": 1}
+best, setting, totals, passed = None, None, {}, {}
+for line in open(sys.argv[1]):
+    if line.startswith("== "): setting = line[3:].strip(); totals[setting] = 0.0; passed[setting] = 0; continue
+    f = line.split()
+    if setting and len(f) > 7 and f[0] == "bf16" and f[1] in weight and f[-1] == "ok":
+        totals[setting] += weight[f[1]] * float(f[6]); passed[setting] += 1
+for s, t in totals.items():   # a setting counts only if every shape passed
+    print(f"{s}: {t:.1f} us per layer, {passed[s]} of {len(weight)} shapes passed", file=sys.stderr)
+    if passed[s] == len(weight) and (best is None or t < totals[best]): best = s
+print(best or "")
+PY
+)
+  grep "us per layer" "$OUT/nf4-tune.txt"
+  echo "nf4-tune: best $best" | tee -a "$OUT/nf4-tune.txt"
+  [ -n "$best" ] && export $best
+fi
 if has nf4; then
   stamp "nf4"
   PEFTSERVE_PROFILE=1 b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nf4-1.json" 2>&1 | grep -E "^bench:|error|^profile" | tail -4 | tee "$OUT/bench-nf4.txt"
   b7 --mode waves --quantize nf4 --concurrency 32 --requests 32 --json "$OUT/bench-nf4.json" 2>&1 | grep -E "^bench:|error|weights" | tee -a "$OUT/bench-nf4.txt"
-  # The NF4 GEMV that walks K in tiles, to set beside the whole-row one (the default for 1-4 rows).
-  PEFTSERVE_NF4_GEMV=tiled b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nf4-1-tiled.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-nf4.txt"
 fi
 if has engine; then
   stamp "engine"

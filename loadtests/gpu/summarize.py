@@ -14,7 +14,7 @@ if floor:
         if key in floor:
             rows.append(("python floor (graph)", label, floor[key]["graph_tok_s"], "", ""))
             rows.append(("python floor (eager)", label, floor[key]["eager_tok_s"], "", ""))
-for name in ["bench-base1.json", "bench-base.json", "bench-lora.json", "bench-lora128.json", "bench-lora-overlap.json", "bench-mix.json", "bench-lora-separate.json", "bench-mix-separate.json", "bench-nf4-1.json", "bench-nf4-1-tiled.json", "bench-nf4.json", "bench-engine.json",
+for name in ["bench-base1.json", "bench-base.json", "bench-lora.json", "bench-lora128.json", "bench-lora-overlap.json", "bench-lora-serial.json", "bench-mix.json", "bench-lora-separate.json", "bench-mix-separate.json", "bench-nf4-1.json", "bench-nf4-1-tiled.json", "bench-nf4.json", "bench-engine.json",
              "bench-nopdl-base1.json", "bench-nopdl-base.json", "bench-nopdl-lora.json", "bench-nopdl-mix.json", "bench-nopdl-nf4-1.json"]:
     data = load(name)
     if not data:
@@ -26,6 +26,8 @@ for name in ["bench-base1.json", "bench-base.json", "bench-lora.json", "bench-lo
             label = "NF4 " + label
         if "overlap" in name:
             label += ", LoRA beside the base projection (PEFTSERVE_LORA_OVERLAP=1)"
+        if "serial" in name:
+            label += ", LoRA shrink after the base projection (PEFTSERVE_LORA_OVERLAP=0)"
         if "separate" in name:
             label += ", output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0)"
         if "-tiled" in name:

@@ -42,11 +42,16 @@ internal static class PagedAttention
         if (qkv.device.type != DeviceType.CUDA || torch.is_grad_enabled() || !qkv.is_contiguous() || keys.dtype != qkv.dtype) return null;
         long n = qkv.shape[0], nkv = keys.shape[1], hd = keys.shape[2];
         if (qkv.shape[1] != (heads + 2 * nkv) * hd || heads % nkv != 0 || (terms is not null && !terms.Fits(qkv))) return null;
+        // Each thread takes a 16-byte vector of pairs (and its partner half), so half a head must be whole vectors and
+        // the rows 16-byte aligned; the cache pools' rows are (whole heads).
+        long vec = 16 / qkv.ElementSize;
+        if ((hd / 2) % vec != 0 || KernelModule.Arg.Ptr(qkv) % 16 != 0) return null;
         var module = Module(qkv, hd, heads / nkv);
         if (module is null) return null;
         var queries = torch.empty([n, heads, hd], qkv.dtype, qkv.device);
-        uint threads = (uint)Math.Max(32, (hd / 2 + 31) / 32 * 32);
-        module.Launch("rope_write_kv", ((uint)n, (uint)(heads + 2 * nkv), 1), threads, 0,
+        const int threads = 64;
+        long lanes = (heads + 2 * nkv) * (hd / 2 / vec);
+        module.Launch("rope_write_kv", ((uint)n, (uint)((lanes + threads - 1) / threads), 1), threads, 0,
             [KernelModule.Arg.Ptr(qkv), KernelModule.Arg.Ptr(positions), KernelModule.Arg.Ptr(inverseFrequencies), KernelModule.Arg.Ptr(writeSlots),
             KernelModule.Arg.Ptr(queries), KernelModule.Arg.Ptr(keys), KernelModule.Arg.Ptr(values), KernelModule.Arg.Int(heads), KernelModule.Arg.Int(nkv),
             KernelModule.Arg.Int(terms?.TokensPerRow ?? 1), .. terms?.Args() ?? RowEpilogue.NoArgs]);

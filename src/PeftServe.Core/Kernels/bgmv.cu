@@ -6,7 +6,7 @@
 // for target j (0: the adapter has no such target); ranks past it are never read. A slot index < 0 means
 // the token's sequence has no adapter of this kind: nothing is added.
 // Used by LoRA (K = 3 for q|k|v, 2 for gate|up, 1 for o and down) and by bottleneck adapters (K = 1, with
-// a bias and an activation between the two products, applied by the expand as it reads the shrink's output).
+// a bias and an activation between the two products, applied by the shrink to what it writes).
 #include "common.cuh"
 #include "row_terms.cuh"
 
@@ -15,7 +15,21 @@
 // token's slot and rank, every thread issues all of its loads of a round at once and only then uses them. On an
 // H200 the earlier loop-per-warp versions were chains of 4 to 11 load latencies and took 9-12 us a launch.
 
+// A bottleneck adapter's activation, by code: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
+__device__ __forceinline__ float bottleneck_act(int code, float v)
+{
+    switch (code)
+    {
+        case 0: return fmaxf(v, 0.0f);
+        case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        case 2: return v / (1.0f + expf(-v));
+        default: return tanhf(v);
+    }
+}
+
 // d[n][j][r] = sum_k x[n][k] * A[s][j][r][k] for r < rank(s, j); 0 elsewhere. s = slots[n / tokens_per_row].
+// With act_codes (bottleneck adapters: K = 1), d[n][0][r] = act_s(that sum + act_bias[s][r]) for r < rank: the expand
+// then reads finished coefficients (once per coefficient here, not once per output column there).
 // x: [N, in] with row stride x_stride; A: [S, K, R, in]; d: float [N, K, R]. in % VEC == 0, rows 16-byte aligned.
 // Grid (N, K * ceil(R / SHRINK_RANKS)): a block takes SHRINK_RANKS consecutive ranks of one target for one
 // token; its SHRINK_THREADS threads split the row, SHRINK_VECS 16-byte vectors each per round (one round covers
@@ -28,7 +42,7 @@
 extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
     const T* __restrict__ x, long long x_stride, const long long* __restrict__ slots, int tokens_per_row,
     const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,
-    float* __restrict__ d, int K, int R, int in)
+    float* __restrict__ d, int K, int R, int in, const T* __restrict__ act_bias, const int* __restrict__ act_codes)
 {
     wait_for_prior_kernels();
     __shared__ float partial[SHRINK_THREADS / 32][SHRINK_RANKS];
@@ -91,15 +105,14 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
         float total = 0.0f;
         #pragma unroll
         for (int w = 0; w < SHRINK_THREADS / 32; w++) total += partial[w][threadIdx.x];
+        if (act_codes != nullptr) total = bottleneck_act(act_codes[s], total + to_f32(act_bias[s * R + r0 + threadIdx.x]));
         dst[threadIdx.x] = (int)threadIdx.x < live ? total : 0.0f;
     }
 }
 
-// The up-projection: acc[o] = sum_{r < rank(s, j)} c[r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given),
+// The up-projection: acc[o] = sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][o] (+ bias[s][o] for j = 0 when given),
 // for o < out_j, and then y[n][off_j + o] = T(y + acc) in place in the layer's output (tokens without an adapter
 // leave it untouched).
-// c[r] = d[n][j][r]; for bottleneck adapters (act_codes given) c[r] = act_s(d[n][j][r] + act_bias[s][r]): the
-// down-projection's bias and activation are applied as the coefficients are loaded, in no launch of their own.
 // y: [N, y_stride]; B_j: [S, R, out_j] with out_j % VEC == 0; bias: [S, out_0] or null.
 // Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs and loads the B rows
 // of EXPAND_RANKS ranks (and its outputs) in one round: one round for ranks up to EXPAND_RANKS (row_terms.cuh).
@@ -109,8 +122,7 @@ extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
     const float* __restrict__ d, int K, int R,
     const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
     int out0, int out1, int out2, int off0, int off1, int off2,
-    const int* __restrict__ ranks, int rank_stride, int rank_col, const T* __restrict__ bias,
-    const T* __restrict__ act_bias, const int* __restrict__ act_codes)
+    const int* __restrict__ ranks, int rank_stride, int rank_col, const T* __restrict__ bias)
 {
     wait_for_prior_kernels();
     const int n = blockIdx.x, j = blockIdx.z;
@@ -130,15 +142,15 @@ extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
     load_vec(yr, prior);                                               // issued with the B loads below
     const float* dr = d + ((long long)n * K + j) * R;
     const T* b = B + s * (long long)R * out + o0;
-    const int code = act_codes != nullptr && rank > 0 ? act_codes[s] : -1;
-    add_low_rank(acc, b, out, dr, rank, code, code >= 0 ? act_bias + s * R : nullptr);
+    add_low_rank(acc, b, out, dr, rank);
     if (bias != nullptr && j == 0)
     {
         #pragma unroll
         for (int i = 0; i < VEC; i++) acc[i] += to_f32(bias[s * (long long)out + o0 + i]);
     }
     #pragma unroll
-    for (int i = 0; i < VEC; i++) yr[i] = from_f32<T>(prior[i] + acc[i]);
+    for (int i = 0; i < VEC; i++) acc[i] += prior[i];
+    store_vec(yr, acc);
 }
 
 // One epilogue for several methods' per-row terms at a projection's output, in place (row_terms.cuh says what it
@@ -153,6 +165,5 @@ extern "C" __global__ void __launch_bounds__(128) row_epilogue(T* __restrict__ y
     float v[VEC];
     load_vec(yr, v);
     apply_row_terms(ROW_TERMS, v, n, n / tokens_per_row, c0, W);
-    #pragma unroll
-    for (int i = 0; i < VEC; i++) yr[i] = from_f32<T>(v[i]);
+    store_vec(yr, v);
 }

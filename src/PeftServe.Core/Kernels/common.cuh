@@ -51,6 +51,16 @@ __device__ __forceinline__ void unpack_vec(const uint4 raw, float out[VEC])
 
 // Loads VEC consecutive elements (16-byte aligned) as floats.
 __device__ __forceinline__ void load_vec(const T* p, float out[VEC]) { unpack_vec(*reinterpret_cast<const uint4*>(p), out); }
+
+// Stores VEC floats, each rounded to T, as one 16-byte vector (p 16-byte aligned).
+__device__ __forceinline__ void store_vec(T* p, const float v[VEC])
+{
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+    #pragma unroll
+    for (int i = 0; i < VEC; i++) e[i] = from_f32<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+}
 #endif
 
 __device__ __forceinline__ float warp_sum(float v)

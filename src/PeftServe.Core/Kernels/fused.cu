@@ -60,7 +60,8 @@ extern "C" __global__ void add_rms_norm_terms(const T* __restrict__ h, const T* 
         load_vec(h + row * H + c0, hv);
         apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);
         #pragma unroll
-        for (int i = 0; i < VEC; i++) rr[c0 + i] = from_f32<T>(hv[i] + round_to<T>(dv[i]));
+        for (int i = 0; i < VEC; i++) hv[i] += round_to<T>(dv[i]);
+        store_vec(rr + c0, hv);
     }
     __syncthreads();
     rms_norm_row(rr, w, out + row * H, H, eps);
@@ -100,8 +101,9 @@ extern "C" __global__ void silu_mul_terms(const T* __restrict__ gate_up, T* __re
     {
         const float gk = round_to<T>(g[k]);
         const float sk = round_to<T>(gk / (1.0f + expf(-gk)));
-        out[i + k] = from_f32<T>(sk * round_to<T>(u[k]));
+        g[k] = sk * round_to<T>(u[k]);
     }
+    store_vec(out + i, g);
 }
 
 // Per-row adapter vectors read from a slot table, in place: y[n][o] = T(y[n][o] * table[s][o]) (add = 0: IA3's

@@ -265,7 +265,12 @@ NF4_WHOLE_INSTANTIATE(1) NF4_WHOLE_INSTANTIATE(2) NF4_WHOLE_INSTANTIATE(3) NF4_W
 #ifndef MMA_MT
 #define MMA_MT 1                   // m-tiles per warp (the host passes it)
 #endif
+#ifndef MMA_PREFETCH
+#define MMA_PREFETCH 2             // units of weights in flight per warp while one is multiplied (the host passes it)
+#endif
 #define MMA_ROWS (MMA_WARPS * MMA_MT * 16)
+#define REDUCE_OUTPUTS 4           // outputs a thread of the finishing block sums at once
+#define REDUCE_SPLITS 8            // splits whose partials it loads together
 
 template <bool BF16> __device__ __forceinline__ unsigned int pack2(float lo, float hi)
 {
@@ -335,9 +340,12 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
             #pragma unroll
             for (int q = 0; q < 4; q++) acc[mt][nt][q] = 0.0f;
 
-    uint4 p[MMA_MT][2];
-    float scale[MMA_MT][2];
-    auto load = [&](int u)
+    // A ring of MMA_PREFETCH units of weights per lane: unit u sits in stage (u - u0) % MMA_PREFETCH, and as a stage is
+    // taken for multiplying, the unit MMA_PREFETCH further on is loaded into it, so that many units' loads are in flight
+    // during each unit's arithmetic (the loop is unrolled over the stages: register arrays need constant indices).
+    uint4 p[MMA_PREFETCH][MMA_MT][2];
+    float scale[MMA_PREFETCH][MMA_MT][2];
+    auto load = [&](int stage, int u)
     {
         const int c = 4 * u + t;                                        // this lane's chunk of unit u
         #pragma unroll
@@ -345,20 +353,26 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
             #pragma unroll
             for (int h = 0; h < 2; h++)
             {
-                p[mt][h] = __ldg(wrow[mt][h] + c);
-                scale[mt][h] = __ldg(arow[mt][h] + (c >> 1));
+                p[stage][mt][h] = __ldg(wrow[mt][h] + c);
+                scale[stage][mt][h] = __ldg(arow[mt][h] + (c >> 1));
             }
     };
-    if (u0 < u1) load(u0);
-    for (int u = u0; u < u1; u++)
+    #pragma unroll
+    for (int st = 0; st < MMA_PREFETCH; st++)
+        if (u0 + st < u1) load(st, u0 + st);
+    for (int ub = u0; ub < u1; ub += MMA_PREFETCH)
+    #pragma unroll
+    for (int st = 0; st < MMA_PREFETCH; st++)
     {
+        const int u = ub + st;
+        if (u >= u1) break;
         uint4 cur[MMA_MT][2];
         float sc[MMA_MT][2];
         #pragma unroll
         for (int mt = 0; mt < MMA_MT; mt++)
             #pragma unroll
-            for (int h = 0; h < 2; h++) { cur[mt][h] = p[mt][h]; sc[mt][h] = scale[mt][h]; }
-        if (u + 1 < u1) load(u + 1);                                    // the next unit's weights, in flight meanwhile
+            for (int h = 0; h < 2; h++) { cur[mt][h] = p[st][mt][h]; sc[mt][h] = scale[st][mt][h]; }
+        if (u + MMA_PREFETCH < u1) load(st, u + MMA_PREFETCH);          // in flight during the next MMA_PREFETCH units
         uint4 xv[NT];
         #pragma unroll
         for (int i = 0; i < 8; i++)
@@ -410,13 +424,37 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int i = threadIdx.x; i < MMA_ROWS * M; i += blockDim.x)
+    // Each thread sums REDUCE_OUTPUTS outputs at once, loading REDUCE_SPLITS splits' partials of each together before
+    // adding them in split order (a load per split in turn was a chain of L2 latencies as long as the split count);
+    // absent terms are loaded as 0, and adding 0 leaves a float sum unchanged, so the result is the plain ordered sum.
+    for (int i0 = threadIdx.x; i0 < MMA_ROWS * M; i0 += REDUCE_OUTPUTS * blockDim.x)
     {
-        const int m = i / MMA_ROWS, n = tile * MMA_ROWS + (i - m * MMA_ROWS);
-        if (n >= N) continue;
-        float sum = 0.0f;
-        for (int sp = 0; sp < splits; sp++) sum += __ldcg(work + ((size_t)sp * M + m) * N + n);
-        y[(size_t)m * N + n] = from_f32<BF16>(sum);
+        float sum[REDUCE_OUTPUTS];
+        const float* src[REDUCE_OUTPUTS];
+        #pragma unroll
+        for (int o = 0; o < REDUCE_OUTPUTS; o++)
+        {
+            const int i = i0 + o * blockDim.x;
+            const int m = i / MMA_ROWS, n = tile * MMA_ROWS + (i - m * MMA_ROWS);
+            sum[o] = 0.0f;
+            src[o] = i < MMA_ROWS * M && n < N ? work + (size_t)m * N + n : nullptr;
+        }
+        for (int sp0 = 0; sp0 < splits; sp0 += REDUCE_SPLITS)
+        {
+            float v[REDUCE_OUTPUTS][REDUCE_SPLITS];
+            #pragma unroll
+            for (int o = 0; o < REDUCE_OUTPUTS; o++)
+                #pragma unroll
+                for (int e = 0; e < REDUCE_SPLITS; e++)
+                    v[o][e] = src[o] != nullptr && sp0 + e < splits ? __ldcg(src[o] + (size_t)(sp0 + e) * M * N) : 0.0f;
+            #pragma unroll
+            for (int o = 0; o < REDUCE_OUTPUTS; o++)
+                #pragma unroll
+                for (int e = 0; e < REDUCE_SPLITS; e++) sum[o] += v[o][e];
+        }
+        #pragma unroll
+        for (int o = 0; o < REDUCE_OUTPUTS; o++)
+            if (src[o] != nullptr) y[src[o] - work] = from_f32<BF16>(sum[o]);
     }
     if (threadIdx.x == 0) counters[tile] = 0;                           // ready for the next launch (graph replays)
 }

@@ -11,23 +11,10 @@
 
 #define EXPAND_RANKS 16
 
-// A bottleneck adapter's activation, by code: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
-__device__ __forceinline__ float bottleneck_act(int code, float v)
-{
-    switch (code)
-    {
-        case 0: return fmaxf(v, 0.0f);
-        case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-        case 2: return v / (1.0f + expf(-v));
-        default: return tanhf(v);
-    }
-}
-
-// acc[i] += sum_{r < rank} c[r] * b[r * out + i] for one thread's VEC outputs (b: the slot's B at the thread's first
-// output), EXPAND_RANKS rows of B loaded at once per round; c[r] = dr[r], or act(code, dr[r] + act_bias[r]) when
-// code >= 0 (bottleneck adapters). The summation order is fixed: every kernel that adds a low-rank delta rounds alike.
-__device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict__ b, int out, const float* __restrict__ dr, int rank,
-                                             int code, const T* __restrict__ act_bias)
+// acc[i] += sum_{r < rank} dr[r] * b[r * out + i] for one thread's VEC outputs (b: the slot's B at the thread's first
+// output), EXPAND_RANKS rows of B loaded at once per round. The summation order is fixed: every kernel that adds a
+// low-rank delta rounds alike.
+__device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict__ b, int out, const float* __restrict__ dr, int rank)
 {
     for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
     {
@@ -39,7 +26,6 @@ __device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict
             const bool live = r0 + q < rank;
             bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
             c[q] = live ? dr[r0 + q] : 0.0f;
-            if (code >= 0 && live) c[q] = bottleneck_act(code, c[q] + to_f32(act_bias[r0 + q]));
         }
         #pragma unroll
         for (int q = 0; q < EXPAND_RANKS; q++)
@@ -106,36 +92,7 @@ __device__ __forceinline__ void apply_row_terms(ROW_TERMS_PARAMS, float v[VEC], 
     float acc[VEC];
     #pragma unroll
     for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
-    add_low_rank(acc, b, out, dr, rank, -1, nullptr);
+    add_low_rank(acc, b, out, dr, rank);
     #pragma unroll
     for (int i = 0; i < VEC; i++) v[i] += acc[i];
-}
-
-// The same terms for one column c, for kernels that hold one element per thread (the rotary + KV write): the same
-// products, the same order of the low-rank sum and the same padding of a round as add_low_rank, so both round alike.
-// A round's EXPAND_RANKS loads of B are issued together (a loop of one load per rank is a chain of load latencies).
-__device__ __forceinline__ float row_terms_at(ROW_TERMS_PARAMS, float v, int n, int row, int c, int W)
-{
-    if (scale != nullptr) v *= to_f32(scale[scale_index[row] * (long long)W + c]);
-    if (bias != nullptr) v += to_f32(bias[bias_index[row] * (long long)W + c]);
-    const T* b;
-    const float* dr;
-    int out;
-    const int rank = low_rank_column(ROW_TERMS, n, row, c, b, dr, out);
-    if (rank == 0) return v;
-    float acc = 0.0f;
-    for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
-    {
-        float bv[EXPAND_RANKS], cv[EXPAND_RANKS];
-        #pragma unroll
-        for (int q = 0; q < EXPAND_RANKS; q++)
-        {
-            const bool live = r0 + q < rank;
-            bv[q] = live ? to_f32(b[(long long)(r0 + q) * out]) : 0.0f;
-            cv[q] = live ? dr[r0 + q] : 0.0f;
-        }
-        #pragma unroll
-        for (int q = 0; q < EXPAND_RANKS; q++) acc = fmaf(cv[q], bv[q], acc);
-    }
-    return v + acc;
 }

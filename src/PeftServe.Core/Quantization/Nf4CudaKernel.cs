@@ -43,8 +43,17 @@ public static class Nf4CudaKernel
         _ => 1,
     };
 
-    /// <summary>Blocks the tensor-core kernel aims for (two per SM of an H100/H200), reached by splitting K.</summary>
-    private const int MmaTargetBlocks = 264;
+    /// <summary>Blocks the tensor-core kernel aims for, reached by splitting K: 264 (two per SM of an H100/H200) unless
+    /// PEFTSERVE_NF4_MMA_BLOCKS says otherwise (64 to 4,096; for measuring: more splits mean more units of weights in
+    /// flight at once but more partials for the finishing block to add).</summary>
+    private static readonly int MmaTargetBlocks =
+        int.TryParse(Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_BLOCKS"), out var blocks) && blocks is >= 64 and <= 4096 ? blocks : 264;
+
+    /// <summary>Units (128 columns) of weights each lane of the tensor-core kernel keeps in flight while it multiplies
+    /// (its MMA_PREFETCH; PEFTSERVE_NF4_MMA_PREFETCH: 1 to 4, default 2). One unit ahead left the kernel waiting on
+    /// memory: on the H200 at batch 32 it averaged 89 us a launch, about 0.3 TB/s of NF4 weights (2026-12-03 profile).</summary>
+    private static readonly int MmaPrefetch =
+        int.TryParse(Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_PREFETCH"), out var depth) && depth is >= 1 and <= 4 ? depth : 2;
 
     private static readonly bool MmaEnabled = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA") != "0";
 
@@ -174,11 +183,12 @@ public static class Nf4CudaKernel
 
     /// <summary>The kernels for <paramref name="device"/>, the tensor-core one built for <paramref name="mmaTiles"/> m-tiles
     /// per warp (a block covers 8 warps x 16 x that many weight rows: the kernel's MMA_ROWS).</summary>
-    private static KernelModule? Module(Device device, int? mmaTiles = null) => KernelModule.TryGet(File, device, MmaDefine(mmaTiles));
+    private static KernelModule? Module(Device device, int? mmaTiles = null) => KernelModule.TryGet(File, device, MmaDefines(mmaTiles));
 
-    private static (string, string) MmaDefine(int? mmaTiles = null) => ("MMA_MT", (mmaTiles ?? MmaTiles).ToString());
+    private static (string, string)[] MmaDefines(int? mmaTiles = null) =>
+        [("MMA_MT", (mmaTiles ?? MmaTiles).ToString()), ("MMA_PREFETCH", MmaPrefetch.ToString())];
 
     /// <summary>Prepares the kernel for CUDA device <paramref name="ordinal"/> now, throwing (with the
     /// NVRTC log where compilation failed) instead of falling back.</summary>
-    public static void EnsureLoaded(int ordinal = 0) => KernelModule.Get(File, new Device(DeviceType.CUDA, ordinal), MmaDefine());
+    public static void EnsureLoaded(int ordinal = 0) => KernelModule.Get(File, new Device(DeviceType.CUDA, ordinal), MmaDefines());
 }

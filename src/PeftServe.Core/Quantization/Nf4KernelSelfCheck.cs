@@ -23,8 +23,10 @@ public static class Nf4KernelSelfCheck
     public static readonly (long Out, long In)[] Shapes = [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)];
     public static readonly int[] Rows = [1, 4, 16];
 
-    public static int Run(TextWriter log, int iterations = 200, bool includeFp16 = true)
+    public static int Run(TextWriter log, int iterations = 200, bool includeFp16 = true, int[]? rowCounts = null)
     {
+        var bf16Rows = rowCounts ?? Rows;
+        int[] fp16Rows = rowCounts ?? [1, 16];
         if (!torch.cuda.is_available())
         {
             log.WriteLine("nf4-kernel self-check: CUDA is not available (call torch.InitializeDeviceType(DeviceType.CUDA) first?)");
@@ -68,7 +70,7 @@ public static class Nf4KernelSelfCheck
                 bool deqExact = deqKernel is not null && deqKernel.eq(deqOps).all().item<bool>();
                 deqKernel?.Dispose();
                 deqOps.Dispose();
-                foreach (var rows in dtype == ScalarType.BFloat16 ? Rows : [1, 16])
+                foreach (var rows in dtype == ScalarType.BFloat16 ? bf16Rows : fp16Rows)
                 {
                     using var inner = torch.NewDisposeScope();
                     var x = torch.randn([rows, inF], dtype, device);

@@ -242,8 +242,8 @@ public static class GpuConformance
             return;
         }
         var y = torch.zeros_like(x);                              // the expand adds into it: y is the delta alone
-        var z = Bgmv.Shrink(x, rowSlots, tokens, down, ranks, 1);
-        Bgmv.Expand(y, rowSlots, tokens, z, [upT], [0L], ranks, 1, upBias, (downBias, codes));
+        var z = Bgmv.Shrink(x, rowSlots, tokens, down, ranks, 1, activation: (downBias, codes));
+        Bgmv.Expand(y, rowSlots, tokens, z, [upT], [0L], ranks, 1, upBias);
 
         var reference = torch.zeros(x.shape, ScalarType.Float64);
         var (xd, dd, dbd, ud, ubd) = (x.to(ScalarType.Float64).cpu(), down.to(ScalarType.Float64).cpu(), downBias.to(ScalarType.Float64).cpu(),
@@ -435,7 +435,7 @@ public static class GpuConformance
             bool overlap = PeftServe.Core.Kernels.Bgmv.Overlap;
             try
             {
-                // Also with LoRA's shrink on the side stream beside each base projection (PEFTSERVE_LORA_OVERLAP=1).
+                // With LoRA's shrink after each base projection and on the side stream beside it (the default).
                 foreach (var (graphs, beside) in new[] { (false, false), (true, false), (false, true), (true, true) })
                 {
                     PeftServe.Core.Kernels.Bgmv.Overlap = beside;

@@ -26,6 +26,7 @@ public sealed partial class KernelCompileTests
             data.Add("paged_attention.cu", type, "-DHEAD_DIM=64 -DGROUP=7 -DWARPS=8");
         }
         foreach (var tiles in new[] { "1", "2", "4" }) data.Add("nf4.cu", "", "-DMMA_MT=" + tiles);
+        foreach (var depth in new[] { "1", "3" }) data.Add("nf4.cu", "", "-DMMA_MT=2 -DMMA_PREFETCH=" + depth);
         return data;
     }
 

@@ -149,9 +149,9 @@ internal sealed class BottleneckBatchOp : AdapterBatchOp
         var flat = output.reshape(b * t, hidden);
         if (output.is_contiguous() && Bgmv.Supports(flat, hidden))
         {
-            var z = Bgmv.Shrink(flat, Rows.RowSlots, (int)t, down.unsqueeze(1), _pool.Ranks, (int)placement);     // [N,1,dim] float32
-            Bgmv.Expand(output.view(b * t, hidden), Rows.RowSlots, (int)t, z, [upT], [0L], _pool.Ranks, (int)placement, upBias,
-                activation: (downBias, _pool.ActivationCodes));
+            var z = Bgmv.Shrink(flat, Rows.RowSlots, (int)t, down.unsqueeze(1), _pool.Ranks, (int)placement,
+                activation: (downBias, _pool.ActivationCodes));                                                   // [N,1,dim] float32: act(down x + b)
+            Bgmv.Expand(output.view(b * t, hidden), Rows.RowSlots, (int)t, z, [upT], [0L], _pool.Ranks, (int)placement, upBias);
             return output;
         }
         var slots = Rows.SlotIndex;

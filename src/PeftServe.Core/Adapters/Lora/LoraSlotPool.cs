@@ -305,7 +305,7 @@ internal sealed class LoraBatchOp : AdapterBatchOp
     public override Tensor TokenEmbeddings(Tensor inputIds, Tensor embeddings) => _vocabulary?.TokenEmbeddings(inputIds, embeddings) ?? embeddings;
     public override Tensor Logits(Tensor hidden, Tensor logits) => _vocabulary?.Logits(hidden, logits) ?? logits;
 
-    /// <summary>With PEFTSERVE_LORA_OVERLAP=1 on CUDA, starts the group's shrink on the side stream as soon as the
+    /// <summary>On CUDA (unless PEFTSERVE_LORA_OVERLAP=0), starts the group's shrink on the side stream as soon as the
     /// projection's input is there, so that it runs beside the base projection; the expand joins it after the
     /// projection (<see cref="TakePending"/>).</summary>
     public override void BeforeLinear(int layer, LinearSite site, Tensor x)
