@@ -49,7 +49,7 @@ internal static class PagedAttention
         var module = Module(qkv, hd, heads / nkv);
         if (module is null) return null;
         var queries = torch.empty([n, heads, hd], qkv.dtype, qkv.device);
-        const int threads = 64;
+        const int threads = 32;                                // one warp a block: at batch 1 the few threads spread over more SMs
         long lanes = (heads + 2 * nkv) * (hd / 2 / vec);
         module.Launch("rope_write_kv", ((uint)n, (uint)((lanes + threads - 1) / threads), 1), threads, 0,
             [KernelModule.Arg.Ptr(qkv), KernelModule.Arg.Ptr(positions), KernelModule.Arg.Ptr(inverseFrequencies), KernelModule.Arg.Ptr(writeSlots),
