@@ -50,8 +50,9 @@ public static class Nf4CudaKernel
         int.TryParse(Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_BLOCKS"), out var blocks) && blocks is >= 64 and <= 4096 ? blocks : 264;
 
     /// <summary>Units (128 columns) of weights each lane of the tensor-core kernel keeps in flight while it multiplies
-    /// (its MMA_PREFETCH; PEFTSERVE_NF4_MMA_PREFETCH: 1 to 4, default 2). One unit ahead left the kernel waiting on
-    /// memory: on the H200 at batch 32 it averaged 89 us a launch, about 0.3 TB/s of NF4 weights (2026-12-03 profile).</summary>
+    /// (its MMA_PREFETCH; PEFTSERVE_NF4_MMA_PREFETCH: 1 to 4, default 2). Measured on the H200 (nf4-check, 32 rows, the
+    /// four 7B shapes summed as in one layer, 2026-12-03): 270 us with 1, 252 with 2, 272 with 4; 264 target blocks beat
+    /// 528 at 2 and 4. Still far from its bytes: 0.3-0.5 TB/s, twice the time of a dense bf16 matmul of the same shape.</summary>
     private static readonly int MmaPrefetch =
         int.TryParse(Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_PREFETCH"), out var depth) && depth is >= 1 and <= 4 ? depth : 2;
 

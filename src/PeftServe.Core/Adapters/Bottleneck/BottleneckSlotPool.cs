@@ -121,8 +121,8 @@ public sealed class BottleneckSlotPool : AdapterSlotPool
 }
 
 /// <summary>Bottleneck deltas for the rows of one forward pass at one placement. On CUDA: the BGMV shrink
-/// reads every row's down-projection in place, and the BGMV expand adds the down bias and applies the slot's
-/// activation as it reads the shrink's output, then adds the up-projection and its bias (rows without an
+/// reads every row's down-projection in place and adds the down bias and applies the slot's activation to what it
+/// writes, and the BGMV expand adds the up-projection and its bias (rows without an
 /// adapter add nothing), whatever the mix of adapters: two launches. Elsewhere: the rows' matrices are gathered for two batched
 /// matmuls, with the activation applied per group of rows sharing one.</summary>
 internal sealed class BottleneckBatchOp : AdapterBatchOp
