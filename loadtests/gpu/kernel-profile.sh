@@ -2,6 +2,7 @@
 # Where a decode step's GPU time goes, kernel by kernel, on the GPU machine (Nsight Compute, one metric:
 # gpu__time_duration). From the repo root with the CLI bundled in .gpu/ and the native helper built:
 #   bash loadtests/gpu/kernel-profile.sh [b1] [lora32] [nf4-b1] [nf4-b32] [mix]
+#   DETAIL=bgmv_expand bash loadtests/gpu/kernel-profile.sh mix      (one kernel in depth: see DETAIL below)
 # Each case runs `bench` eagerly (--no-cuda-graphs: every kernel is its own launch, the same kernels the graphs
 # replay) with collection off until the decode steps of its first timed wave (PEFTSERVE_PROFILER_RANGE=decode: the
 # bench marks them with cuProfilerStart/Stop once every row has its first token, so loading, NF4 quantization,
@@ -25,6 +26,18 @@ for c in $cases; do
     *) echo "unknown case $c"; continue ;;
   esac
   echo "== kernels: $c"
+  if [ -n "${DETAIL:-}" ]; then
+    # DETAIL=kernel_name: Nsight Compute's full sections (throughput, memory, warp stalls with their source lines,
+    # occupancy) for a few decode-step launches of that kernel alone, instead of the timing of every kernel; for a kernel
+    # that takes far longer than its bytes and launches explain. Output: $OUT/detail-CASE-KERNEL.txt.
+    PEFTSERVE_PROFILER_RANGE=decode timeout 300 "$ncu" --profile-from-start off --kernel-name "$DETAIL" --launch-skip ${SKIP:-4} --launch-count ${COUNT:-2} \
+      --set detailed --section SourceCounters --section WarpStateStats -f -o /tmp/detail-$c "${cli[@]}" bench --model $shape --random-weights \
+      --prompt-tokens 128 --max-tokens ${TOKENS:-32} --device cuda --dtype bfloat16 --mode waves --warmup 1 --repeats 1 --no-cuda-graphs "${args[@]}" \
+      > /tmp/detail-$c.log 2>&1 || { echo "ncu failed:"; tail -5 /tmp/detail-$c.log; }
+    "$ncu" -i /tmp/detail-$c.ncu-rep --page details --print-details all > "$OUT/detail-$c-$DETAIL.txt" 2>&1
+    grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Stall|Block Limit|Est. Speedup|Grid Size" "$OUT/detail-$c-$DETAIL.txt" | head -60
+    continue
+  fi
   PEFTSERVE_PROFILER_RANGE=${RANGE:-decode} timeout 240 "$ncu" --metrics gpu__time_duration.sum --profile-from-start off \
     --launch-skip ${SKIP:-0} --launch-count ${COUNT:-$count} -f -o /tmp/prof-$c "${cli[@]}" bench --model $shape --random-weights --prompt-tokens 128 --max-tokens ${TOKENS:-128} --device cuda --dtype bfloat16 \
     --mode waves --warmup 1 --repeats 1 --no-cuda-graphs "${args[@]}" > /tmp/prof-$c.log 2>&1 || { echo "ncu failed:"; tail -5 /tmp/prof-$c.log; }

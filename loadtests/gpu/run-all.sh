@@ -66,11 +66,11 @@ if has nf4-tune; then
   # Each setting times the kernel on the four 7B shapes; the one with the least time per decoder layer (q|k|v, o, gate and
   # up as two 11008x4096, down) is exported for the nf4 section below, and the table kept in nf4-tune.txt.
   : > "$OUT/nf4-tune.txt"
-  for depth in ${TUNE_PREFETCH:-1 2 4}; do for blocks in ${TUNE_BLOCKS:-264 528}; do
-    echo "== PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks" >> "$OUT/nf4-tune.txt"
-    PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks timeout 60 bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll nf4-check --rows 32 --bf16-only --iterations ${TUNE_ITERATIONS:-30} \
+  for xsmem in ${TUNE_XSMEM:-0 1}; do for depth in ${TUNE_PREFETCH:-1 2}; do for blocks in ${TUNE_BLOCKS:-264 528}; do
+    echo "== PEFTSERVE_NF4_MMA_XSMEM=$xsmem PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks" >> "$OUT/nf4-tune.txt"
+    PEFTSERVE_NF4_MMA_XSMEM=$xsmem PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks timeout 60 bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll nf4-check --rows 32 --bf16-only --iterations ${TUNE_ITERATIONS:-30} \
       >> "$OUT/nf4-tune.txt" 2>&1
-  done; done
+  done; done; done
   best=$(python3 - "$OUT/nf4-tune.txt" 2>>"$OUT/nf4-tune.txt" <<'PY'
 import sys, re
 weight = {"12288x4096": 1, "4096x4096": 1, "11008x4096": 2, "4096x11008": 1}

@@ -268,7 +268,18 @@ NF4_WHOLE_INSTANTIATE(1) NF4_WHOLE_INSTANTIATE(2) NF4_WHOLE_INSTANTIATE(3) NF4_W
 #ifndef MMA_PREFETCH
 #define MMA_PREFETCH 2             // units of weights in flight per warp while one is multiplied (the host passes it)
 #endif
+#ifndef MMA_XSMEM
+#define MMA_XSMEM 0                // 1: x staged per unit in shared memory (the host passes it; see XS_* below)
+#endif
 #define MMA_ROWS (MMA_WARPS * MMA_MT * 16)
+
+// With MMA_XSMEM, the block stages each unit's x (up to 32 tokens x 128 columns, 8 KiB) in shared memory, double
+// buffered, instead of every warp loading its fragments from global memory: those loads touch 16 cache lines per
+// instruction (each lane 16 bytes of a token's row at 64-byte steps), so the warps' x reads, 8 times the bytes of their
+// weights, kept L1 busy. A token's 16 chunks of 16 bytes are stored swizzled: chunk c of token r at position
+// (c & 8) | ((c + 2 (c >> 3 & 1) + (r & 1)) & 7), so that the 8 lanes of each quarter-warp (tokens g and g + 1,
+// chunks 4t + i/2) read 8 different bank groups, and a staging quarter-warp (one token, 8 chunks) writes 8.
+__device__ __forceinline__ int xs_pos(int c, int r) { return (c & 8) | ((c + 2 * ((c >> 3) & 1) + (r & 1)) & 7); }
 #define REDUCE_OUTPUTS 4           // outputs a thread of the finishing block sums at once
 #define REDUCE_SPLITS 8            // splits whose partials it loads together
 
@@ -308,11 +319,37 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
     __shared__ float code[16];
     __shared__ int last;
     if (threadIdx.x < 16) code[threadIdx.x] = kNf4Code[threadIdx.x];
-    __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x, split = blockIdx.y;
     const int units = K >> 7;
     const int u0 = (int)((long long)split * units / splits), u1 = (int)((long long)(split + 1) * units / splits);
+#if MMA_XSMEM
+    // Staging: thread i of the block moves chunks i and i + 256 of the unit (token = chunk / 16, 8 NT tokens of 16 chunks).
+    __shared__ __align__(16) uint4 xs[2][8 * NT][16];
+    uint4 staged[2];
+    auto stage_load = [&](int u)
+    {
+        #pragma unroll
+        for (int e = 0; e < 2; e++)
+        {
+            const int idx = threadIdx.x + 32 * MMA_WARPS * e, r = idx >> 4, c = idx & 15;
+            if (r < 8 * NT)
+                staged[e] = __ldg(reinterpret_cast<const uint4*>(x + (size_t)min(r, M - 1) * (size_t)K + (u << 7)) + c);
+        }
+    };
+    auto stage_store = [&](int buffer)
+    {
+        #pragma unroll
+        for (int e = 0; e < 2; e++)
+        {
+            const int idx = threadIdx.x + 32 * MMA_WARPS * e, r = idx >> 4, c = idx & 15;
+            if (r < 8 * NT) xs[buffer][r][xs_pos(c, r)] = staged[e];
+        }
+    };
+    int buffer = 0;
+    if (u0 < u1) { stage_load(u0); stage_store(0); }
+#endif
+    __syncthreads();
     const size_t rowBytes = (size_t)(K >> 1), rowScales = (size_t)(K >> 6);
 
     // This lane's 2 * MMA_MT weight rows (rows g and g + 8 of each m-tile), clamped into the weight.
@@ -327,10 +364,12 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
             wrow[mt][h] = reinterpret_cast<const uint4*>(wq + (size_t)n * rowBytes);
             arow[mt][h] = absmax + (size_t)n * rowScales;
         }
-    // This lane's x rows (token 8 nt + g of each n-tile); tokens past M read row 0 and are never written.
+#if !MMA_XSMEM
+    // This lane's x rows (token 8 nt + g of each n-tile); tokens past M read row M - 1 and are never written.
     const unsigned short* xrow[NT];
     #pragma unroll
     for (int nt = 0; nt < NT; nt++) xrow[nt] = x + (size_t)min(8 * nt + g, M - 1) * (size_t)K + 32 * t;
+#endif
 
     float acc[MMA_MT][NT][4];
     #pragma unroll
@@ -373,6 +412,9 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
             #pragma unroll
             for (int h = 0; h < 2; h++) { cur[mt][h] = p[st][mt][h]; sc[mt][h] = scale[st][mt][h]; }
         if (u + MMA_PREFETCH < u1) load(st, u + MMA_PREFETCH);          // in flight during the next MMA_PREFETCH units
+#if MMA_XSMEM
+        if (u + 1 < u1) stage_load(u + 1);                              // the next unit's x, stored after this one's MMAs
+#endif
         uint4 xv[NT];
         #pragma unroll
         for (int i = 0; i < 8; i++)
@@ -380,7 +422,12 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
             if ((i & 1) == 0)                                           // x columns 32t + 4i .. 32t + 4i + 7
             {
                 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) xv[nt] = __ldg(reinterpret_cast<const uint4*>(xrow[nt] + (u << 7)) + (i >> 1));
+                for (int nt = 0; nt < NT; nt++)
+#if MMA_XSMEM
+                    xv[nt] = xs[buffer][8 * nt + g][xs_pos(4 * t + (i >> 1), 8 * nt + g)];
+#else
+                    xv[nt] = __ldg(reinterpret_cast<const uint4*>(xrow[nt] + (u << 7)) + (i >> 1));
+#endif
             }
             unsigned int a[MMA_MT][4];
             #pragma unroll
@@ -401,6 +448,13 @@ __device__ __forceinline__ void nf4_mma(const unsigned short* __restrict__ x, co
                 for (int mt = 0; mt < MMA_MT; mt++) mma16816<BF16>(acc[mt][nt], a[mt], b0, b1);
             }
         }
+#if MMA_XSMEM
+        // The other buffer was last read in the unit before this one, which every warp has finished (the barrier below,
+        // one unit ago); after this barrier every warp has also finished this unit, so its buffer may be refilled.
+        if (u + 1 < u1) stage_store(buffer ^ 1);
+        __syncthreads();
+        buffer ^= 1;
+#endif
     }
 
     // acc[mt][nt][q]: weight row (warp * MMA_MT + mt) * 16 + g + 8 (q >> 1), token 8 nt + 2t + (q & 1).

@@ -53,6 +53,11 @@ public static class Nf4CudaKernel
     /// (its MMA_PREFETCH; PEFTSERVE_NF4_MMA_PREFETCH: 1 to 4, default 2). Measured on the H200 (nf4-check, 32 rows, the
     /// four 7B shapes summed as in one layer, 2026-12-03): 270 us with 1, 252 with 2, 272 with 4; 264 target blocks beat
     /// 528 at 2 and 4. Still far from its bytes: 0.3-0.5 TB/s, twice the time of a dense bf16 matmul of the same shape.</summary>
+    /// <summary>Whether the tensor-core kernel stages each unit of x in shared memory for the block (its MMA_XSMEM;
+    /// PEFTSERVE_NF4_MMA_XSMEM=1) instead of every warp loading its x fragments from global memory, which touch 16 cache
+    /// lines per instruction. Off until measured on the GPU: `run-all.sh nf4-tune` times both.</summary>
+    private static readonly bool MmaSharedX = Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_XSMEM") == "1";
+
     private static readonly int MmaPrefetch =
         int.TryParse(Environment.GetEnvironmentVariable("PEFTSERVE_NF4_MMA_PREFETCH"), out var depth) && depth is >= 1 and <= 4 ? depth : 2;
 
@@ -93,7 +98,7 @@ public static class Nf4CudaKernel
     /// <summary><see cref="TryForward(Tensor, Nf4Weight)"/> with the tensor-core kernel built for <paramref name="mmaTiles"/>
     /// m-tiles per warp, and for up to 4 rows the whole-row GEMV where it fits (<paramref name="wholeRow"/>) or the tiled
     /// one (the selfcheck checks each).</summary>
-    internal static Tensor? TryForward(Tensor x, Nf4Weight weight, int mmaTiles, bool wholeRow)
+    internal static Tensor? TryForward(Tensor x, Nf4Weight weight, int mmaTiles, bool wholeRow, bool? sharedX = null)
     {
         if (!Enabled || x.device.type != DeviceType.CUDA) return null;
         if (x.dtype != ScalarType.BFloat16 && x.dtype != ScalarType.Float16) return null;
@@ -103,7 +108,7 @@ public static class Nf4CudaKernel
         bool mma = rows > MaxRows;
         if (rows < 1 || rows > MaxSplitRows || (mma && (!MmaEnabled || k % 128 != 0))) return null;
         if (weight.Device.type != DeviceType.CUDA || weight.Device.index != x.device.index) return null;
-        var module = Module(x.device, mmaTiles);
+        var module = Module(x.device, mmaTiles, sharedX);
         if (module is null) return null;
         long mmaRows = 8 * 16 * mmaTiles;
 
@@ -184,10 +189,11 @@ public static class Nf4CudaKernel
 
     /// <summary>The kernels for <paramref name="device"/>, the tensor-core one built for <paramref name="mmaTiles"/> m-tiles
     /// per warp (a block covers 8 warps x 16 x that many weight rows: the kernel's MMA_ROWS).</summary>
-    private static KernelModule? Module(Device device, int? mmaTiles = null) => KernelModule.TryGet(File, device, MmaDefines(mmaTiles));
+    private static KernelModule? Module(Device device, int? mmaTiles = null, bool? sharedX = null) =>
+        KernelModule.TryGet(File, device, MmaDefines(mmaTiles, sharedX));
 
-    private static (string, string)[] MmaDefines(int? mmaTiles = null) =>
-        [("MMA_MT", (mmaTiles ?? MmaTiles).ToString()), ("MMA_PREFETCH", MmaPrefetch.ToString())];
+    private static (string, string)[] MmaDefines(int? mmaTiles = null, bool? sharedX = null) =>
+        [("MMA_MT", (mmaTiles ?? MmaTiles).ToString()), ("MMA_PREFETCH", MmaPrefetch.ToString()), ("MMA_XSMEM", sharedX ?? MmaSharedX ? "1" : "0")];
 
     /// <summary>Prepares the kernel for CUDA device <paramref name="ordinal"/> now, throwing (with the
     /// NVRTC log where compilation failed) instead of falling back.</summary>

@@ -356,6 +356,14 @@ public static class GpuConformance
                         bool same = again is not null && fused is not null && again.eq(fused).all().item<bool>();
                         string which = rows > Quantization.Nf4CudaKernel.MaxRows ? $"tensor cores, {tiles} m-tiles per warp" : "CUDA cores";
                         report(err <= 1e-2 && same, $"nf4 fused kernel {dtype} [{outF},{inF}], {rows} rows ({which}): rel.err {err:E2}{(same ? "" : ", a second call differs")}");
+                        if (rows <= Quantization.Nf4CudaKernel.MaxRows) continue;
+                        // x staged in shared memory (PEFTSERVE_NF4_MMA_XSMEM) against x read from global memory: the same
+                        // fragments and products in the same order, so the same bits.
+                        var staged = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles, wholeRow: true, sharedX: true);
+                        var direct = Quantization.Nf4CudaKernel.TryForward(x, layer.Weight, tiles, wholeRow: true, sharedX: false);
+                        bool sameBits = staged is not null && direct is not null && staged.eq(direct).all().item<bool>();
+                        report(sameBits, $"nf4 tensor cores, x in shared memory {dtype} [{outF},{inF}], {rows} rows, {tiles} m-tiles per warp: " +
+                                         $"{(staged is null || direct is null ? "kernel unavailable" : sameBits ? "equal to x read from global memory" : "DIFFERENT")}");
                     }
                     if (Quantization.Nf4CudaKernel.WholeRowFits(rows, inF))
                     {
