@@ -21,17 +21,30 @@ public static class FusedOps
     /// <summary>Whether these kernels run for tensors like <paramref name="x"/> (CUDA, no autograd, a dtype they take).</summary>
     internal static bool Runs(Tensor x) => Module(x) is not null;
 
-    private static uint Threads(long width) => (uint)Math.Clamp((width / 4 + 31) / 32 * 32, 32, 1024);
+    /// <summary>Chunks of 16 bytes each thread of the RMSNorm kernels holds (their NORM_CHUNKS).</summary>
+    private const int NormChunks = 4;
+
+    /// <summary>The RMSNorm kernels' block for rows of <paramref name="width"/> elements of <paramref name="elementSize"/>
+    /// bytes: a thread per 16-byte chunk, up to 1,024 threads of up to <see cref="NormChunks"/> chunks; null where the row is
+    /// not whole chunks or too wide (those rows take the tensor ops). One rule for all three kernels, so that they sum a
+    /// row's squares in the same order.</summary>
+    internal static uint? NormThreads(long width, long elementSize)
+    {
+        long vec = 16 / elementSize;
+        if (width % vec != 0 || width / vec > 1024L * NormChunks) return null;
+        return (uint)Math.Clamp((width / vec + 31) / 32 * 32, 32, 1024);
+    }
 
     /// <summary>RMSNorm over the last axis, computed in float32 whatever the dtype (as the reference does):
     /// weight * (x * rsqrt(mean(x^2) + eps)).to(dtype).</summary>
     public static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
     {
-        if (Module(x) is { } module && weight.dtype == x.dtype && x.is_contiguous())
+        if (Module(x) is { } module && weight.dtype == x.dtype && x.is_contiguous() && Aligned(x) && Aligned(weight)
+            && weight.is_contiguous() && NormThreads(x.shape[^1], x.ElementSize) is uint threads)
         {
             long h = x.shape[^1], rows = x.NumberOfElements / h;
             var output = torch.empty_like(x);
-            module.Launch("rms_norm", ((uint)rows, 1, 1), Threads(h), 0,
+            module.Launch("rms_norm", ((uint)rows, 1, 1), threads, 0,
                 KernelModule.Arg.Ptr(x), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(output), KernelModule.Arg.Int(h), KernelModule.Arg.Float((float)eps));
             return output;
         }
@@ -48,9 +61,10 @@ public static class FusedOps
     {
         var module = Module(h);
         bool KernelTakes(Tensor d) => module is not null && weight.dtype == h.dtype && d.dtype == h.dtype && h.is_contiguous() && d.is_contiguous()
-                                      && h.shape.SequenceEqual(d.shape);
+                                      && weight.is_contiguous() && h.shape.SequenceEqual(d.shape) && Aligned(h) && Aligned(d) && Aligned(weight)
+                                      && NormThreads(h.shape[^1], h.ElementSize) is not null;
         // Owed terms ride along in add_rms_norm_terms where they fit; elsewhere they are applied to delta first.
-        if (terms is not null && !(KernelTakes(delta) && Aligned(h) && Aligned(delta) && terms.Fits(delta.view(-1, delta.shape[^1]))))
+        if (terms is not null && !(KernelTakes(delta) && terms.Fits(delta.view(-1, delta.shape[^1]))))
         {
             delta = terms.ApplyTo(delta);
             terms = null;
@@ -62,10 +76,9 @@ public static class FusedOps
             var normed = torch.empty_like(h);
             ulong[] args = [KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
                 KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps)];
-            if (terms is null) module!.Launch("add_rms_norm", ((uint)rows, 1, 1), Threads(width), 0, args);
-            else
-                module!.Launch("add_rms_norm_terms", ((uint)rows, 1, 1), (uint)Math.Clamp((width * h.ElementSize / 16 + 31) / 32 * 32, 32, 1024), 0,
-                    [.. args, KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args()]);
+            uint threads = NormThreads(width, h.ElementSize)!.Value;
+            if (terms is null) module!.Launch("add_rms_norm", ((uint)rows, 1, 1), threads, 0, args);
+            else module!.Launch("add_rms_norm_terms", ((uint)rows, 1, 1), threads, 0, [.. args, KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args()]);
             return (residual, normed);
         }
         var sum = h + delta;

@@ -4,67 +4,104 @@
 #include "common.cuh"
 #include "row_terms.cuh"
 
-// out = w * T(x * rsqrt(mean(x^2) + eps)), x in float32 (one block per row of H).
-__device__ __forceinline__ void rms_norm_row(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int H, float eps)
+// The RMSNorm kernels hold a row in registers as 16-byte chunks: thread t of the block owns chunks t, t + blockDim, ...
+// (at most NORM_CHUNKS of them; H % VEC == 0, rows 16-byte aligned: the host checks). The residual is summed, squared
+// and normalized from the registers it was computed in, so the row is read once and written once; the three kernels
+// share this layout and the block size (FusedOps.NormThreads), so they sum the squares in the same order.
+#define NORM_CHUNKS 4
+
+// Whether chunk k of this thread lies in the row, and its first column.
+__device__ __forceinline__ bool norm_chunk(int k, int H, int& c0)
+{
+    c0 = (threadIdx.x + k * blockDim.x) * VEC;
+    return c0 < H;
+}
+
+// out = w * T(v * rsqrt(mean(v^2) + eps)), v (this thread's chunks of the row, as the tensor-op path stores them) in float32.
+__device__ __forceinline__ void rms_norm_chunks(const float v[NORM_CHUNKS][VEC], const T* __restrict__ w, T* __restrict__ out, int H, float eps)
 {
     __shared__ float scratch[32];
     float sum = 0.0f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x)
-    {
-        const float v = to_f32(x[i]);
-        sum += v * v;
-    }
+    int c0;
+    #pragma unroll
+    for (int k = 0; k < NORM_CHUNKS; k++)
+        if (norm_chunk(k, H, c0))
+        {
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) sum += v[k][i] * v[k][i];
+        }
     sum = block_sum(sum, scratch);
     const float inv = rsqrtf(sum / (float)H + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x)
-    {
-        const float normed = round_to<T>(to_f32(x[i]) * inv);
-        out[i] = from_f32<T>(to_f32(w[i]) * normed);
-    }
+    #pragma unroll
+    for (int k = 0; k < NORM_CHUNKS; k++)
+        if (norm_chunk(k, H, c0))
+        {
+            float o[VEC];
+            load_vec(w + c0, o);
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) o[i] *= round_to<T>(v[k][i] * inv);
+            store_vec(out + c0, o);
+        }
 }
 
-extern "C" __global__ void rms_norm(const T* x, const T* w, T* out, int H, float eps)
+// out = w * T(x * rsqrt(mean(x^2) + eps)), x in float32 (one block per row of H).
+extern "C" __global__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int H, float eps)
 {
     wait_for_prior_kernels();
     const long long row = blockIdx.x;
-    rms_norm_row(x + row * H, w, out + row * H, H, eps);
+    float v[NORM_CHUNKS][VEC];
+    int c0;
+    #pragma unroll
+    for (int k = 0; k < NORM_CHUNKS; k++)
+        if (norm_chunk(k, H, c0)) load_vec(x + row * H + c0, v[k]);
+    rms_norm_chunks(v, w, out + row * H, H, eps);
 }
 
-// residual = T(h + delta); out = rms_norm(residual). The residual is written first and read back, so the
-// norm sees exactly the rounded sum.
-extern "C" __global__ void add_rms_norm(const T* h, const T* delta, const T* w, T* residual, T* out, int H, float eps)
+// residual = T(h + delta); out = rms_norm(residual), normalizing the rounded sum the residual stream holds.
+extern "C" __global__ void add_rms_norm(const T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
+                                        T* __restrict__ residual, T* __restrict__ out, int H, float eps)
 {
     wait_for_prior_kernels();
     const long long row = blockIdx.x;
-    const T* hr = h + row * H;
-    const T* dr = delta + row * H;
-    T* rr = residual + row * H;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) rr[i] = from_f32<T>(to_f32(hr[i]) + to_f32(dr[i]));
-    __syncthreads();
-    rms_norm_row(rr, w, out + row * H, H, eps);
+    float v[NORM_CHUNKS][VEC];
+    int c0;
+    #pragma unroll
+    for (int k = 0; k < NORM_CHUNKS; k++)
+        if (norm_chunk(k, H, c0))
+        {
+            float dv[VEC];
+            load_vec(h + row * H + c0, v[k]);
+            load_vec(delta + row * H + c0, dv);
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) v[k][i] = round_to<T>(v[k][i] + dv[i]);
+            store_vec(residual + row * H + c0, v[k]);
+        }
+    rms_norm_chunks(v, w, out + row * H, H, eps);
 }
 
 // add_rms_norm with a projection's per-row adapter terms (row_terms.cuh) applied to delta on the way: delta' =
 // T(terms(delta)), residual = T(h + delta'), out = rms_norm(residual): the same roundings as row_epilogue followed
-// by add_rms_norm, in one launch. Rows of H elements, H % VEC == 0, 16-byte aligned; one block per row.
+// by add_rms_norm, in one launch.
 extern "C" __global__ void add_rms_norm_terms(const T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
                                               T* __restrict__ residual, T* __restrict__ out, int H, float eps, int tokens_per_row, ROW_TERMS_PARAMS)
 {
     wait_for_prior_kernels();
     const long long row = blockIdx.x;
-    T* rr = residual + row * H;
-    for (int c0 = threadIdx.x * VEC; c0 < H; c0 += blockDim.x * VEC)
-    {
-        float dv[VEC], hv[VEC];
-        load_vec(delta + row * H + c0, dv);
-        load_vec(h + row * H + c0, hv);
-        apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);
-        #pragma unroll
-        for (int i = 0; i < VEC; i++) hv[i] += round_to<T>(dv[i]);
-        store_vec(rr + c0, hv);
-    }
-    __syncthreads();
-    rms_norm_row(rr, w, out + row * H, H, eps);
+    float v[NORM_CHUNKS][VEC];
+    int c0;
+    #pragma unroll
+    for (int k = 0; k < NORM_CHUNKS; k++)
+        if (norm_chunk(k, H, c0))
+        {
+            float dv[VEC];
+            load_vec(delta + row * H + c0, dv);
+            load_vec(h + row * H + c0, v[k]);
+            apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);
+            #pragma unroll
+            for (int i = 0; i < VEC; i++) v[k][i] = round_to<T>(v[k][i] + round_to<T>(dv[i]));
+            store_vec(residual + row * H + c0, v[k]);
+        }
+    rms_norm_chunks(v, w, out + row * H, H, eps);
 }
 
 // out[r, i] = T(T(silu(g)) * u) with g = gate_up[r, i], u = gate_up[r, I + i].
