@@ -2,7 +2,8 @@
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
 #   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-serial] [mix] [separate] [nf4-tune] [nf4] [engine] [peft] [nopdl]
-# nf4-tune: times the tensor-core NF4 kernel's settings (nf4-check, 32 rows) and exports the fastest for the nf4 section.
+# nf4-tune: times the tensor-core NF4 kernel's settings (nf4-check, 32 rows; TUNE_MT, TUNE_XSMEM, TUNE_PREFETCH, TUNE_BLOCKS
+# choose which) and exports the fastest for the nf4 section.
 # separate: 32 LoRAs and the mix with every method's output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0:
 # no shared epilogue, nothing left to the residual add + RMSNorm), to compare with the same call's lora and mix.
 # nopdl: the selfcheck again and batch 1, batch 32, 32 LoRAs, the mix and NF4 batch 1 without programmatic dependent
@@ -66,11 +67,12 @@ if has nf4-tune; then
   # Each setting times the kernel on the four 7B shapes; the one with the least time per decoder layer (q|k|v, o, gate and
   # up as two 11008x4096, down) is exported for the nf4 section below, and the table kept in nf4-tune.txt.
   : > "$OUT/nf4-tune.txt"
-  for xsmem in ${TUNE_XSMEM:-0 1}; do for depth in ${TUNE_PREFETCH:-1 2}; do for blocks in ${TUNE_BLOCKS:-264 528}; do
-    echo "== PEFTSERVE_NF4_MMA_XSMEM=$xsmem PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks" >> "$OUT/nf4-tune.txt"
-    PEFTSERVE_NF4_MMA_XSMEM=$xsmem PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks timeout 60 bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll nf4-check --rows 32 --bf16-only --iterations ${TUNE_ITERATIONS:-30} \
+  for mt in ${TUNE_MT:-1}; do for xsmem in ${TUNE_XSMEM:-0 1}; do for depth in ${TUNE_PREFETCH:-1 2}; do for blocks in ${TUNE_BLOCKS:-264 528}; do
+    setting="PEFTSERVE_NF4_MMA_MT=$mt PEFTSERVE_NF4_MMA_XSMEM=$xsmem PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks"
+    echo "== $setting" >> "$OUT/nf4-tune.txt"
+    env $setting timeout 60 bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll nf4-check --rows 32 --bf16-only --iterations ${TUNE_ITERATIONS:-30} \
       >> "$OUT/nf4-tune.txt" 2>&1
-  done; done; done
+  done; done; done; done
   best=$(python3 - "$OUT/nf4-tune.txt" 2>>"$OUT/nf4-tune.txt" <<'PY'
 import sys, re
 weight = {"12288x4096": 1, "4096x4096": 1, "11008x4096": 2, "4096x11008": 1}
