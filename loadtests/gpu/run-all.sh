@@ -67,7 +67,7 @@ if has nf4-tune; then
   # Each setting times the kernel on the four 7B shapes; the one with the least time per decoder layer (q|k|v, o, gate and
   # up as two 11008x4096, down) is exported for the nf4 section below, and the table kept in nf4-tune.txt.
   : > "$OUT/nf4-tune.txt"
-  for mt in ${TUNE_MT:-1}; do for xsmem in ${TUNE_XSMEM:-0 1}; do for depth in ${TUNE_PREFETCH:-1 2}; do for blocks in ${TUNE_BLOCKS:-264 528}; do
+  for mt in ${TUNE_MT:-1 2}; do for xsmem in ${TUNE_XSMEM:-0 1}; do for depth in ${TUNE_PREFETCH:-2}; do for blocks in ${TUNE_BLOCKS:-264 528}; do
     setting="PEFTSERVE_NF4_MMA_MT=$mt PEFTSERVE_NF4_MMA_XSMEM=$xsmem PEFTSERVE_NF4_MMA_PREFETCH=$depth PEFTSERVE_NF4_MMA_BLOCKS=$blocks"
     echo "== $setting" >> "$OUT/nf4-tune.txt"
     env $setting timeout 60 bash .gpu/run.sh dotnet .gpu/app/PeftServe.Cli.dll nf4-check --rows 32 --bf16-only --iterations ${TUNE_ITERATIONS:-30} \
