@@ -17,13 +17,28 @@
 #define UNROLL 4
 #define DIMS ((HEAD_DIM + 31) / 32)
 
+// This lane's DIMS consecutive dimensions of a head (row p), as floats. Where the lanes cover the head exactly and a
+// lane's share is 4, 8 or 16 bytes, it is one load (a head's row is 16-byte aligned: HEAD_DIM * sizeof(T) >= 128).
+#define DIM_BYTES (DIMS * (int)sizeof(T))
 __device__ __forceinline__ void load_dims(const T* __restrict__ p, int lane, float out[DIMS])
 {
-    #pragma unroll
-    for (int d = 0; d < DIMS; d++)
+    if constexpr (HEAD_DIM == 32 * DIMS && (DIM_BYTES == 4 || DIM_BYTES == 8 || DIM_BYTES == 16))
     {
-        const int dim = lane * DIMS + d;
-        out[d] = dim < HEAD_DIM ? to_f32(p[dim]) : 0.0f;
+        union { uint4 v16; uint2 v8; unsigned int v4; T e[DIMS]; } share;
+        if constexpr (DIM_BYTES == 16) share.v16 = *reinterpret_cast<const uint4*>(p + lane * DIMS);
+        else if constexpr (DIM_BYTES == 8) share.v8 = *reinterpret_cast<const uint2*>(p + lane * DIMS);
+        else share.v4 = *reinterpret_cast<const unsigned int*>(p + lane * DIMS);
+        #pragma unroll
+        for (int d = 0; d < DIMS; d++) out[d] = to_f32(share.e[d]);
+    }
+    else
+    {
+        #pragma unroll
+        for (int d = 0; d < DIMS; d++)
+        {
+            const int dim = lane * DIMS + d;
+            out[d] = dim < HEAD_DIM ? to_f32(p[dim]) : 0.0f;
+        }
     }
 }
 
