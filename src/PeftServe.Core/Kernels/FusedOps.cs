@@ -26,7 +26,7 @@ public static class FusedOps
 
     /// <summary>The RMSNorm kernels' block for rows of <paramref name="width"/> elements of <paramref name="elementSize"/>
     /// bytes: a thread per 16-byte chunk, up to 1,024 threads of up to <see cref="NormChunks"/> chunks; null where the row is
-    /// not whole chunks or too wide (those rows take the tensor ops). One rule for all three kernels, so that they sum a
+    /// not whole chunks or too wide (those rows take the tensor ops). One rule for both kernels, so that they sum a
     /// row's squares in the same order.</summary>
     internal static uint? NormThreads(long width, long elementSize)
     {
@@ -63,7 +63,7 @@ public static class FusedOps
         bool KernelTakes(Tensor d) => module is not null && weight.dtype == h.dtype && d.dtype == h.dtype && h.is_contiguous() && d.is_contiguous()
                                       && weight.is_contiguous() && h.shape.SequenceEqual(d.shape) && Aligned(h) && Aligned(d) && Aligned(weight)
                                       && NormThreads(h.shape[^1], h.ElementSize) is not null;
-        // Owed terms ride along in add_rms_norm_terms where they fit; elsewhere they are applied to delta first.
+        // Owed terms ride along in the add_rms_norm kernel where they fit; elsewhere they are applied to delta first.
         if (terms is not null && !(KernelTakes(delta) && terms.Fits(delta.view(-1, delta.shape[^1]))))
         {
             delta = terms.ApplyTo(delta);
@@ -76,9 +76,8 @@ public static class FusedOps
             var normed = torch.empty_like(h);
             ulong[] args = [KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
                 KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps)];
-            uint threads = NormThreads(width, h.ElementSize)!.Value;
-            if (terms is null) module!.Launch("add_rms_norm", ((uint)rows, 1, 1), threads, 0, args);
-            else module!.Launch("add_rms_norm_terms", ((uint)rows, 1, 1), threads, 0, [.. args, KernelModule.Arg.Int(terms.TokensPerRow), .. terms.Args()]);
+            module!.Launch("add_rms_norm", ((uint)rows, 1, 1), NormThreads(width, h.ElementSize)!.Value, 0,
+                [.. args, KernelModule.Arg.Int(terms?.TokensPerRow ?? 1), .. terms?.Args() ?? RowEpilogue.NoArgs]);
             return (residual, normed);
         }
         var sum = h + delta;

@@ -6,7 +6,7 @@
 
 // The RMSNorm kernels hold a row in registers as 16-byte chunks: thread t of the block owns chunks t, t + blockDim, ...
 // (at most NORM_CHUNKS of them; H % VEC == 0, rows 16-byte aligned: the host checks). The residual is summed, squared
-// and normalized from the registers it was computed in, so the row is read once and written once; the three kernels
+// and normalized from the registers it was computed in, so the row is read once and written once; both kernels
 // share this layout and the block size (FusedOps.NormThreads), so they sum the squares in the same order.
 #define NORM_CHUNKS 4
 
@@ -57,36 +57,15 @@ extern "C" __global__ void rms_norm(const T* __restrict__ x, const T* __restrict
     rms_norm_chunks(v, w, out + row * H, H, eps);
 }
 
-// residual = T(h + delta); out = rms_norm(residual), normalizing the rounded sum the residual stream holds.
+// residual = T(h + delta'), out = rms_norm(residual), normalizing the rounded sum the residual stream holds. delta' =
+// T(terms(delta)) with a projection's per-row adapter terms (row_terms.cuh) applied on the way, or delta itself where
+// there are none (null pointers): the same roundings as row_epilogue followed by the plain add, in one launch.
 extern "C" __global__ void add_rms_norm(const T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
-                                        T* __restrict__ residual, T* __restrict__ out, int H, float eps)
+                                        T* __restrict__ residual, T* __restrict__ out, int H, float eps, int tokens_per_row, ROW_TERMS_PARAMS)
 {
     wait_for_prior_kernels();
     const long long row = blockIdx.x;
-    float v[NORM_CHUNKS][VEC];
-    int c0;
-    #pragma unroll
-    for (int k = 0; k < NORM_CHUNKS; k++)
-        if (norm_chunk(k, H, c0))
-        {
-            float dv[VEC];
-            load_vec(h + row * H + c0, v[k]);
-            load_vec(delta + row * H + c0, dv);
-            #pragma unroll
-            for (int i = 0; i < VEC; i++) v[k][i] = round_to<T>(v[k][i] + dv[i]);
-            store_vec(residual + row * H + c0, v[k]);
-        }
-    rms_norm_chunks(v, w, out + row * H, H, eps);
-}
-
-// add_rms_norm with a projection's per-row adapter terms (row_terms.cuh) applied to delta on the way: delta' =
-// T(terms(delta)), residual = T(h + delta'), out = rms_norm(residual): the same roundings as row_epilogue followed
-// by add_rms_norm, in one launch.
-extern "C" __global__ void add_rms_norm_terms(const T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
-                                              T* __restrict__ residual, T* __restrict__ out, int H, float eps, int tokens_per_row, ROW_TERMS_PARAMS)
-{
-    wait_for_prior_kernels();
-    const long long row = blockIdx.x;
+    const bool terms = scale != nullptr || bias != nullptr || lora_slots != nullptr;
     float v[NORM_CHUNKS][VEC];
     int c0;
     #pragma unroll
@@ -96,7 +75,7 @@ extern "C" __global__ void add_rms_norm_terms(const T* __restrict__ h, const T* 
             float dv[VEC];
             load_vec(delta + row * H + c0, dv);
             load_vec(h + row * H + c0, v[k]);
-            apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);
+            if (terms) apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);
             #pragma unroll
             for (int i = 0; i < VEC; i++) v[k][i] = round_to<T>(v[k][i] + round_to<T>(dv[i]));
             store_vec(residual + row * H + c0, v[k]);

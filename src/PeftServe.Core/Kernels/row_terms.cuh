@@ -1,5 +1,5 @@
 // Per-row adapter terms at a projection's output, shared by the kernels that apply them: row_epilogue (bgmv.cu) on
-// its own, add_rms_norm_terms (fused.cu) as the output joins the residual stream. Needs common.cuh (T, VEC).
+// its own, add_rms_norm (fused.cu) as the output joins the residual stream. Needs common.cuh (T, VEC).
 //
 // For a row n of a projection's output y [N, W] and a column chunk [c0, c0 + VEC):
 //   y[n][c] = y[n][c] * scale[si][c] + bias[bi][c] + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][c - off_j]

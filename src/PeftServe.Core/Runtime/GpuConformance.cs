@@ -309,7 +309,7 @@ public static class GpuConformance
             var (residual, normed) = FusedOps.AddRmsNorm(h, separate.view(rows * tokens, width), weight, 1e-5);
             var (residualFused, normedFused) = FusedOps.AddRmsNorm(h, y0.clone(), weight, 1e-5, terms);
             bool same = residual.eq(residualFused).all().item<bool>() && normed.eq(normedFused).all().item<bool>();
-            report(same, $"add_rms_norm_terms {dtype} ({parts}): " +
+            report(same, $"add_rms_norm with terms {dtype} ({parts}): " +
                 $"{(same ? "equal to the terms, then add_rms_norm" : "DIFFERENT")}");
             // And by SiLU·up, reading the output as gate|up halves.
             var act = FusedOps.SiluMul(separate);
