@@ -1,3 +1,4 @@
+using PeftServe.Core.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -65,14 +66,17 @@ public static class CounterRandom
         var device = seeds.device;
         var ops = new Int64Ops(device);
 
-        // Every tensor mixed below is freshly allocated here, so the mixing runs in place.
-        var rowKey = ops.Mix_(ops.Mix_(seeds + ops.Gamma).add_((steps + 1L).mul_(ops.Gamma))); // [B]
-        var counters = arange(1L, count + 1L, dtype: ScalarType.Int64, device: device).mul_(ops.Gamma); // [V]
-        var bits = ops.Mix_(rowKey.unsqueeze(1) + counters.unsqueeze(0)); // [B, V]
+        // Every tensor mixed below is freshly allocated here, so the mixing runs in place. Numbers go in as Scalars
+        // kept alive (Scalars; alpha given): this runs every sampled decode step.
+        var one = Scalars.One;
+        var rowKey = ops.Mix_(ops.Mix_(seeds.add(ops.Gamma, one)).add_(steps.add(Scalars.Of(1L), one).mul_(ops.Gamma), one)); // [B]
+        using var stop = (count + 1L).ToScalar();
+        var counters = arange(Scalars.Of(1L), stop, Scalars.Of(1L), ScalarType.Int64, device).mul_(ops.Gamma); // [V]
+        var bits = ops.Mix_(rowKey.unsqueeze(1).add(counters.unsqueeze(0), one)); // [B, V]
         var k = ops.ShiftRightLogical(bits, 64 - UniformBits); // top 23 bits: k < 2^23
         // (k + 0.5) / 2^23 = (2k + 1) / 2^24: k and k + 0.5 are exact in float32 (24 significant bits) and the
         // scaling is by a power of two, so u is exact and lies in [2^-24, 1 - 2^-24].
-        var u = k.to_type(ScalarType.Float32).add_(0.5f).mul_(1.0f / (1 << UniformBits));
+        var u = k.to_type(ScalarType.Float32).add_(Scalars.Of(0.5f), one).mul_(Scalars.Of(1.0f / (1 << UniformBits)));
         return u.MoveToOuterDisposeScope();
     }
 
@@ -87,9 +91,9 @@ public static class CounterRandom
     /// <summary>Device-resident int64 constants and the SplitMix64 finalizer in tensor ops.</summary>
     private sealed class Int64Ops(Device device)
     {
-        public long Gamma { get; } = unchecked((long)CounterRandom.Gamma);
-        private readonly long _m1 = unchecked((long)M1);
-        private readonly long _m2 = unchecked((long)M2);
+        public Scalar Gamma { get; } = Scalars.Of(unchecked((long)CounterRandom.Gamma));
+        private readonly Scalar _m1 = Scalars.Of(unchecked((long)M1));
+        private readonly Scalar _m2 = Scalars.Of(unchecked((long)M2));
         private readonly Dictionary<int, (Tensor Shift, Tensor Mask)> _shifts = [];
 
         private (Tensor Shift, Tensor Mask) ShiftConstants(int n)
@@ -97,8 +101,8 @@ public static class CounterRandom
             if (!_shifts.TryGetValue(n, out var c))
             {
                 // Created with full() so that no host-to-device copy is needed; freed by the caller's dispose scope.
-                var shift = full(Array.Empty<long>(), n, dtype: ScalarType.Int64, device: device);
-                var mask = full(Array.Empty<long>(), (long)(ulong.MaxValue >> n), dtype: ScalarType.Int64, device: device);
+                var shift = full(Array.Empty<long>(), Scalars.Of((long)n), dtype: ScalarType.Int64, device: device);
+                var mask = full(Array.Empty<long>(), Scalars.Of((long)(ulong.MaxValue >> n)), dtype: ScalarType.Int64, device: device);
                 c = (shift, mask);
                 _shifts[n] = c;
             }

@@ -1,3 +1,4 @@
+using PeftServe.Core.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -177,20 +178,24 @@ public static class Sampler
 
         using var scope = NewDisposeScope();
         var device = logits.device;
+        // Numbers go to the ops as Scalars kept alive until the calls return (Scalars, alpha given; docs/reliability.md):
+        // this runs every decode step.
+        var one = Scalars.One;
+        var minusInfinity = Scalars.Of(float.NegativeInfinity);
         var x = logits.to_type(ScalarType.Float32); // all math in float32, even for bf16/fp16 logits
 
         if (batch.BiasIndex is { } biasAt && batch.BiasValues is { } values)
         {
             // Out of place: the caller's logits (log probabilities are read from them) stay as the model gave them.
             var bias = zeros_like(x).index_put_(values, [biasAt[0], biasAt[1]], accumulate: true);
-            x = x + bias;
+            x = x.add(bias, one);
         }
 
         if (tokenCounts is not null && batch.AnyPenalty)
             x = ApplyPenalties(x, tokenCounts.to(device), batch.Floats![2].unsqueeze(1), batch.Floats[3].unsqueeze(1),
                 batch.Floats[5].unsqueeze(1), promptTokens?.to(device));
 
-        if (batch.Allowed is { } allowedTokens) x = x.masked_fill(allowedTokens.logical_not(), float.NegativeInfinity);
+        if (batch.Allowed is { } allowedTokens) x = x.masked_fill(allowedTokens.logical_not(), minusInfinity);
 
         var greedyIds = x.argmax(1);
         if (!batch.AnySampled)
@@ -199,47 +204,50 @@ public static class Sampler
         var floatParams = batch.Floats!;
         var longParams = batch.Longs!;
         var temperature = floatParams[0];
-        var isGreedy = temperature.eq(0f);
+        var isGreedy = temperature.eq(Scalars.Of(0f));
         var scaled = x / where(isGreedy, ones_like(temperature), temperature).unsqueeze(1); // [B, V]
         var kTensor = longParams[0]; // [B], in [1, V]
 
         Tensor? cutoff = null; // [B, 1]: keep tokens with scaled >= cutoff
+        using var vocabScalar = vocab.ToScalar();
+        using var maxTopK = batch.MaxTopK.ToScalar();
         if (batch.AnyTopP)
         {
             // When every sampled row keeps a top-k, the nucleus lies within the best max-k tokens: sorting those is
             // exact and much cheaper than sorting the vocabulary (greedy rows' cutoffs are never used).
             long width = batch.AllSampledTopK ? batch.MaxTopK : vocab;
+            using var widthScalar = width.ToScalar();
             var sorted = width < vocab ? scaled.topk(checked((int)width), dim: 1).values : scaled.sort(1, descending: true).Values;
-            var positions = arange(width, dtype: ScalarType.Int64, device: device).unsqueeze(0);
-            var sortedTopK = sorted.masked_fill(positions >= kTensor.unsqueeze(1), float.NegativeInfinity);
+            var positions = arange(Scalars.Of(0L), widthScalar, Scalars.Of(1L), ScalarType.Int64, device).unsqueeze(0);
+            var sortedTopK = sorted.masked_fill(positions >= kTensor.unsqueeze(1), minusInfinity);
             var cumulative = sortedTopK.softmax(1).cumsum(1);
             var topP = floatParams[1];
             // Smallest prefix whose mass reaches top_p: every position whose cumulative mass is still < top_p,
             // plus the one that reaches it (so the first token is always kept). top_p = 1 keeps everything, which
             // also protects against the cumulative sum ending a rounding error below 1.
-            var prefix = (cumulative < topP.unsqueeze(1)).sum(1, type: ScalarType.Int64) + 1L;
-            prefix = where(topP >= 1f, full_like(prefix, vocab), prefix);
-            var keep = minimum(prefix, kTensor).clamp_max(width); // top-k applies too (the probabilities above were top-k renormalised)
-            cutoff = sorted.gather(1, (keep - 1L).unsqueeze(1));
+            var prefix = (cumulative < topP.unsqueeze(1)).sum(1, type: ScalarType.Int64).add(Scalars.Of(1L), one);
+            prefix = where(topP.ge(Scalars.Of(1f)), full_like(prefix, vocabScalar), prefix);
+            var keep = minimum(prefix, kTensor).clamp_max(widthScalar); // top-k applies too (the probabilities above were top-k renormalised)
+            cutoff = sorted.gather(1, keep.sub(Scalars.Of(1L)).unsqueeze(1));
         }
         else if (batch.AnyTopK)
         {
             // Only top-k: a partial top-k is much cheaper than a full sort of the vocabulary.
             var top = scaled.topk(checked((int)batch.MaxTopK), dim: 1).values; // [B, maxK], descending
-            var index = kTensor.clamp_max(batch.MaxTopK) - 1L;
+            var index = kTensor.clamp_max(maxTopK).sub(Scalars.Of(1L));
             var kth = top.gather(1, index.unsqueeze(1));
-            cutoff = where((kTensor < vocab).unsqueeze(1), kth, full_like(kth, float.NegativeInfinity));
+            cutoff = where(kTensor.lt(vocabScalar).unsqueeze(1), kth, full_like(kth, minusInfinity));
         }
 
-        var masked = cutoff is null ? scaled : scaled.masked_fill(scaled < cutoff, float.NegativeInfinity);
+        var masked = cutoff is null ? scaled : scaled.masked_fill(scaled < cutoff, minusInfinity);
         if (batch.AnyMinP)
         {
             // p < min_p * p_max  <=>  logit < max logit + log(min_p), on the tempered logits (rows without: -inf).
-            var threshold = scaled.amax([1], keepdim: true) + floatParams[4].unsqueeze(1);
-            masked = masked.masked_fill(scaled < threshold, float.NegativeInfinity);
+            var threshold = scaled.amax([1], keepdim: true).add(floatParams[4].unsqueeze(1), one);
+            masked = masked.masked_fill(scaled < threshold, minusInfinity);
         }
         var noise = CounterRandom.Gumbel(longParams[1], longParams[2], vocab);
-        var sampledIds = noise.add_(masked).argmax(1);
+        var sampledIds = noise.add_(masked, one).argmax(1);
         var result = where(isGreedy, greedyIds, sampledIds);
         return result.MoveToOuterDisposeScope();
     }
@@ -270,12 +278,12 @@ public static class Sampler
     {
         using var scope = NewDisposeScope();
         var c = counts.to_type(ScalarType.Float32);
-        var generated = c.gt(0f);
+        var generated = c.gt(Scalars.Of(0f));
         var x = logits.to_type(ScalarType.Float32);
         if (repetition is not null)
         {
-            var seen = promptTokens is null ? generated : generated.logical_or(promptTokens.ne(0));
-            var factor = where(x.gt(0f), repetition.reciprocal(), repetition);
+            var seen = promptTokens is null ? generated : generated.logical_or(promptTokens.ne(Scalars.Of(0)));
+            var factor = where(x.gt(Scalars.Of(0f)), repetition.reciprocal(), repetition);
             x = where(seen, x * factor, x);
         }
         var result = x - presence * generated.to_type(ScalarType.Float32) - frequency * c;
