@@ -183,9 +183,14 @@ public sealed class AdapterManager : IDisposable
             // that placing it later is one asynchronous copy.
             var task = Task.Run(() =>
             {
+                // The scope holds every tensor made here until the adapter is ready, so that no temporary is left to a
+                // finalizer while a native call still uses it (a pool thread has no scope of its own; docs/reliability.md).
+                // Then what is still alive is detached: the adapter's tensors are its own, as without the scope.
+                using var scope = torch.NewDisposeScope();
                 var adapter = AdapterMethods.Load(path, name, _model.Config, _limits);
                 try { adapter.PrepareForDevice(_model.DType, pin: _model.Device.type == DeviceType.CUDA); }
                 catch { adapter.Dispose(); throw; }
+                scope.Detach(scope.DisposablesView);
                 return adapter;
             });
             _loads[path] = task;
