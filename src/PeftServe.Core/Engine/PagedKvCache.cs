@@ -139,7 +139,7 @@ public sealed class PagedKvCache : IDisposable
         {
             var flat = positions.reshape(-1);
             // Padding keeps the scratch slot empty: it is written to, but never attended to.
-            var stored = torch.where(flat.lt(0), torch.full_like(flat, Attention.EmptyPosition), flat);
+            var stored = torch.where(flat.lt(Runtime.Scalars.Of(0)), torch.full_like(flat, Runtime.Scalars.Of(Attention.EmptyPosition)), flat);
             cache._positions.index_copy_(0, write, stored);
             var keyPositions = cache._positions.index_select(0, read).view(rows, keyCount);
             _mask = Attention.Mask(keyPositions, positions, dtype);

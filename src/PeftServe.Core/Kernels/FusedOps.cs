@@ -1,4 +1,5 @@
 using PeftServe.Core.Cuda;
+using PeftServe.Core.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -50,7 +51,8 @@ public static class FusedOps
         }
         using var scope = torch.NewDisposeScope();
         var xf = x.to(ScalarType.Float32);
-        var normed = xf * torch.rsqrt(xf.pow(2).mean([-1], keepdim: true) + eps);
+        // Numbers as Scalars kept alive through the calls (Runtime/Scalars.cs): this runs every layer on the CPU.
+        var normed = xf * torch.rsqrt(xf.pow(Scalars.Of(2)).mean([-1], keepdim: true).add(Scalars.Of(eps), Scalars.One));
         return (weight * normed.to(x.dtype)).MoveToOuterDisposeScope();
     }
 
@@ -80,7 +82,7 @@ public static class FusedOps
                 [.. args, KernelModule.Arg.Int(terms?.TokensPerRow ?? 1), .. terms?.Args() ?? RowEpilogue.NoArgs]);
             return (residual, normed);
         }
-        var sum = h + delta;
+        var sum = h.add(delta, Scalars.One);
         return (sum, RmsNorm(sum, weight, eps));
     }
 

@@ -41,12 +41,12 @@ public static class Attention
     public const long EmptyPosition = long.MaxValue;
 
     /// <summary>The most negative finite value of <paramref name="dtype"/>: an additive mask entry that blocks attention.</summary>
-    public static Scalar MinValue(ScalarType dtype) => dtype switch
+    public static Scalar MinValue(ScalarType dtype) => dtype switch   // kept alive for the process (Runtime/Scalars.cs)
     {
-        ScalarType.Float16 => -65504.0,
-        ScalarType.BFloat16 => -3.3895313892515355e38,
-        ScalarType.Float64 => double.MinValue,
-        _ => float.MinValue,
+        ScalarType.Float16 => Runtime.Scalars.Of(-65504.0),
+        ScalarType.BFloat16 => Runtime.Scalars.Of(-3.3895313892515355e38),
+        ScalarType.Float64 => Runtime.Scalars.Of(double.MinValue),
+        _ => Runtime.Scalars.Of(float.MinValue),
     };
 
     /// <summary>The additive mask [B,1,T,S] letting query t of row b see key s where

@@ -330,7 +330,7 @@ public sealed partial class LlamaModel : IDisposable
                 q = qk[.., .., ..nq].transpose(1, 2);                                          // [B,nq,T,hd]
                 attn = cache.Attend(index, q, k.transpose(1, 2), v.transpose(1, 2));          // [B,T,nq*hd]
             }
-            if (adapters?.ExtraAttention(index, q) is { } extra) attn = attn + extra;
+            if (adapters?.ExtraAttention(index, q) is { } extra) attn = attn.add(extra, Runtime.Scalars.One);
             adapters?.BeforeLinear(index, LinearSite.O, attn);
             var o = O.Forward(attn);
             RowEpilogue? owedO = null;

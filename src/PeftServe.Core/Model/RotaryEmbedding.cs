@@ -65,7 +65,7 @@ public sealed class RotaryEmbedding : IDisposable
         var x1 = x[TensorIndex.Ellipsis, TensorIndex.Slice(0, half)];
         var x2 = x[TensorIndex.Ellipsis, TensorIndex.Slice(half)];
         var rotated = torch.cat([-x2, x1], -1);
-        return x * cos + rotated * sin;
+        return (x * cos).add(rotated * sin, Runtime.Scalars.One);   // alpha kept alive (Runtime/Scalars.cs)
     }
 
     public void Dispose() => _invFreq.Dispose();
