@@ -76,10 +76,10 @@ public static class FusedOps
             long width = h.shape[^1], rows = h.NumberOfElements / width;
             var residual = torch.empty_like(h);
             var normed = torch.empty_like(h);
-            ulong[] args = [KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
-                KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps)];
             module!.Launch("add_rms_norm", ((uint)rows, 1, 1), NormThreads(width, h.ElementSize)!.Value, 0,
-                [.. args, KernelModule.Arg.Int(terms?.TokensPerRow ?? 1), .. terms?.Args() ?? RowEpilogue.NoArgs]);
+                [KernelModule.Arg.Ptr(h), KernelModule.Arg.Ptr(delta), KernelModule.Arg.Ptr(weight), KernelModule.Arg.Ptr(residual),
+                KernelModule.Arg.Ptr(normed), KernelModule.Arg.Int(width), KernelModule.Arg.Float((float)eps),
+                KernelModule.Arg.Int(terms?.TokensPerRow ?? 1), .. terms?.Args() ?? RowEpilogue.NoArgs]);
             return (residual, normed);
         }
         var sum = h.add(delta, Scalars.One);

@@ -65,7 +65,6 @@ extern "C" __global__ void add_rms_norm(const T* __restrict__ h, const T* __rest
 {
     wait_for_prior_kernels();
     const long long row = blockIdx.x;
-    const bool terms = scale != nullptr || bias != nullptr || lora_slots != nullptr;
     float v[NORM_CHUNKS][VEC];
     int c0;
     #pragma unroll
@@ -75,7 +74,7 @@ extern "C" __global__ void add_rms_norm(const T* __restrict__ h, const T* __rest
             float dv[VEC];
             load_vec(delta + row * H + c0, dv);
             load_vec(h + row * H + c0, v[k]);
-            if (terms) apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);
+            apply_row_terms(ROW_TERMS, dv, (int)row, (int)row / tokens_per_row, c0, H);   // nothing where all are null
             #pragma unroll
             for (int i = 0; i < VEC; i++) v[k][i] = round_to<T>(v[k][i] + round_to<T>(dv[i]));
             store_vec(residual + row * H + c0, v[k]);

@@ -269,7 +269,7 @@ NF4_WHOLE_INSTANTIATE(1) NF4_WHOLE_INSTANTIATE(2) NF4_WHOLE_INSTANTIATE(3) NF4_W
 #define MMA_PREFETCH 2             // units of weights in flight per warp while one is multiplied (the host passes it)
 #endif
 #ifndef MMA_XSMEM
-#define MMA_XSMEM 0                // 1: x staged per unit in shared memory (the host passes it; see XS_* below)
+#define MMA_XSMEM 0                // 1: x staged per unit in shared memory (the host passes it; see xs_pos below)
 #endif
 #define MMA_ROWS (MMA_WARPS * MMA_MT * 16)
 

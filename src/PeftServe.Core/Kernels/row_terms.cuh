@@ -1,5 +1,6 @@
 // Per-row adapter terms at a projection's output, shared by the kernels that apply them: row_epilogue (bgmv.cu) on
-// its own, add_rms_norm (fused.cu) as the output joins the residual stream. Needs common.cuh (T, VEC).
+// its own, add_rms_norm and silu_mul_terms (fused.cu) and rope_write_kv (paged_attention.cu) as they read the output.
+// Needs common.cuh (T, VEC).
 //
 // For a row n of a projection's output y [N, W] and a column chunk [c0, c0 + VEC):
 //   y[n][c] = y[n][c] * scale[si][c] + bias[bi][c] + sum_{r < rank(s, j)} d[n][j][r] * B_j[s][r][c - off_j]
@@ -50,22 +51,6 @@ __device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict
 #define ROW_TERMS scale, scale_index, bias, bias_index, lora_slots, d, K, R, B0, B1, B2, out0, out1, out2, off0, off1, off2, \
     ranks, rank_stride, rank_col
 
-// The low-rank term at column c of token n (adapter row `row`): the rank that applies there (0: none, or no LoRA
-// slot for the row), and then b (the slot's B of the target holding c, at column c), dr (the shrink's output for that
-// token and target) and out (the target's width, B's row stride).
-__device__ __forceinline__ int low_rank_column(ROW_TERMS_PARAMS, int n, int row, int c, const T*& b, const float*& dr, int& out)
-{
-    const long long s = lora_slots != nullptr ? lora_slots[row] : -1;
-    if (s < 0) return 0;
-    const int j = K > 2 && c >= off2 && c < off2 + out2 ? 2 : K > 1 && c >= off1 && c < off1 + out1 ? 1 : c >= off0 && c < off0 + out0 ? 0 : -1;
-    const int rank = j < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
-    if (rank == 0) return 0;
-    out = j == 0 ? out0 : j == 1 ? out1 : out2;
-    b = (j == 0 ? B0 : j == 1 ? B1 : B2) + s * (long long)R * out + (c - (j == 0 ? off0 : j == 1 ? off1 : off2));
-    dr = d + ((long long)n * K + j) * R;
-    return rank;
-}
-
 // v: the VEC values of row n (whose adapter row is row = n / tokens_per_row), columns c0.., as floats; the terms are
 // added in place (v is then rounded once by the caller).
 __device__ __forceinline__ void apply_row_terms(ROW_TERMS_PARAMS, float v[VEC], int n, int row, int c0, int W)
@@ -84,11 +69,16 @@ __device__ __forceinline__ void apply_row_terms(ROW_TERMS_PARAMS, float v[VEC], 
         #pragma unroll
         for (int i = 0; i < VEC; i++) v[i] += bv[i];
     }
-    const T* b;
-    const float* dr;
-    int out;
-    const int rank = low_rank_column(ROW_TERMS, n, row, c0, b, dr, out);
+    // The low-rank term: the row's LoRA slot (none: -1) and the target j whose columns hold c0 (a vector never straddles
+    // two), then that target's rank (0: the adapter has no such target).
+    const long long s = lora_slots != nullptr ? lora_slots[row] : -1;
+    if (s < 0) return;
+    const int j = K > 2 && c0 >= off2 && c0 < off2 + out2 ? 2 : K > 1 && c0 >= off1 && c0 < off1 + out1 ? 1 : c0 >= off0 && c0 < off0 + out0 ? 0 : -1;
+    const int rank = j < 0 ? 0 : ranks[s * rank_stride + rank_col + j];
     if (rank == 0) return;
+    const int out = j == 0 ? out0 : j == 1 ? out1 : out2;
+    const T* b = (j == 0 ? B0 : j == 1 ? B1 : B2) + s * (long long)R * out + (c0 - (j == 0 ? off0 : j == 1 ? off1 : off2));
+    const float* dr = d + ((long long)n * K + j) * R;
     float acc[VEC];
     #pragma unroll
     for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
