@@ -26,15 +26,19 @@ public static class FusedOps
     private const int NormChunks = 4;
 
     /// <summary>The RMSNorm kernels' block for rows of <paramref name="width"/> elements of <paramref name="elementSize"/>
-    /// bytes: a thread per 16-byte chunk, up to 1,024 threads of up to <see cref="NormChunks"/> chunks; null where the row is
-    /// not whole chunks or too wide (those rows take the tensor ops). One rule for both kernels, so that they sum a
-    /// row's squares in the same order.</summary>
+    /// bytes: a thread per 16-byte chunk, up to <see cref="NormMaxThreads"/> threads of up to <see cref="NormChunks"/> chunks;
+    /// null where the row is not whole chunks or too wide (those rows take the tensor ops). One rule for both kernels, so
+    /// that they sum a row's squares in the same order.</summary>
     internal static uint? NormThreads(long width, long elementSize)
     {
         long vec = 16 / elementSize;
-        if (width % vec != 0 || width / vec > 1024L * NormChunks) return null;
-        return (uint)Math.Clamp((width / vec + 31) / 32 * 32, 32, 1024);
+        if (width % vec != 0 || width / vec > (long)NormMaxThreads * NormChunks) return null;
+        return (uint)Math.Clamp((width / vec + 31) / 32 * 32, 32, NormMaxThreads);
     }
+
+    /// <summary>The RMSNorm kernels' largest block (their NORM_MAX_THREADS launch bound: add_rms_norm may then keep more
+    /// registers, for the loads of its adapter terms).</summary>
+    private const int NormMaxThreads = 512;
 
     /// <summary>RMSNorm over the last axis, computed in float32 whatever the dtype (as the reference does):
     /// weight * (x * rsqrt(mean(x^2) + eps)).to(dtype).</summary>

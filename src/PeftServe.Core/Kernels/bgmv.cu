@@ -14,6 +14,8 @@
 // multiply-adds), so each kernel is written to need as few dependent trips to memory as possible: after the
 // token's slot and rank, every thread issues all of its loads of a round at once and only then uses them. On an
 // H200 the earlier loop-per-warp versions were chains of 4 to 11 load latencies and took 9-12 us a launch.
+// The second launch bound (blocks an SM should hold) lets ptxas keep a round's loads in registers at once; without it
+// it sank them next to their FMAs (fused.cu says more).
 
 // A bottleneck adapter's activation, by code: 0 ReLU, 1 GELU (erf), 2 SiLU, 3 tanh.
 __device__ __forceinline__ float bottleneck_act(int code, float v)
@@ -39,7 +41,7 @@ __device__ __forceinline__ float bottleneck_act(int code, float v)
 #endif
 #define SHRINK_THREADS 256
 #define SHRINK_VECS 2
-extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
+extern "C" __global__ void __launch_bounds__(SHRINK_THREADS, 4) bgmv_shrink(
     const T* __restrict__ x, long long x_stride, const long long* __restrict__ slots, int tokens_per_row,
     const T* __restrict__ A, const int* __restrict__ ranks, int rank_stride, int rank_col,
     float* __restrict__ d, int K, int R, int in, const T* __restrict__ act_bias, const int* __restrict__ act_codes)
@@ -117,7 +119,7 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS) bgmv_shrink(
 // Grid (N, ceil(max out_j / (threads * VEC)), K); each thread owns VEC consecutive outputs and loads the B rows
 // of EXPAND_RANKS ranks (and its outputs) in one round: one round for ranks up to EXPAND_RANKS (row_terms.cuh).
 
-extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
+extern "C" __global__ void __launch_bounds__(128, 4) bgmv_expand(
     T* __restrict__ y, long long y_stride, const long long* __restrict__ slots, int tokens_per_row,
     const float* __restrict__ d, int K, int R,
     const T* __restrict__ B0, const T* __restrict__ B1, const T* __restrict__ B2,
@@ -155,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(128) bgmv_expand(
 
 // One epilogue for several methods' per-row terms at a projection's output, in place (row_terms.cuh says what it
 // computes). y: [N, y_stride], width W. Grid (N, ceil(W / (threads * VEC))): each thread owns VEC consecutive columns.
-extern "C" __global__ void __launch_bounds__(128) row_epilogue(T* __restrict__ y, long long y_stride, int W, int tokens_per_row, ROW_TERMS_PARAMS)
+extern "C" __global__ void __launch_bounds__(128, 4) row_epilogue(T* __restrict__ y, long long y_stride, int W, int tokens_per_row, ROW_TERMS_PARAMS)
 {
     wait_for_prior_kernels();
     const int n = blockIdx.x;

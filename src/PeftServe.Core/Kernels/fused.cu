@@ -9,6 +9,11 @@
 // and normalized from the registers it was computed in, so the row is read once and written once; both kernels
 // share this layout and the block size (FusedOps.NormThreads), so they sum the squares in the same order.
 #define NORM_CHUNKS 4
+#define NORM_MAX_THREADS 512     // FusedOps.NormThreads' cap
+
+// Kernels that add low-rank terms (add_low_rank, row_terms.cuh) say how many blocks an SM should hold at least: without
+// it ptxas assumed 1,024-thread blocks, capped registers at 64 and sank each round's 16 loads of B next to their FMAs,
+// two or three in flight at a time (checked in the SASS of ptxas 11.8 for sm_90: with the bound, all 16 issue first).
 
 // Whether chunk k of this thread lies in the row, and its first column.
 __device__ __forceinline__ bool norm_chunk(int k, int H, int& c0)
@@ -45,7 +50,7 @@ __device__ __forceinline__ void rms_norm_chunks(const float v[NORM_CHUNKS][VEC],
 }
 
 // out = w * T(x * rsqrt(mean(x^2) + eps)), x in float32 (one block per row of H).
-extern "C" __global__ void rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int H, float eps)
+extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS) rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out, int H, float eps)
 {
     wait_for_prior_kernels();
     const long long row = blockIdx.x;
@@ -60,7 +65,7 @@ extern "C" __global__ void rms_norm(const T* __restrict__ x, const T* __restrict
 // residual = T(h + delta'), out = rms_norm(residual), normalizing the rounded sum the residual stream holds. delta' =
 // T(terms(delta)) with a projection's per-row adapter terms (row_terms.cuh) applied on the way, or delta itself where
 // there are none (null pointers): the same roundings as row_epilogue followed by the plain add, in one launch.
-extern "C" __global__ void add_rms_norm(const T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
+extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS, 1) add_rms_norm(const T* __restrict__ h, const T* __restrict__ delta, const T* __restrict__ w,
                                         T* __restrict__ residual, T* __restrict__ out, int H, float eps, int tokens_per_row, ROW_TERMS_PARAMS)
 {
     wait_for_prior_kernels();
@@ -98,7 +103,7 @@ extern "C" __global__ void silu_mul(const T* gate_up, T* out, long long rows, in
 // silu_mul with the gate|up projection's per-row adapter terms (row_terms.cuh) applied on the way: gate and up are
 // first rounded as row_epilogue would store them, so this equals row_epilogue followed by silu_mul, in one launch.
 // I % VEC == 0; each thread owns VEC consecutive outputs of one row.
-extern "C" __global__ void silu_mul_terms(const T* __restrict__ gate_up, T* __restrict__ out, long long rows, int I, int tokens_per_row,
+extern "C" __global__ void __launch_bounds__(256, 2) silu_mul_terms(const T* __restrict__ gate_up, T* __restrict__ out, long long rows, int I, int tokens_per_row,
                                           ROW_TERMS_PARAMS)
 {
     wait_for_prior_kernels();

@@ -157,9 +157,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) paged_decode_attention(
 // 2 nkv) * ROPE_LANES / blockDim.x)). (One block per token, looping over its heads, took 35 us a layer at batch 1 on an
 // H200; one thread per pair with the adapter terms read element by element took 22 us at batch 32 against 6.6 without.)
 // The projection's per-row adapter terms (row_terms.cuh; null pointers: none) are applied to each vector as it is
-// read, rounded as row_epilogue would have stored it: the same values as the epilogue followed by this kernel.
+// read, rounded as row_epilogue would have stored it: the same values as the epilogue followed by this kernel. The
+// launch bound's 16 blocks an SM leave ptxas the registers to issue the terms' loads at once (fused.cu says why).
 #define ROPE_LANES (HEAD_DIM / 2 / VEC)
-extern "C" __global__ void rope_write_kv(
+extern "C" __global__ void __launch_bounds__(32, 16) rope_write_kv(
     const T* __restrict__ qkv, const long long* __restrict__ positions, const float* __restrict__ inv_freq,
     const long long* __restrict__ write_slots, T* __restrict__ q_out, T* __restrict__ k_cache, T* __restrict__ v_cache,
     int nq, int nkv, int tokens_per_row, ROW_TERMS_PARAMS)

@@ -15,6 +15,13 @@
 // acc[i] += sum_{r < rank} dr[r] * b[r * out + i] for one thread's VEC outputs (b: the slot's B at the thread's first
 // output), EXPAND_RANKS rows of B loaded at once per round. The summation order is fixed: every kernel that adds a
 // low-rank delta rounds alike.
+// Every load of a round is unconditional, its row clamped to rank - 1 (a row the adapter has: finite, and an L1 hit),
+// and ranks past `rank` get a coefficient of 0 instead, so that nothing stops ptxas from issuing all of them before
+// the first FMA. It did not: with register limits from the occupancy it assumed, it interleaved the loads with the
+// FMAs, two or three in flight per thread, a chain of 8 load latencies per 16 ranks (an H200 profile's bottleneck
+// expand took 30 us for 1 MB: long-scoreboard stalls). The kernels that call this now carry a launch bound with a
+// minimum of blocks per SM; in ptxas 11.8's SASS for sm_90 a round's loads then all come first (predicated loads
+// instead of clamped ones: about two thirds of them).
 __device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict__ b, int out, const float* __restrict__ dr, int rank)
 {
     for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
@@ -24,17 +31,18 @@ __device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict
         #pragma unroll
         for (int q = 0; q < EXPAND_RANKS; q++)
         {
-            const bool live = r0 + q < rank;
-            bv[q] = live ? *reinterpret_cast<const uint4*>(b + (long long)(r0 + q) * out) : make_uint4(0u, 0u, 0u, 0u);
-            c[q] = live ? dr[r0 + q] : 0.0f;
+            const int r = min(r0 + q, rank - 1);
+            bv[q] = *reinterpret_cast<const uint4*>(b + (long long)r * out);
+            c[q] = dr[r];
         }
         #pragma unroll
         for (int q = 0; q < EXPAND_RANKS; q++)
         {
+            const float cq = r0 + q < rank ? c[q] : 0.0f;
             float bf[VEC];
             unpack_vec(bv[q], bf);
             #pragma unroll
-            for (int i = 0; i < VEC; i++) acc[i] = fmaf(c[q], bf[i], acc[i]);
+            for (int i = 0; i < VEC; i++) acc[i] = fmaf(cq, bf[i], acc[i]);
         }
     }
 }

@@ -28,6 +28,7 @@ public sealed partial class KernelCompileTests
         foreach (var tiles in new[] { "1", "2", "4" }) data.Add("nf4.cu", "", "-DMMA_MT=" + tiles);
         foreach (var depth in new[] { "1", "3" }) data.Add("nf4.cu", "", "-DMMA_MT=2 -DMMA_PREFETCH=" + depth);
         foreach (var tiles in new[] { "1", "2" }) data.Add("nf4.cu", "", $"-DMMA_MT={tiles} -DMMA_PREFETCH=2 -DMMA_XSMEM=1");
+        data.Add("nf4.cu", "", "-DMMA_MT=1 -DMMA_PREFETCH=3 -DMMA_XSMEM=1");
         return data;
     }
 
