@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks and measurements, on the GPU machine, from the repo root, with the CLI bundled in
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
-#   bash loadtests/gpu/run-all.sh [selfcheck] [sass] [floor] [base] [lora] [lora-serial] [mix] [separate] [nf4-tune] [nf4] [engine] [peft] [nopdl]
-# sass: after the selfcheck, registers and loads in flight of the adapter-term kernels as NVRTC compiled them (cuobjdump).
+#   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-serial] [mix] [separate] [nf4-tune] [nf4] [engine] [peft] [nopdl] [sass]
+# sass: last, registers and loads in flight of the adapter-term kernels as NVRTC compiled them for the sections before
+# (cuobjdump on the kernel cache; nothing to show if no section ran a kernel).
 # nf4-tune: times the tensor-core NF4 kernel's settings (nf4-check, 32 rows; TUNE_MT, TUNE_XSMEM, TUNE_PREFETCH, TUNE_BLOCKS
 # choose which) and exports the fastest for the nf4 section.
 # separate: 32 LoRAs and the mix with every method's output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0:
@@ -33,21 +34,6 @@ if has selfcheck; then
   stamp "selfcheck"
   cli selfcheck --fixtures tests/fixtures > "$OUT/selfcheck.txt" 2>&1
   grep -c ^PASS "$OUT/selfcheck.txt" | sed 's/^/selfcheck PASS lines: /'; grep -E "^FAIL|selfcheck:" "$OUT/selfcheck.txt" | head -40
-fi
-if has sass; then
-  stamp "sass: registers and loads in flight of the kernels that add adapter terms (the selfcheck's compiled images)"
-  # For each kernel: registers per thread and the longest run of global loads issued before an FMA uses one (a round of
-  # add_low_rank is 16 rows of B and 16 coefficients: about 32 when the loads are all in flight, 2-3 when ptxas sank them).
-  cuobj=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
-  for bin in "$PEFTSERVE_KERNEL_CACHE"/*.bin; do
-    for k in bgmv_expand row_epilogue add_rms_norm silu_mul_terms rope_write_kv bgmv_shrink; do
-      sass=$("$cuobj" -sass -fun "$k" "$bin" 2>/dev/null) || continue
-      [ -z "$sass" ] && continue
-      regs=$("$cuobj" -res-usage "$bin" 2>/dev/null | grep -A1 "Function $k:" | grep -o "REG:[0-9]*" | head -1)
-      run=$(echo "$sass" | grep -E "LDG|FFMA" | awk '/LDG/{n++; if(n>m)m=n} /FFMA/{n=0} END{print m+0}')
-      echo "$(basename "$bin") $k $regs longest load run $run"
-    done
-  done | sort -u | tee "$OUT/sass.txt"
 fi
 # The python floor: a minimal decoder, eager and CUDA-graphed, with per-row gathered LoRAs.
 has floor && { stamp "graph floor"; PYTHONUNBUFFERED=1 timeout 240 python3 .gpu/graph_floor.py "$OUT/floor.json" 2>&1 | grep -v -i warn | tail -8; }
@@ -136,7 +122,22 @@ if has nopdl; then
   b7 --mode waves --quantize nf4 --concurrency 1 --requests 4 --json "$OUT/bench-nopdl-nf4-1.json" 2>&1 | grep -E "^bench:|error" | tee -a "$OUT/bench-nopdl.txt"
   unset PEFTSERVE_PDL
 fi
+if has sass; then
+  stamp "sass: registers and loads in flight of the kernels that add adapter terms (as the sections before compiled them)"
+  # For each kernel: registers per thread and the longest run of global loads issued before an FMA uses one (a round of
+  # add_low_rank is 16 rows of B and 16 coefficients: about 32 when the loads are all in flight, 2-3 when ptxas sank them).
+  cuobj=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
+  for bin in "$PEFTSERVE_KERNEL_CACHE"/*.bin; do
+    for k in bgmv_expand row_epilogue add_rms_norm silu_mul_terms rope_write_kv bgmv_shrink; do
+      sass=$("$cuobj" -sass -fun "$k" "$bin" 2>/dev/null) || continue
+      [ -z "$sass" ] && continue
+      regs=$("$cuobj" -res-usage "$bin" 2>/dev/null | grep -A1 "Function $k:" | grep -o "REG:[0-9]*" | head -1)
+      run=$(echo "$sass" | grep -E "LDG|FFMA" | awk '/LDG/{n++; if(n>m)m=n} /FFMA/{n=0} END{print m+0}')
+      echo "$(basename "$bin") $k $regs longest load run $run"
+    done
+  done | sort -u | tee "$OUT/sass.txt"
+fi
 stamp "done"
 python3 loadtests/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"
-cp "$OUT/summary.md" "$FINAL/"; for f in selfcheck.txt selfcheck-nopdl.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"; done
+cp "$OUT/summary.md" "$FINAL/"; for f in selfcheck.txt selfcheck-nopdl.txt sass.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"; done
 tar czf "$FINAL/results.tgz" -C "$OUT" .
