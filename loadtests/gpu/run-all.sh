@@ -124,14 +124,15 @@ if has nopdl; then
 fi
 if has sass; then
   stamp "sass: registers and loads in flight of the kernels that add adapter terms (as the sections before compiled them)"
-  # For each kernel: registers per thread and the longest run of global loads issued before an FMA uses one (a round of
+  # For each kernel: registers and stack bytes per thread (local memory: a stack where none is meant, e.g. a register ring
+  # kept in memory) and the longest run of global loads issued before an FMA uses one (a round of
   # add_low_rank is 16 rows of B and 16 coefficients: about 32 when the loads are all in flight, 2-3 when ptxas sank them).
   cuobj=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
   for bin in "$PEFTSERVE_KERNEL_CACHE"/*.bin; do
-    for k in bgmv_expand row_epilogue add_rms_norm silu_mul_terms rope_write_kv bgmv_shrink; do
+    for k in bgmv_expand row_epilogue add_rms_norm silu_mul_terms rope_write_kv bgmv_shrink paged_decode_attention nf4_mma_bf16_n4; do
       sass=$("$cuobj" -sass -fun "$k" "$bin" 2>/dev/null) || continue
       [ -z "$sass" ] && continue
-      regs=$("$cuobj" -res-usage "$bin" 2>/dev/null | grep -A1 "Function $k:" | grep -o "REG:[0-9]*" | head -1)
+      regs=$("$cuobj" -res-usage "$bin" 2>/dev/null | grep -A1 "Function $k:" | grep -o "REG:[0-9]* STACK:[0-9]*" | head -1)
       run=$(echo "$sass" | grep -E "LDG|FFMA" | awk '/LDG/{n++; if(n>m)m=n} /FFMA/{n=0} END{print m+0}')
       echo "$(basename "$bin") $k $regs longest load run $run"
     done
