@@ -1,6 +1,6 @@
 """Compiles one of PeftServe's kernel files to an sm_90 CUBIN with a local NVRTC, as KernelModule does on the GPU
-machine (its .cuh includes pasted in, --std=c++17 -lineinfo, the -D constants given), so that its SASS can be read on a
-machine without a GPU (sass-local.sh). Usage: nvrtc_compile.py LIBNVRTC KERNEL_DIR FILE OUT.cubin [NAME=VALUE ...]"""
+machine (its .cuh includes pasted in, --std=c++17, the -D constants given; not -lineinfo, which crashes NVRTC 11.8 on
+nf4.cu), so that its SASS can be read on a machine without a GPU (sass-local.sh). Usage: nvrtc_compile.py LIBNVRTC KERNEL_DIR FILE OUT.cubin [NAME=VALUE ...]"""
 import ctypes
 import os
 import re
@@ -34,7 +34,7 @@ for f in ("nvrtcGetProgramLog", "nvrtcGetCUBIN"):
 program = P()
 if nvrtc.nvrtcCreateProgram(ctypes.byref(program), paste(name, set()).encode(), name.encode(), 0, None, None) != 0:
     sys.exit(f"nvrtcCreateProgram failed for {name}")
-options = ["--gpu-architecture=sm_90", "--std=c++17", "-lineinfo"] + ["-D" + d for d in defines]
+options = ["--gpu-architecture=sm_90", "--std=c++17"] + ["-D" + d for d in defines]
 status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*[o.encode() for o in options]))
 size = S()
 nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))

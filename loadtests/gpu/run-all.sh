@@ -125,7 +125,7 @@ fi
 if has sass; then
   stamp "sass: registers and loads in flight of the kernels that add adapter terms (as the sections before compiled them)"
   # For each kernel: registers and stack bytes per thread (local memory: a stack where none is meant, e.g. a register ring
-  # kept in memory) and the longest run of global loads issued before an FMA uses one (a round of
+  # kept in memory) and the longest run of global loads issued before an FMA (or MMA) uses one (a round of
   # add_low_rank is 16 rows of B and 16 coefficients: about 32 when the loads are all in flight, 2-3 when ptxas sank them).
   cuobj=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
   for bin in "$PEFTSERVE_KERNEL_CACHE"/*.bin; do
@@ -133,7 +133,7 @@ if has sass; then
       sass=$("$cuobj" -sass -fun "$k" "$bin" 2>/dev/null) || continue
       [ -z "$sass" ] && continue
       regs=$("$cuobj" -res-usage "$bin" 2>/dev/null | grep -A1 "Function $k:" | grep -o "REG:[0-9]* STACK:[0-9]*" | head -1)
-      run=$(echo "$sass" | grep -E "LDG|FFMA" | awk '/LDG/{n++; if(n>m)m=n} /FFMA/{n=0} END{print m+0}')
+      run=$(echo "$sass" | grep -E "LDG|FFMA|HMMA" | awk '/LDG/{n++; if(n>m)m=n} /FFMA|HMMA/{n=0} END{print m+0}')
       echo "$(basename "$bin") $k $regs longest load run $run"
     done
   done | sort -u | tee "$OUT/sass.txt"
