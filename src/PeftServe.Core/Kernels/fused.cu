@@ -13,7 +13,8 @@
 
 // Kernels that add low-rank terms (add_low_rank, row_terms.cuh) say how many blocks an SM should hold at least: without
 // it ptxas assumed 1,024-thread blocks, capped registers at 64 and sank each round's 16 loads of B next to their FMAs,
-// two or three in flight at a time (checked in the SASS of ptxas 11.8 for sm_90: with the bound, all 16 issue first).
+// a few in flight at a time (the SASS of NVRTC 11.8 for sm_90, loadtests/gpu/sass-local.sh: with the bound, the
+// longest run of loads before their first use went from 18 to 37 here).
 
 // Whether chunk k of this thread lies in the row, and its first column.
 __device__ __forceinline__ bool norm_chunk(int k, int H, int& c0)

@@ -20,8 +20,8 @@
 // the first FMA. It did not: with register limits from the occupancy it assumed, it interleaved the loads with the
 // FMAs, two or three in flight per thread, a chain of 8 load latencies per 16 ranks (an H200 profile's bottleneck
 // expand took 30 us for 1 MB: long-scoreboard stalls). The kernels that call this now carry a launch bound with a
-// minimum of blocks per SM; in ptxas 11.8's SASS for sm_90 a round's loads then all come first (predicated loads
-// instead of clamped ones: about two thirds of them).
+// minimum of blocks per SM; in the SASS of NVRTC 11.8 for sm_90 (loadtests/gpu/sass-local.sh) a round's loads then all
+// come first (with clang's PTX and predicated loads instead of clamped ones: about two thirds of them).
 __device__ __forceinline__ void add_low_rank(float acc[VEC], const T* __restrict__ b, int out, const float* __restrict__ dr, int rank)
 {
     for (int r0 = 0; r0 < rank; r0 += EXPAND_RANKS)
