@@ -14,8 +14,9 @@
 
 #define AP_WARPS 4
 #define AP_DIMS 8
+#define AP_UNROLL 4
 
-extern "C" __global__ void __launch_bounds__(AP_WARPS * 32) adaption_prompt_attention(
+extern "C" __global__ void __launch_bounds__(AP_WARPS * 32, 4) adaption_prompt_attention(
     const T* __restrict__ q, long long q_b, long long q_h, long long q_t,
     const T* __restrict__ keys, const T* __restrict__ values, const T* __restrict__ mask, const T* __restrict__ gate,
     const int* __restrict__ lengths, const long long* __restrict__ index, T* __restrict__ out, int Tq, int nq, int nkv, int hd, int L, float scale)
@@ -37,27 +38,43 @@ extern "C" __global__ void __launch_bounds__(AP_WARPS * 32) adaption_prompt_atte
     }
     float best = NEG_INF, total = 0.0f;
     const int live = max(1, min(L, lengths[s]));
-    for (int l = 0; l < live; l++)
+    // Positions in runs of AP_UNROLL: a run's keys, values and mask entries are all loaded (positions past the prompt
+    // clamped to its last) before the first is used, then the positions are taken one by one as before, so the sums
+    // are the same to the bit; one position at a time was a chain of load latencies as long as the prompt.
+    for (int l0 = 0; l0 < live; l0 += AP_UNROLL)
     {
-        const long long base = ((s * L + l) * nkv + kv) * (long long)hd;
-        float dot = 0.0f;
+        float kx[AP_UNROLL][AP_DIMS], vx[AP_UNROLL][AP_DIMS], mk[AP_UNROLL];
         #pragma unroll
-        for (int j = 0; j < AP_DIMS; j++)
+        for (int u = 0; u < AP_UNROLL; u++)
         {
-            const int i = lane + 32 * j;
-            if (i < hd) dot = fmaf(qv[j], to_f32(keys[base + i]), dot);
+            const int l = min(l0 + u, live - 1);
+            const long long base = ((s * L + l) * nkv + kv) * (long long)hd;
+            #pragma unroll
+            for (int j = 0; j < AP_DIMS; j++)
+            {
+                const int i = lane + 32 * j;
+                kx[u][j] = i < hd ? to_f32(keys[base + i]) : 0.0f;
+                vx[u][j] = i < hd ? to_f32(values[base + i]) : 0.0f;
+            }
+            mk[u] = to_f32(mask[s * L + l]);
         }
-        const float score = warp_sum(dot) * scale + to_f32(mask[s * L + l]);
-        const float next = fmaxf(best, score);
-        const float shrink = expf(best - next), weight = expf(score - next);
-        total = total * shrink + weight;
         #pragma unroll
-        for (int j = 0; j < AP_DIMS; j++)
+        for (int u = 0; u < AP_UNROLL; u++)
         {
-            const int i = lane + 32 * j;
-            acc[j] = acc[j] * shrink + (i < hd ? weight * to_f32(values[base + i]) : 0.0f);
+            if (l0 + u >= live) break;
+            float dot = 0.0f;
+            #pragma unroll
+            for (int j = 0; j < AP_DIMS; j++)
+                if (lane + 32 * j < hd) dot = fmaf(qv[j], kx[u][j], dot);
+            const float score = warp_sum(dot) * scale + mk[u];
+            const float next = fmaxf(best, score);
+            const float shrink = expf(best - next), weight = expf(score - next);
+            total = total * shrink + weight;
+            #pragma unroll
+            for (int j = 0; j < AP_DIMS; j++)
+                acc[j] = acc[j] * shrink + (lane + 32 * j < hd ? weight * vx[u][j] : 0.0f);
+            best = next;
         }
-        best = next;
     }
     const float g = to_f32(gate[s]) / total;
     T* o = out + (long long)row * nq * hd + (long long)h * hd;
