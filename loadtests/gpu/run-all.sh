@@ -3,7 +3,7 @@
 # .gpu/ (made here with: bash loadtests/gpu/pack.sh).
 #   bash loadtests/gpu/run-all.sh [selfcheck] [floor] [base] [lora] [lora-serial] [mix] [separate] [nf4-tune] [nf4] [engine] [peft] [nopdl] [sass]
 # sass: last, registers and loads in flight of the adapter-term kernels as NVRTC compiled them for the sections before
-# (cuobjdump on the kernel cache; nothing to show if no section ran a kernel).
+# (sass-report.sh on the kernel cache; nothing to show if no section ran a kernel).
 # nf4-tune: times the tensor-core NF4 kernel's settings (nf4-check, 32 rows; TUNE_MT, TUNE_XSMEM, TUNE_PREFETCH, TUNE_BLOCKS
 # choose which) and exports the fastest for the nf4 section.
 # separate: 32 LoRAs and the mix with every method's output terms in kernels of their own (PEFTSERVE_ROW_EPILOGUE=0:
@@ -76,7 +76,7 @@ if has nf4-tune; then
       >> "$OUT/nf4-tune.txt" 2>&1
   done; done; done; done
   best=$(python3 - "$OUT/nf4-tune.txt" 2>>"$OUT/nf4-tune.txt" <<'PY'
-import sys, re
+import sys
 weight = {"12288x4096": 1, "4096x4096": 1, "11008x4096": 2, "4096x11008": 1}
 best, setting, totals, passed = None, None, {}, {}
 for line in open(sys.argv[1]):
@@ -124,19 +124,12 @@ if has nopdl; then
 fi
 if has sass; then
   stamp "sass: registers and loads in flight of the kernels that add adapter terms (as the sections before compiled them)"
-  # For each kernel: registers and stack bytes per thread (local memory: a stack where none is meant, e.g. a register ring
-  # kept in memory) and the longest run of global loads issued before an FMA (or MMA) uses one (a round of
-  # add_low_rank is 16 rows of B and 16 coefficients: about 32 when the loads are all in flight, 2-3 when ptxas sank them).
   cuobj=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
   for bin in "$PEFTSERVE_KERNEL_CACHE"/*.bin; do
-    for k in bgmv_expand row_epilogue add_rms_norm silu_mul_terms rope_write_kv bgmv_shrink paged_decode_attention nf4_mma_bf16_n4; do
-      sass=$("$cuobj" -sass -fun "$k" "$bin" 2>/dev/null) || continue
-      [ -z "$sass" ] && continue
-      regs=$("$cuobj" -res-usage "$bin" 2>/dev/null | grep -A1 "Function $k:" | grep -o "REG:[0-9]* STACK:[0-9]*" | head -1)
-      run=$(echo "$sass" | grep -E "LDG|FFMA|HMMA" | awk '/LDG/{n++; if(n>m)m=n} /FFMA|HMMA/{n=0} END{print m+0}')
-      echo "$(basename "$bin") $k $regs longest load run $run"
-    done
-  done | sort -u | tee "$OUT/sass.txt"
+    lines=$(bash loadtests/gpu/sass-report.sh "$cuobj" "$bin" \
+      'bgmv_expand|row_epilogue|add_rms_norm|silu_mul_terms|rope_write_kv|bgmv_shrink|paged_decode_attention|nf4_mma_bf16_n4' 2>/dev/null)
+    [ -n "$lines" ] && printf '%s\n%s\n' "$(basename "$bin")" "$lines"
+  done | tee "$OUT/sass.txt"
 fi
 stamp "done"
 python3 loadtests/gpu/summarize.py "$OUT" | tee "$OUT/summary.md"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # How NVRTC compiles our kernels, read on a machine without a GPU: registers, stack (local memory) and the longest run
-# of global loads issued before an FMA (or tensor-core MMA) uses one, per kernel, from the SASS of an sm_90 CUBIN. The
-# GPU machine's NVRTC (13.x) is newer than the one used here (Debian 12's CUDA 11.8, from its non-free section:
-# libnvrtc, and cuobjdump from nvidia-cuda-toolkit; downloaded once, about 100 MB, into $PEFTSERVE_SASS_TOOLS, the
-# system's apt sources untouched), so take the figures as a check of the shape of the code, not of the GPU's exact
-# registers; run-all.sh's sass section reads the GPU's own. It found the adapter-term kernels' loads sunk next to their
-# FMAs (2026-12-03; row_terms.cuh).
+# of global loads issued before an FMA (or tensor-core MMA) uses one, per kernel, from the SASS of an sm_90 CUBIN
+# (sass-report.sh). The GPU machine's NVRTC (13.x) is newer than the one used here (Debian 12's CUDA 11.8, from its
+# non-free section: libnvrtc, and cuobjdump from nvidia-cuda-toolkit; downloaded once, about 100 MB, into
+# $PEFTSERVE_SASS_TOOLS, the system's apt sources untouched), so take the figures as a check of the shape of the code,
+# not of the GPU's exact registers; run-all.sh's sass section reads the GPU's own. It found the adapter-term kernels'
+# loads sunk next to their FMAs (2026-12-03; row_terms.cuh).
 #   bash loadtests/gpu/sass-local.sh                   the adapter-term kernels, decode attention, NF4; bf16, 7B shapes
-#   KERNELS=REGEX bash loadtests/gpu/sass-local.sh FILE.cu NAME=VALUE ...   one file with its -D constants (those kernels)
+#   KERNELS=REGEX bash loadtests/gpu/sass-local.sh FILE.cu NAME=VALUE ...   one file with its -D constants (kernels whose
+#                                                          names match REGEX whole)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 tools=${PEFTSERVE_SASS_TOOLS:-$HOME/.cache/peftserve/sass-tools}
@@ -23,22 +24,14 @@ fi
 export LD_LIBRARY_PATH="$tools/x/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 cuobj="$tools/x/usr/bin/cuobjdump"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-report() {   # CUBIN: one line per kernel
-  local bin=$1
-  "$cuobj" -res-usage "$bin" | grep -A1 "Function " | paste - - | sed -E 's/.*Function ([A-Za-z0-9_]+):.*REG:([0-9]+) STACK:([0-9]+).*/\1 \2 \3/' |
-  grep -E "^(${KERNELS:-[a-z]})" | while read -r kernel regs stack; do
-    run=$("$cuobj" -sass -fun "$kernel" "$bin" | grep -E "LDG|FFMA|HMMA" | awk '/LDG/{n++; if(n>m)m=n} /FFMA|HMMA/{n=0} END{print m+0}')
-    printf "  %-28s registers %3s  stack %3s  longest load run %s\n" "$kernel" "$regs" "$stack" "$run"
-  done
-}
 compile() {  # FILE NAME=VALUE...
   local file=$1; shift
   echo "$file $*"
   python3 "$repo/loadtests/gpu/nvrtc_compile.py" "$tools/x/usr/lib/x86_64-linux-gnu/libnvrtc.so.11.2" "$repo/src/PeftServe.Core/Kernels" \
-    "$file" "$work/out.cubin" "$@" && report "$work/out.cubin"
+    "$file" "$work/out.cubin" "$@" && bash "$repo/loadtests/gpu/sass-report.sh" "$cuobj" "$work/out.cubin" "${KERNELS:-.*}"
 }
 if [ $# -gt 0 ]; then compile "$@"; exit; fi
 compile bgmv.cu ELEM_TYPE=bf16_t SHRINK_RANKS=2
 compile fused.cu ELEM_TYPE=bf16_t
 compile paged_attention.cu ELEM_TYPE=bf16_t HEAD_DIM=128 GROUP=1 WARPS=16
-KERNELS='nf4_mma_bf16|nf4_gemv_whole_bf16_m1 |nf4_dequant_bf16' compile nf4.cu MMA_MT=1 MMA_PREFETCH=2 MMA_XSMEM=1
+KERNELS='nf4_mma_bf16_n[0-9]|nf4_gemv_whole_bf16_m1|nf4_dequant_bf16' compile nf4.cu MMA_MT=1 MMA_PREFETCH=2 MMA_XSMEM=1
